@@ -1,0 +1,87 @@
+# offline-store: build the C core, run the specs, run the demo.
+# Variable names are the ones LuaRocks passes; every one can be overridden.
+
+LUA        ?= lua5.4
+LUA_INCDIR ?= $(shell pkg-config --variable=includedir lua5.4 2>/dev/null || echo /usr/include)/lua5.4
+CC         ?= cc
+CFLAGS     ?= -O2 -g
+LIBFLAG    ?= -shared
+PREFIX     ?= /usr/local
+LIBDIR     ?= $(PREFIX)/lib/lua/5.4
+LUADIR     ?= $(PREFIX)/share/lua/5.4
+
+SQLITE_CFLAGS ?= $(shell pkg-config --cflags sqlite3 2>/dev/null)
+SQLITE_LIBS   ?= $(shell pkg-config --libs sqlite3 2>/dev/null || echo -lsqlite3)
+
+# Kept apart from CFLAGS so that a user's CFLAGS keeps them.
+WARN      = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wformat=2 -Wstrict-prototypes
+ALLCFLAGS = $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) $(SQLITE_CFLAGS)
+
+SRC  = src/core.c src/backend_sqlite.c src/backend_memory.c
+HDR  = src/backend.h
+CORE = build/offline_store/core.so
+# The sanitizer build lives apart, so `make test` and `make test-asan` never mix objects.
+ASAN_CORE = build/asan/offline_store/core.so
+ASAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+
+# Debian packages the build, the specs and the demo need.
+DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks pkg-config prosody gcc make
+
+SPECS ?= spec/*_spec.lua
+
+.PHONY: all deps test test-asan test-unit valgrind bench demo install clean
+
+all: $(CORE)
+
+$(CORE): $(SRC) $(HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALLCFLAGS) $(LIBFLAG) -o $@ $(SRC) $(SQLITE_LIBS)
+
+$(ASAN_CORE): $(SRC) $(HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(ASAN_FLAGS) -fPIC -I$(LUA_INCDIR) $(SQLITE_CFLAGS) -shared -o $@ $(SRC) $(SQLITE_LIBS)
+
+# Installs what is missing, non-interactively; does nothing when all is there.
+deps:
+	@missing=""; for p in $(DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# Every spec against the normal build, then against the sanitizer build.
+test: deps $(CORE)
+	$(LUA) spec/run.lua $(SPECS)
+	$(MAKE) --no-print-directory test-asan
+
+# The core specs under AddressSanitizer + UBSan (the Lua interpreter is not
+# instrumented, so the runtime is preloaded; leak checks cover the core).
+test-asan: $(ASAN_CORE)
+	OFFLINE_STORE_CPATH=$(CURDIR)/build/asan/?.so \
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(LUA) spec/run.lua spec/core_*_spec.lua
+
+valgrind: $(CORE)
+	valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
+	  $(LUA) spec/run.lua spec/core_*_spec.lua
+
+bench: $(CORE) build/bench_core
+	$(LUA) bench/core.lua
+
+build/bench_core: bench/baseline.c
+	@mkdir -p build
+	$(CC) $(WARN) -O2 -o $@ $< $(SQLITE_CFLAGS) $(SQLITE_LIBS)
+
+install: $(CORE)
+	install -d $(DESTDIR)$(LIBDIR)/offline_store $(DESTDIR)$(LUADIR)/offline_store
+	install -m 0755 $(CORE) $(DESTDIR)$(LIBDIR)/offline_store/core.so
+	install -m 0644 lua/offline_store/*.lua $(DESTDIR)$(LUADIR)/offline_store/
+	install -m 0644 lua/mod_offline.lua lua/mod_offline_stub.lua $(DESTDIR)$(LUADIR)/
+
+clean:
+	rm -rf build

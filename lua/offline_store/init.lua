@@ -1,0 +1,94 @@
+-- offline_store: opens a store from a configuration table.
+-- Validates every field with an error that names it and the accepted values,
+-- maps the seed's backend names onto ours, and hands back the C core's store
+-- (see README "Core API" for its methods).
+
+local core = require "offline_store.core"
+
+local type, pairs, tostring, math_type = type, pairs, tostring, math.type
+local concat, sort = table.concat, table.sort
+
+local M = { core = core, version = core.version }
+
+-- What the seed's names mean is in resolve_backend (SPEC §3).
+local accepted_backends = "sqlite, memory, postgres (aliases: mnesia, rdbms)"
+
+local fields = {
+	backend = true, file = true, synchronous = true, busy_timeout = true, postgres = true,
+}
+
+local function field_list()
+	local names = {}
+	for name in pairs(fields) do names[#names + 1] = name end
+	sort(names)
+	return concat(names, ", ")
+end
+
+local function describe(v)
+	if type(v) == "string" then return ("%q"):format(v) end
+	return tostring(v)
+end
+
+-- Returns the backend name an operator's value stands for, or nil, error.
+function M.resolve_backend(name, has_postgres)
+	if name == nil then return "sqlite" end
+	if type(name) ~= "string" then
+		return nil, ("backend must be a string, one of %s (got %s)"):format(accepted_backends, describe(name))
+	end
+	if name == "mnesia" then return "memory" end
+	if name == "rdbms" then return has_postgres and "postgres" or "sqlite" end
+	if name == "riak" then
+		return nil, "backend \"riak\" is not supported (it is deprecated in MongooseIM too); "
+			.. "use \"postgres\" to share one store between several server nodes"
+	end
+	if name == "sqlite" or name == "memory" or name == "postgres" then return name end
+	return nil, ("backend must be one of %s (got %s)"):format(accepted_backends, describe(name))
+end
+
+-- Checks a configuration table; returns a normalised copy, or nil, error.
+function M.check_config(cfg)
+	if type(cfg) ~= "table" then
+		return nil, "configuration must be a table"
+	end
+	for k in pairs(cfg) do
+		if not fields[k] then
+			return nil, ("unknown field %s (accepted: %s)"):format(describe(k), field_list())
+		end
+	end
+	local backend, err = M.resolve_backend(cfg.backend, cfg.postgres ~= nil)
+	if not backend then return nil, err end
+	local out = { backend = backend }
+	if backend == "postgres" then
+		return nil, "backend \"postgres\" is not available in this build yet; use \"sqlite\" or \"memory\""
+	end
+	if backend == "sqlite" then
+		if type(cfg.file) ~= "string" or cfg.file == "" then
+			return nil, ("file must be a non-empty path string for the sqlite backend (got %s)"):format(describe(cfg.file))
+		end
+		out.file = cfg.file
+		local sync = cfg.synchronous or "normal"
+		if sync ~= "normal" and sync ~= "full" then
+			return nil, ("synchronous must be \"normal\" or \"full\" (got %s)"):format(describe(sync))
+		end
+		out.synchronous = sync
+		local busy = cfg.busy_timeout or 2000
+		if math_type(busy) ~= "integer" or busy < 0 then
+			return nil, ("busy_timeout must be a whole number of milliseconds >= 0 (got %s)"):format(describe(busy))
+		end
+		out.busy_timeout = busy
+	end
+	return out
+end
+
+-- Opens a store. A bad configuration raises (it is the caller's mistake);
+-- a store that cannot be opened returns nil, message, code.
+function M.open(cfg)
+	local checked, err = M.check_config(cfg)
+	if not checked then error("offline_store: " .. err, 2) end
+	if checked.backend == "memory" then
+		return core.open_memory()
+	end
+	return core.open_sqlite(checked.file, checked.synchronous == "full", checked.busy_timeout)
+end
+
+return M

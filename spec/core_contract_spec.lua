@@ -1,0 +1,290 @@
+-- The storage contract of SPEC §3, written once and run against every backend.
+-- Each backend gets its own Test class built by contract(); a fresh store per test.
+
+if not _RUNNER then package.path = "spec/?.lua;lua/?.lua;lua/?/init.lua;" .. package.path; package.cpath = "build/?.so;" .. package.cpath end
+local lu = require "luaunit"
+local support = require "support.util"
+local core = require "offline_store.core"
+
+local H, U = "example.org", "bob"
+local FROM = "alice@example.org/phone"
+local T0 = 1700000000 * 1000000 -- a µs timestamp
+
+-- Stores n messages "<prefix>1".."<prefix>n" for (host, user); returns their ids.
+local function fill(db, n, host, user, prefix, opts)
+	opts = opts or {}
+	local ids = {}
+	for i = 1, n do
+		local count, id = db:store(host or H, user or U, FROM, (prefix or "m") .. i, T0 + i,
+			opts.expire, opts.max, opts.max_bytes, opts.meta)
+		assert(count, id)
+		ids[i] = id
+	end
+	return ids
+end
+
+local function xmls(items)
+	local out = {}
+	for i, it in ipairs(items) do out[i] = it.xml end
+	return out
+end
+
+-- count and bytes as the queue's own rows say they should be.
+local function truth(db, host, user)
+	local items = assert(db:list(host or H, user or U))
+	local bytes = 0
+	for _, it in ipairs(items) do bytes = bytes + #it.xml end
+	return #items, bytes
+end
+
+local function assert_counter(db, host, user)
+	local c, b = db:count(host or H, user or U)
+	local tc, tb = truth(db, host, user)
+	lu.assertEquals({ c, b }, { tc, tb }, "counter disagrees with the stored rows")
+end
+
+-- open() returns a fresh store; finish(), if given, runs once after the class.
+local function contract(open, finish)
+	local T = { teardownClass = finish }
+
+	function T:setUp() self.db = open() end
+	function T:tearDown() self.db:close() end
+
+	function T:test_arrival_order_over_1000()
+		local ids = fill(self.db, 1000)
+		for i = 2, #ids do lu.assertTrue(ids[i] > ids[i - 1], "ids are monotonic") end
+		local items, expired = self.db:pop(H, U, T0)
+		lu.assertEquals(#items, 1000)
+		lu.assertEquals(expired, 0)
+		for i, it in ipairs(items) do
+			lu.assertEquals(it.xml, "m" .. i)
+			lu.assertEquals(it.id, ids[i])
+			lu.assertEquals(it.ts, T0 + i)
+			lu.assertEquals(it.from, FROM)
+			lu.assertNil(it.expire)
+		end
+		lu.assertEquals(self.db:count(H, U), 0)
+		lu.assertEquals(#self.db:pop(H, U, T0), 0, "a second pop finds nothing")
+	end
+
+	function T:test_limit_is_exact()
+		for i = 1, 3 do lu.assertEquals(self.db:store(H, U, FROM, "x" .. i, T0, nil, 3), i) end
+		local ok, why, count = self.db:store(H, U, FROM, "x4", T0, nil, 3)
+		lu.assertEquals({ ok, why, count }, { false, "limit", 3 })
+		lu.assertEquals(self.db:count(H, U), 3)
+		lu.assertEquals(xmls(self.db:pop(H, U, T0)), { "x1", "x2", "x3" })
+		-- after the pop there is room again
+		lu.assertEquals(self.db:store(H, U, FROM, "x5", T0, nil, 3), 1)
+	end
+
+	function T:test_limit_zero_stores_nothing()
+		lu.assertEquals({ self.db:store(H, U, FROM, "x", T0, nil, 0) }, { false, "limit", 0 })
+		lu.assertEquals({ self.db:count(H, U) }, { 0, 0 })
+		lu.assertEquals(#self.db:list(H, U), 0)
+	end
+
+	function T:test_limit_counts_expired_unpurged()
+		self.db:store(H, U, FROM, "old", T0, T0 + 1, 2)
+		self.db:store(H, U, FROM, "old2", T0, T0 + 1, 2)
+		lu.assertEquals({ self.db:store(H, U, FROM, "new", T0 + 10, nil, 2) }, { false, "limit", 2 })
+		lu.assertEquals(self.db:delete_expired(T0 + 5), 2)
+		lu.assertEquals(self.db:store(H, U, FROM, "new", T0 + 10, nil, 2), 1)
+	end
+
+	function T:test_bytes_limit()
+		lu.assertEquals(self.db:store(H, U, FROM, "12345", T0, nil, nil, 10), 1)
+		lu.assertEquals({ self.db:store(H, U, FROM, "123456", T0, nil, nil, 10) }, { false, "limit", 1 })
+		lu.assertEquals(self.db:store(H, U, FROM, "12345", T0, nil, nil, 10), 2)
+		lu.assertEquals({ self.db:count(H, U) }, { 2, 10 })
+		lu.assertEquals({ self.db:store(H, U, FROM, "1", T0, nil, 100, 10) }, { false, "limit", 2 })
+	end
+
+	function T:test_counter_follows_every_operation()
+		local ids = fill(self.db, 6)
+		assert_counter(self.db)
+		lu.assertEquals(self.db:remove(H, U, { ids[2], ids[4] }), 2)
+		assert_counter(self.db)
+		lu.assertEquals(self.db:count(H, U), 4)
+		lu.assertEquals(self.db:remove(H, U, { ids[2], 999999 }), 0, "already removed and unknown ids")
+		assert_counter(self.db)
+		self.db:store(H, U, FROM, "exp", T0 + 100, T0 + 200)
+		lu.assertEquals(self.db:delete_expired(T0 + 150), 0)
+		lu.assertEquals(self.db:delete_expired(T0 + 200), 1, "expire == now counts as expired")
+		assert_counter(self.db)
+		lu.assertEquals(self.db:delete_older_than(T0 + 4), 2, "m1 and m3 are older than T0+4")
+		assert_counter(self.db)
+		lu.assertEquals(xmls(self.db:list(H, U)), { "m5", "m6" })
+		lu.assertEquals(self.db:remove_user(H, U), 2)
+		lu.assertEquals({ self.db:count(H, U) }, { 0, 0 })
+		fill(self.db, 3)
+		lu.assertEquals(self.db:remove_host(H), 3)
+		lu.assertEquals({ self.db:count(H, U) }, { 0, 0 })
+		lu.assertEquals(self.db:store(H, U, FROM, "again", T0, nil, 1), 1, "counter restarts at zero")
+	end
+
+	function T:test_pop_max_deletes_only_what_it_returned()
+		fill(self.db, 5)
+		lu.assertEquals(xmls(self.db:pop(H, U, T0, 2)), { "m1", "m2" })
+		lu.assertEquals(self.db:count(H, U), 3)
+		assert_counter(self.db)
+		lu.assertEquals(xmls(self.db:pop(H, U, T0)), { "m3", "m4", "m5" })
+		lu.assertEquals(#self.db:pop(H, U, T0, 0), 0)
+	end
+
+	function T:test_expired_never_returned_and_purged()
+		self.db:store(H, U, FROM, "keep1", T0, nil)
+		self.db:store(H, U, FROM, "gone", T0, T0 + 10)
+		self.db:store(H, U, FROM, "keep2", T0, T0 + 1000)
+		self.db:store(H, U, FROM, "gone2", T0, T0 + 20)
+		local items, expired = self.db:pop(H, U, T0 + 500)
+		lu.assertEquals(xmls(items), { "keep1", "keep2" })
+		lu.assertEquals(items[2].expire, T0 + 1000)
+		lu.assertEquals(expired, 2)
+		lu.assertEquals({ self.db:count(H, U) }, { 0, 0 }, "expired rows are deleted with the pop")
+	end
+
+	function T:test_delete_expired_spans_users_and_hosts()
+		self.db:store(H, "a", FROM, "1", T0, T0 + 1)
+		self.db:store(H, "b", FROM, "22", T0, T0 + 1)
+		self.db:store("other.org", "a", FROM, "333", T0, T0 + 1)
+		self.db:store(H, "a", FROM, "4444", T0, nil)
+		lu.assertEquals(self.db:delete_expired(T0 + 1), 3)
+		lu.assertEquals({ self.db:count(H, "a") }, { 1, 4 })
+		lu.assertEquals({ self.db:count(H, "b") }, { 0, 0 })
+		lu.assertEquals({ self.db:count("other.org", "a") }, { 0, 0 })
+		lu.assertEquals(self.db:users(H), { { user = "a", count = 1, bytes = 4 } })
+	end
+
+	function T:test_isolation_between_users_and_hosts()
+		fill(self.db, 2, "h1", "u", "h1u")
+		fill(self.db, 3, "h2", "u", "h2u")
+		fill(self.db, 4, "h1", "v", "h1v")
+		-- keys that are equal once concatenated must still be distinct
+		fill(self.db, 1, "ab", "c", "abc")
+		fill(self.db, 1, "a", "bc", "a-bc")
+		lu.assertEquals(self.db:count("h1", "u"), 2)
+		lu.assertEquals(self.db:count("h2", "u"), 3)
+		lu.assertEquals(xmls(self.db:pop("h1", "u", T0)), { "h1u1", "h1u2" })
+		lu.assertEquals(self.db:count("h2", "u"), 3)
+		lu.assertEquals(self.db:count("h1", "v"), 4)
+		lu.assertEquals(xmls(self.db:list("ab", "c")), { "abc1" })
+		lu.assertEquals(xmls(self.db:list("a", "bc")), { "a-bc1" })
+		lu.assertEquals(self.db:remove_host("h2"), 3)
+		lu.assertEquals(self.db:count("h1", "v"), 4)
+		lu.assertEquals(self.db:remove_user("h1", "v"), 4)
+		lu.assertEquals(self.db:count("ab", "c"), 1)
+		local ids = self.db:list("a", "bc")
+		lu.assertEquals(self.db:remove("ab", "c", { ids[1].id }), 0, "another user's id is not removed")
+	end
+
+	function T:test_binary_payloads_round_trip()
+		local nul = "a\0b\0\0c"
+		local bad_utf8 = "\xff\xfe\xc3\x28 \xed\xa0\x80"
+		local big = ("0123456789abcdef"):rep(65536) -- 1 MiB
+		self.db:store(H, U, "x\0y", nul, T0)
+		self.db:store(H, U, FROM, bad_utf8, T0, nil, nil, nil, "\0meta\xff")
+		self.db:store(H, U, FROM, big, T0)
+		self.db:store("h\0st", "u\0ser", FROM, "k", T0)
+		local items = self.db:pop(H, U, T0)
+		lu.assertEquals(#items, 3)
+		lu.assertEquals(items[1].xml, nul)
+		lu.assertEquals(items[1].from, "x\0y")
+		lu.assertNil(items[1].meta)
+		lu.assertEquals(items[2].xml, bad_utf8)
+		lu.assertEquals(items[2].meta, "\0meta\xff")
+		lu.assertEquals(#items[3].xml, 1048576)
+		lu.assertTrue(items[3].xml == big)
+		lu.assertEquals(self.db:count("h\0st", "u\0ser"), 1)
+		lu.assertEquals(self.db:count("h", "u"), 0)
+	end
+
+	function T:test_list_pages_without_deleting()
+		local ids = fill(self.db, 25)
+		local seen, after = {}, 0
+		for _ = 1, 10 do
+			local page = self.db:list(H, U, after, 10)
+			if #page == 0 then break end
+			lu.assertTrue(#page <= 10)
+			for _, it in ipairs(page) do seen[#seen + 1] = it.id end
+			after = page[#page].id
+		end
+		lu.assertEquals(seen, ids)
+		lu.assertEquals(self.db:count(H, U), 25)
+		lu.assertEquals(#self.db:list(H, U, ids[25]), 0)
+		lu.assertEquals(#self.db:list(H, U, 0, 0), 0)
+		lu.assertEquals(#self.db:list(H, "nobody"), 0)
+	end
+
+	function T:test_users_lists_queues_of_a_host()
+		fill(self.db, 2, H, "carol")
+		fill(self.db, 1, H, "bob")
+		fill(self.db, 1, "other.org", "dave")
+		local users = self.db:users(H)
+		table.sort(users, function(a, b) return a.user < b.user end)
+		lu.assertEquals(users, { { user = "bob", count = 1, bytes = 2 }, { user = "carol", count = 2, bytes = 4 } })
+		self.db:pop(H, "bob", T0)
+		lu.assertEquals(#self.db:users(H), 1, "an emptied queue is not listed")
+	end
+
+	function T:test_ids_stay_monotonic_after_emptying()
+		local first = fill(self.db, 3)
+		self.db:pop(H, U, T0)
+		local second = fill(self.db, 1)
+		lu.assertTrue(second[1] > first[3])
+	end
+
+	function T:test_bad_arguments_raise()
+		local db = self.db
+		lu.assertErrorMsgContains("bad argument #1 to 'store' (string expected, got no value)",
+			function() db:store() end)
+		lu.assertErrorMsgContains("number has no integer representation", function() db:store(H, U, FROM, "x", 1.5) end)
+		lu.assertErrorMsgContains("must not be negative", function() db:store(H, U, FROM, "x", T0, nil, -1) end)
+		lu.assertErrorMsgContains("must not be negative", function() db:store(H, U, FROM, "x", T0, nil, nil, -1) end)
+		lu.assertErrorMsgContains("ids must be integers", function() db:remove(H, U, { 1, "two" }) end)
+		lu.assertErrorMsgContains("table expected", function() db:remove(H, U, 1) end)
+		lu.assertErrorMsgContains("offline_store.db expected", function() db.count({}, H, U) end)
+		lu.assertEquals({ db:count(H, U) }, { 0, 0 }, "nothing was stored by the bad calls")
+	end
+
+	function T:test_lifecycle()
+		local db = self.db
+		lu.assertStrContains(tostring(db), db:backend())
+		db:close()
+		db:close() -- twice is fine
+		lu.assertStrContains(tostring(db), "(closed)")
+		lu.assertErrorMsgContains("attempt to use a closed offline store", function() db:count(H, U) end)
+		lu.assertErrorMsgContains("attempt to use a closed offline store", function() db:store(H, U, FROM, "x", T0) end)
+		self.db = open() -- for tearDown
+	end
+
+	function T:test_to_be_closed_and_gc()
+		local escaped
+		do
+			local db <close> = open()
+			fill(db, 2)
+			escaped = db
+		end
+		lu.assertStrContains(tostring(escaped), "(closed)")
+		for _ = 1, 20 do
+			local db = open()
+			fill(db, 3)
+		end
+		collectgarbage(); collectgarbage()
+	end
+
+	return T
+end
+
+TestContractMemory = contract(function() return assert(core.open_memory()) end)
+
+local sqlite_dir, sqlite_files = nil, 0
+TestContractSqlite = contract(function()
+	sqlite_dir = sqlite_dir or support.tmpdir()
+	sqlite_files = sqlite_files + 1
+	return assert(core.open_sqlite(("%s/%d.sqlite"):format(sqlite_dir, sqlite_files)))
+end, function()
+	if sqlite_dir then support.rmrf(sqlite_dir) end
+	sqlite_dir = nil
+end)
+
+if not _RUNNER then os.exit(lu.LuaUnit.run()) end

@@ -1,0 +1,26 @@
+-- Runs luaunit spec files in one process: `lua5.4 spec/run.lua [luaunit options] spec/a_spec.lua ...`.
+-- Sets the module paths to this checkout (lua/ and build/, or OFFLINE_STORE_CPATH for the
+-- sanitizer build), loads every file, runs all Test* classes once, and ends with the line
+-- "N passed, N failed, N skipped" that CI reads.
+
+local root = arg[0]:match("^(.*)/spec/run%.lua$") or "."
+package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. root .. "/spec/?.lua;" .. package.path
+package.cpath = (os.getenv("OFFLINE_STORE_CPATH") or (root .. "/build/?.so")) .. ";" .. package.cpath
+
+_RUNNER = true
+local lu = require "luaunit"
+
+local options, files = {}, {}
+for _, a in ipairs(arg) do
+	if a:match("_spec%.lua$") then files[#files + 1] = a else options[#options + 1] = a end
+end
+for _, f in ipairs(files) do dofile(f) end
+
+local runner = lu.LuaUnit.new()
+-- With no arguments luaunit would read the command line (our file names) itself.
+if #options == 0 then options = { "-o", "text" } end
+runner:runSuite(table.unpack(options))
+local r = runner.result
+print(("%d passed, %d failed, %d skipped"):format(r.successCount or (r.runCount - r.notSuccessCount - r.skippedCount),
+	r.notSuccessCount, r.skippedCount))
+os.exit(r.notSuccessCount == 0 and 0 or 1)

@@ -1,0 +1,93 @@
+/* The internal interface between the Lua-facing functions (core.c) and one
+ * storage backend (backend_sqlite.c, backend_memory.c). Backends know rows,
+ * transactions, counters and bytes; they never touch the Lua stack except
+ * through the emit callbacks, and never raise. */
+#ifndef OFFLINE_STORE_BACKEND_H
+#define OFFLINE_STORE_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__GNUC__)
+#define OS_HIDDEN __attribute__((visibility("hidden")))
+#else
+#define OS_HIDDEN
+#endif
+
+/* "No expiry" and "no limit" are both spelled with this value. */
+#define OS_NONE INT64_MIN
+
+enum { OS_OK = 0, OS_LIMIT = 1, OS_FAIL = 2 };
+
+typedef struct { const char *p; size_t n; } os_str;
+
+typedef struct {
+	os_str host, user;
+} os_key;
+
+/* One stored item as the backend hands it out; pointers are valid only
+ * for the duration of the emit call. */
+typedef struct {
+	int64_t id, ts, expire; /* expire == OS_NONE: never */
+	os_str from, xml, meta; /* meta.p == NULL: no metadata */
+} os_item;
+
+typedef struct {
+	int64_t max_count; /* OS_NONE: unlimited */
+	int64_t max_bytes; /* OS_NONE: unlimited */
+} os_limit;
+
+/* Emit callbacks return 0 to go on. They may raise a Lua error (out of
+ * memory); backends must therefore tolerate being abandoned mid-call and
+ * recover on the next call (see os_sqlite "recover"). */
+typedef void (*os_emit_item)(void *ud, const os_item *item);
+typedef void (*os_emit_user)(void *ud, os_str user, int64_t count, int64_t bytes);
+
+typedef struct os_store os_store;
+
+typedef struct {
+	const char *name;
+	int (*store)(os_store *, const os_key *, const os_item *, const os_limit *,
+	             int64_t *count, int64_t *id);
+	int (*pop)(os_store *, const os_key *, int64_t now, int64_t max,
+	           os_emit_item, void *ud, int64_t *expired);
+	int (*count)(os_store *, const os_key *, int64_t *count, int64_t *bytes);
+	int (*list)(os_store *, const os_key *, int64_t after_id, int64_t max,
+	            os_emit_item, void *ud);
+	int (*remove)(os_store *, const os_key *, const int64_t *ids, size_t n,
+	              int64_t *touched);
+	int (*remove_user)(os_store *, const os_key *, int64_t *touched);
+	int (*remove_host)(os_store *, os_str host, int64_t *touched);
+	int (*delete_expired)(os_store *, int64_t now, int64_t *touched);
+	int (*delete_older_than)(os_store *, int64_t cutoff, int64_t *touched);
+	int (*users)(os_store *, os_str host, os_emit_user, void *ud);
+	void (*close)(os_store *);
+} os_backend;
+
+/* The userdata behind every open store. */
+struct os_store {
+	const os_backend *be; /* NULL once closed */
+	void *impl;
+	int errcode;          /* backend's raw code of the last failure */
+	char errmsg[256];     /* its text */
+};
+
+/* Records a failure; returns OS_FAIL so callers can `return os_fail(...)`. */
+OS_HIDDEN int os_fail(os_store *s, int code, const char *fmt, ...)
+#if defined(__GNUC__)
+	__attribute__((format(printf, 3, 4)))
+#endif
+	;
+
+typedef struct {
+	const char *path;
+	int synchronous_full;  /* 0: NORMAL (default), 1: FULL */
+	int busy_timeout_ms;
+} os_sqlite_config;
+
+/* Each returns OS_OK with s->be and s->impl set, or OS_FAIL with the
+ * error recorded in s and nothing left open. */
+OS_HIDDEN int os_sqlite_open(os_store *s, const os_sqlite_config *cfg);
+OS_HIDDEN int os_memory_open(os_store *s);
+
+#endif

@@ -1,0 +1,541 @@
+/* The sqlite backend: one file, WAL, every statement prepared once at open.
+ * A per-user row in `queue` holds the message count and stanza bytes and is
+ * updated in the same transaction as every insert and delete, so the limit
+ * check in store() reads one row instead of counting the queue. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <sqlite3.h>
+
+#include "backend.h"
+
+#define SCHEMA_VERSION 1
+#define APPLICATION_ID 0x4f464c53 /* "OFLS" */
+
+enum {
+	ST_BEGIN, ST_COMMIT, ST_ROLLBACK,
+	ST_QUEUE_GET, ST_QUEUE_ADD, ST_QUEUE_SUB, ST_QUEUE_DROP, ST_QUEUE_DROP_EMPTY,
+	ST_MSG_INSERT, ST_MSG_SCAN, ST_MSG_DEL_UPTO, ST_MSG_DEL_ID,
+	ST_USER_DEL_MSGS, ST_HOST_DEL_MSGS, ST_HOST_DEL_QUEUE,
+	ST_EXPIRED_SUB, ST_EXPIRED_DEL, ST_OLDER_SUB, ST_OLDER_DEL, ST_USERS,
+	ST__COUNT
+};
+
+/* ?1 host, ?2 user throughout. */
+static const char *const sql_text[ST__COUNT] = {
+	[ST_BEGIN] = "BEGIN IMMEDIATE",
+	[ST_COMMIT] = "COMMIT",
+	[ST_ROLLBACK] = "ROLLBACK",
+	[ST_QUEUE_GET] = "SELECT count, bytes FROM queue WHERE host = ?1 AND user = ?2",
+	[ST_QUEUE_ADD] =
+		"INSERT INTO queue(host, user, count, bytes) VALUES (?1, ?2, 1, ?3) "
+		"ON CONFLICT(host, user) DO UPDATE SET count = count + 1, bytes = bytes + excluded.bytes",
+	[ST_QUEUE_SUB] = "UPDATE queue SET count = count - ?3, bytes = bytes - ?4 "
+	                 "WHERE host = ?1 AND user = ?2",
+	[ST_QUEUE_DROP] = "DELETE FROM queue WHERE host = ?1 AND user = ?2",
+	[ST_QUEUE_DROP_EMPTY] = "DELETE FROM queue WHERE count <= 0",
+	[ST_MSG_INSERT] =
+		"INSERT INTO message(host, user, ts, expire, sender, stanza, meta) "
+		"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+	[ST_MSG_SCAN] =
+		"SELECT id, ts, expire, sender, stanza, meta FROM message "
+		"WHERE host = ?1 AND user = ?2 AND id > ?3 ORDER BY id",
+	[ST_MSG_DEL_UPTO] = "DELETE FROM message WHERE host = ?1 AND user = ?2 AND id <= ?3",
+	[ST_MSG_DEL_ID] = "DELETE FROM message WHERE host = ?1 AND user = ?2 AND id = ?3 "
+	                  "RETURNING length(stanza)",
+	[ST_USER_DEL_MSGS] = "DELETE FROM message WHERE host = ?1 AND user = ?2",
+	[ST_HOST_DEL_MSGS] = "DELETE FROM message WHERE host = ?1",
+	[ST_HOST_DEL_QUEUE] = "DELETE FROM queue WHERE host = ?1",
+	[ST_EXPIRED_SUB] =
+		"UPDATE queue SET count = queue.count - g.c, bytes = queue.bytes - g.b FROM "
+		"(SELECT host, user, count(*) AS c, sum(length(stanza)) AS b FROM message "
+		" WHERE expire <= ?1 GROUP BY host, user) AS g "
+		"WHERE queue.host = g.host AND queue.user = g.user",
+	[ST_EXPIRED_DEL] = "DELETE FROM message WHERE expire <= ?1",
+	[ST_OLDER_SUB] =
+		"UPDATE queue SET count = queue.count - g.c, bytes = queue.bytes - g.b FROM "
+		"(SELECT host, user, count(*) AS c, sum(length(stanza)) AS b FROM message "
+		" WHERE ts < ?1 GROUP BY host, user) AS g "
+		"WHERE queue.host = g.host AND queue.user = g.user",
+	[ST_OLDER_DEL] = "DELETE FROM message WHERE ts < ?1",
+	[ST_USERS] = "SELECT user, count, bytes FROM queue WHERE host = ?1 ORDER BY user",
+};
+
+static const char schema_v1[] =
+	"CREATE TABLE message ("
+	" id INTEGER PRIMARY KEY AUTOINCREMENT,"
+	" host TEXT NOT NULL, user TEXT NOT NULL,"
+	" ts INTEGER NOT NULL, expire INTEGER,"
+	" sender TEXT NOT NULL, stanza BLOB NOT NULL, meta BLOB);"
+	"CREATE INDEX message_user ON message(host, user, id);"
+	"CREATE INDEX message_expire ON message(expire) WHERE expire IS NOT NULL;"
+	"CREATE INDEX message_ts ON message(ts);"
+	"CREATE TABLE queue ("
+	" host TEXT NOT NULL, user TEXT NOT NULL,"
+	" count INTEGER NOT NULL, bytes INTEGER NOT NULL,"
+	" PRIMARY KEY (host, user)) WITHOUT ROWID;";
+
+/* Schema migrations: migrations[v] takes a file from version v to v + 1. */
+static const char *const migrations[SCHEMA_VERSION] = {
+	[0] = schema_v1,
+};
+
+typedef struct {
+	sqlite3 *db;
+	sqlite3_stmt *st[ST__COUNT];
+} sq;
+
+static int sqfail(os_store *s, sqlite3 *db) {
+	return os_fail(s, sqlite3_extended_errcode(db), "%s", sqlite3_errmsg(db));
+}
+
+/* A statement ready for binding. Resetting here (as well as after use)
+ * makes the backend safe to re-enter after an emit callback raised. */
+static sqlite3_stmt *stmt(sq *q, int which) {
+	sqlite3_stmt *st = q->st[which];
+	sqlite3_reset(st);
+	return st;
+}
+
+static void bind_key(sqlite3_stmt *st, const os_key *k) {
+	sqlite3_bind_text(st, 1, k->host.p, (int)k->host.n, SQLITE_STATIC);
+	sqlite3_bind_text(st, 2, k->user.p, (int)k->user.n, SQLITE_STATIC);
+}
+
+/* Runs a statement that returns no rows; SQLITE_DONE on success. */
+static int run(sqlite3_stmt *st) {
+	int rc = sqlite3_step(st);
+	sqlite3_reset(st);
+	return rc;
+}
+
+/* Starts a write transaction, first rolling back one left open by a call
+ * that was abandoned (an emit callback raised). */
+static int begin(os_store *s, sq *q) {
+	if (!sqlite3_get_autocommit(q->db))
+		run(stmt(q, ST_ROLLBACK));
+	if (run(stmt(q, ST_BEGIN)) != SQLITE_DONE)
+		return sqfail(s, q->db);
+	return OS_OK;
+}
+
+/* Records the failure, then rolls back (which may change the error). */
+static int abort_tx(os_store *s, sq *q) {
+	sqfail(s, q->db);
+	if (!sqlite3_get_autocommit(q->db))
+		run(stmt(q, ST_ROLLBACK));
+	return OS_FAIL;
+}
+
+static int commit(os_store *s, sq *q) {
+	if (run(stmt(q, ST_COMMIT)) != SQLITE_DONE)
+		return abort_tx(s, q);
+	return OS_OK;
+}
+
+/* Reads the counter row; a missing row is an empty queue. */
+static int queue_get(sq *q, const os_key *k, int64_t *count, int64_t *bytes) {
+	sqlite3_stmt *st = stmt(q, ST_QUEUE_GET);
+	int rc;
+	bind_key(st, k);
+	rc = sqlite3_step(st);
+	*count = *bytes = 0;
+	if (rc == SQLITE_ROW) {
+		*count = sqlite3_column_int64(st, 0);
+		*bytes = sqlite3_column_int64(st, 1);
+		rc = SQLITE_DONE;
+	}
+	sqlite3_reset(st);
+	return rc;
+}
+
+/* Subtracts from the counter row and drops it when it reaches zero. */
+static int queue_sub(sq *q, const os_key *k, int64_t count, int64_t bytes) {
+	sqlite3_stmt *st;
+	int rc;
+	if (count == 0)
+		return SQLITE_DONE;
+	st = stmt(q, ST_QUEUE_SUB);
+	bind_key(st, k);
+	sqlite3_bind_int64(st, 3, count);
+	sqlite3_bind_int64(st, 4, bytes);
+	if ((rc = run(st)) != SQLITE_DONE)
+		return rc;
+	return run(stmt(q, ST_QUEUE_DROP_EMPTY));
+}
+
+static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
+                    int64_t *count, int64_t *id) {
+	sq *q = s->impl;
+	sqlite3_stmt *st;
+	int64_t bytes;
+	if (begin(s, q) != OS_OK)
+		return OS_FAIL;
+	if (queue_get(q, k, count, &bytes) != SQLITE_DONE)
+		return abort_tx(s, q);
+	if ((lim->max_count != OS_NONE && *count + 1 > lim->max_count) ||
+	    (lim->max_bytes != OS_NONE && bytes + (int64_t)m->xml.n > lim->max_bytes)) {
+		run(stmt(q, ST_ROLLBACK));
+		return OS_LIMIT;
+	}
+	st = stmt(q, ST_MSG_INSERT);
+	bind_key(st, k);
+	sqlite3_bind_int64(st, 3, m->ts);
+	if (m->expire == OS_NONE)
+		sqlite3_bind_null(st, 4);
+	else
+		sqlite3_bind_int64(st, 4, m->expire);
+	sqlite3_bind_text(st, 5, m->from.p, (int)m->from.n, SQLITE_STATIC);
+	sqlite3_bind_blob(st, 6, m->xml.p, (int)m->xml.n, SQLITE_STATIC);
+	if (m->meta.p)
+		sqlite3_bind_blob(st, 7, m->meta.p, (int)m->meta.n, SQLITE_STATIC);
+	else
+		sqlite3_bind_null(st, 7);
+	if (run(st) != SQLITE_DONE)
+		return abort_tx(s, q);
+	*id = sqlite3_last_insert_rowid(q->db);
+	st = stmt(q, ST_QUEUE_ADD);
+	bind_key(st, k);
+	sqlite3_bind_int64(st, 3, (int64_t)m->xml.n);
+	if (run(st) != SQLITE_DONE)
+		return abort_tx(s, q);
+	if (commit(s, q) != OS_OK)
+		return OS_FAIL;
+	*count += 1;
+	return OS_OK;
+}
+
+static os_str column_str(sqlite3_stmt *st, int col) {
+	os_str r;
+	r.p = sqlite3_column_blob(st, col);
+	r.n = (size_t)sqlite3_column_bytes(st, col);
+	if (!r.p)
+		r.p = "";
+	return r;
+}
+
+static void read_item(sqlite3_stmt *st, os_item *it) {
+	it->id = sqlite3_column_int64(st, 0);
+	it->ts = sqlite3_column_int64(st, 1);
+	it->expire = sqlite3_column_type(st, 2) == SQLITE_NULL ? OS_NONE
+	                                                       : sqlite3_column_int64(st, 2);
+	it->from = column_str(st, 3);
+	it->xml = column_str(st, 4);
+	if (sqlite3_column_type(st, 5) == SQLITE_NULL)
+		it->meta.p = NULL, it->meta.n = 0;
+	else
+		it->meta = column_str(st, 5);
+}
+
+static int sq_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
+                  os_emit_item emit, void *ud, int64_t *expired) {
+	sq *q = s->impl;
+	sqlite3_stmt *st;
+	int64_t count, bytes, seen = 0, seen_bytes = 0, returned = 0, last = 0;
+	int rc = SQLITE_DONE;
+	*expired = 0;
+	/* Cheap read first: the broadcast fires on every login. */
+	if (!sqlite3_get_autocommit(q->db))
+		run(stmt(q, ST_ROLLBACK));
+	if (queue_get(q, k, &count, &bytes) != SQLITE_DONE)
+		return sqfail(s, q->db);
+	if (count == 0)
+		return OS_OK;
+	if (begin(s, q) != OS_OK)
+		return OS_FAIL;
+	st = stmt(q, ST_MSG_SCAN);
+	bind_key(st, k);
+	sqlite3_bind_int64(st, 3, 0);
+	while ((max == OS_NONE || returned < max) && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+		os_item it;
+		read_item(st, &it);
+		last = it.id;
+		seen++;
+		seen_bytes += (int64_t)it.xml.n;
+		if (it.expire != OS_NONE && it.expire <= now) {
+			(*expired)++;
+			continue;
+		}
+		returned++;
+		emit(ud, &it);
+	}
+	if (max != OS_NONE && returned >= max)
+		rc = SQLITE_DONE;
+	sqlite3_reset(st);
+	if (rc != SQLITE_DONE)
+		return abort_tx(s, q);
+	if (seen > 0) {
+		/* Inside BEGIN IMMEDIATE nobody else writes, so the rows up to the
+		 * last id read are exactly the rows read. */
+		st = stmt(q, ST_MSG_DEL_UPTO);
+		bind_key(st, k);
+		sqlite3_bind_int64(st, 3, last);
+		if (run(st) != SQLITE_DONE || queue_sub(q, k, seen, seen_bytes) != SQLITE_DONE)
+			return abort_tx(s, q);
+	}
+	return commit(s, q);
+}
+
+static int sq_count(os_store *s, const os_key *k, int64_t *count, int64_t *bytes) {
+	sq *q = s->impl;
+	if (!sqlite3_get_autocommit(q->db))
+		run(stmt(q, ST_ROLLBACK));
+	if (queue_get(q, k, count, bytes) != SQLITE_DONE)
+		return sqfail(s, q->db);
+	return OS_OK;
+}
+
+static int sq_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
+                   os_emit_item emit, void *ud) {
+	sq *q = s->impl;
+	sqlite3_stmt *st;
+	int64_t n = 0;
+	int rc = SQLITE_DONE;
+	if (!sqlite3_get_autocommit(q->db))
+		run(stmt(q, ST_ROLLBACK));
+	st = stmt(q, ST_MSG_SCAN);
+	bind_key(st, k);
+	sqlite3_bind_int64(st, 3, after_id);
+	while ((max == OS_NONE || n < max) && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+		os_item it;
+		read_item(st, &it);
+		n++;
+		emit(ud, &it);
+	}
+	if (rc == SQLITE_ROW)
+		rc = SQLITE_DONE;
+	sqlite3_reset(st);
+	if (rc != SQLITE_DONE)
+		return sqfail(s, q->db);
+	return OS_OK;
+}
+
+static int sq_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n,
+                     int64_t *touched) {
+	sq *q = s->impl;
+	int64_t bytes = 0;
+	size_t i;
+	*touched = 0;
+	if (begin(s, q) != OS_OK)
+		return OS_FAIL;
+	for (i = 0; i < n; i++) {
+		sqlite3_stmt *st = stmt(q, ST_MSG_DEL_ID);
+		int rc;
+		bind_key(st, k);
+		sqlite3_bind_int64(st, 3, ids[i]);
+		rc = sqlite3_step(st);
+		if (rc == SQLITE_ROW) {
+			bytes += sqlite3_column_int64(st, 0);
+			(*touched)++;
+			rc = sqlite3_step(st);
+		}
+		sqlite3_reset(st);
+		if (rc != SQLITE_DONE)
+			return abort_tx(s, q);
+	}
+	if (queue_sub(q, k, *touched, bytes) != SQLITE_DONE)
+		return abort_tx(s, q);
+	return commit(s, q);
+}
+
+static int sq_remove_user(os_store *s, const os_key *k, int64_t *touched) {
+	sq *q = s->impl;
+	sqlite3_stmt *st;
+	if (begin(s, q) != OS_OK)
+		return OS_FAIL;
+	st = stmt(q, ST_USER_DEL_MSGS);
+	bind_key(st, k);
+	if (run(st) != SQLITE_DONE)
+		return abort_tx(s, q);
+	*touched = sqlite3_changes(q->db);
+	st = stmt(q, ST_QUEUE_DROP);
+	bind_key(st, k);
+	if (run(st) != SQLITE_DONE)
+		return abort_tx(s, q);
+	return commit(s, q);
+}
+
+static int sq_remove_host(os_store *s, os_str host, int64_t *touched) {
+	sq *q = s->impl;
+	sqlite3_stmt *st;
+	if (begin(s, q) != OS_OK)
+		return OS_FAIL;
+	st = stmt(q, ST_HOST_DEL_MSGS);
+	sqlite3_bind_text(st, 1, host.p, (int)host.n, SQLITE_STATIC);
+	if (run(st) != SQLITE_DONE)
+		return abort_tx(s, q);
+	*touched = sqlite3_changes(q->db);
+	st = stmt(q, ST_HOST_DEL_QUEUE);
+	sqlite3_bind_text(st, 1, host.p, (int)host.n, SQLITE_STATIC);
+	if (run(st) != SQLITE_DONE)
+		return abort_tx(s, q);
+	return commit(s, q);
+}
+
+/* Bulk deletes: fix every affected counter row from one grouped query,
+ * delete the rows, then drop emptied counters; all in one transaction. */
+static int bulk_delete(os_store *s, int sub, int del, int64_t arg, int64_t *touched) {
+	sq *q = s->impl;
+	sqlite3_stmt *st;
+	if (begin(s, q) != OS_OK)
+		return OS_FAIL;
+	st = stmt(q, sub);
+	sqlite3_bind_int64(st, 1, arg);
+	if (run(st) != SQLITE_DONE)
+		return abort_tx(s, q);
+	st = stmt(q, del);
+	sqlite3_bind_int64(st, 1, arg);
+	if (run(st) != SQLITE_DONE)
+		return abort_tx(s, q);
+	*touched = sqlite3_changes(q->db);
+	if (run(stmt(q, ST_QUEUE_DROP_EMPTY)) != SQLITE_DONE)
+		return abort_tx(s, q);
+	return commit(s, q);
+}
+
+static int sq_delete_expired(os_store *s, int64_t now, int64_t *touched) {
+	return bulk_delete(s, ST_EXPIRED_SUB, ST_EXPIRED_DEL, now, touched);
+}
+
+static int sq_delete_older_than(os_store *s, int64_t cutoff, int64_t *touched) {
+	return bulk_delete(s, ST_OLDER_SUB, ST_OLDER_DEL, cutoff, touched);
+}
+
+static int sq_users(os_store *s, os_str host, os_emit_user emit, void *ud) {
+	sq *q = s->impl;
+	sqlite3_stmt *st;
+	int rc;
+	if (!sqlite3_get_autocommit(q->db))
+		run(stmt(q, ST_ROLLBACK));
+	st = stmt(q, ST_USERS);
+	sqlite3_bind_text(st, 1, host.p, (int)host.n, SQLITE_STATIC);
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+		emit(ud, column_str(st, 0), sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2));
+	sqlite3_reset(st);
+	if (rc != SQLITE_DONE)
+		return sqfail(s, q->db);
+	return OS_OK;
+}
+
+static void sq_free(sq *q) {
+	int i;
+	if (!q)
+		return;
+	for (i = 0; i < ST__COUNT; i++)
+		sqlite3_finalize(q->st[i]); /* NULL is a harmless no-op */
+	sqlite3_close_v2(q->db);
+	free(q);
+}
+
+static void sq_close(os_store *s) {
+	sq *q = s->impl;
+	if (q && q->db && !sqlite3_get_autocommit(q->db))
+		sqlite3_exec(q->db, "ROLLBACK", NULL, NULL, NULL);
+	sq_free(q);
+	s->impl = NULL;
+}
+
+static const os_backend sqlite_backend = {
+	"sqlite", sq_store, sq_pop, sq_count, sq_list, sq_remove, sq_remove_user,
+	sq_remove_host, sq_delete_expired, sq_delete_older_than, sq_users, sq_close,
+};
+
+/* Reads one integer pragma; SQLITE_OK or the error. */
+static int pragma_int(sqlite3 *db, const char *sql, int64_t *out) {
+	sqlite3_stmt *st;
+	int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+	if (rc != SQLITE_OK)
+		return rc;
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		*out = sqlite3_column_int64(st, 0);
+		rc = SQLITE_OK;
+	}
+	sqlite3_finalize(st);
+	return rc;
+}
+
+/* Brings the schema to SCHEMA_VERSION, refusing files that are not ours
+ * or that a newer build wrote. Never drops or rewrites existing data. */
+static int check_schema(os_store *s, sqlite3 *db, const char *path) {
+	int64_t version = 0, app = 0, tables = 0;
+	char sql[96];
+	if (pragma_int(db, "PRAGMA application_id", &app) != SQLITE_OK ||
+	    pragma_int(db, "PRAGMA user_version", &version) != SQLITE_OK ||
+	    pragma_int(db, "SELECT count(*) FROM sqlite_schema", &tables) != SQLITE_OK)
+		return os_fail(s, sqlite3_extended_errcode(db), "%s: %s", path, sqlite3_errmsg(db));
+	if (tables > 0 && app != APPLICATION_ID)
+		return os_fail(s, SQLITE_NOTADB,
+		               "%s: not an offline-store database (it holds other tables); "
+		               "refusing to touch it", path);
+	if (version > SCHEMA_VERSION)
+		return os_fail(s, SQLITE_NOTADB,
+		               "%s: schema version %lld was written by a newer offline-store "
+		               "(this build knows up to %d); refusing to touch it",
+		               path, (long long)version, SCHEMA_VERSION);
+	while (version < SCHEMA_VERSION) {
+		char *err = NULL;
+		snprintf(sql, sizeof sql, "PRAGMA user_version = %lld; PRAGMA application_id = %d;",
+		         (long long)version + 1, APPLICATION_ID);
+		if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK ||
+		    sqlite3_exec(db, migrations[version], NULL, NULL, &err) != SQLITE_OK ||
+		    sqlite3_exec(db, sql, NULL, NULL, &err) != SQLITE_OK ||
+		    sqlite3_exec(db, "COMMIT", NULL, NULL, &err) != SQLITE_OK) {
+			os_fail(s, sqlite3_extended_errcode(db), "%s: migrating schema to version %lld: %s",
+			        path, (long long)version + 1, err ? err : sqlite3_errmsg(db));
+			sqlite3_free(err);
+			if (!sqlite3_get_autocommit(db))
+				sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+			return OS_FAIL;
+		}
+		version++;
+	}
+	return OS_OK;
+}
+
+int os_sqlite_open(os_store *s, const os_sqlite_config *cfg) {
+	sq *q = calloc(1, sizeof *q);
+	char *mode = NULL;
+	int rc, i;
+	if (!q)
+		return os_fail(s, SQLITE_NOMEM, "out of memory");
+	rc = sqlite3_open_v2(cfg->path, &q->db,
+	                     SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+	if (rc != SQLITE_OK) {
+		os_fail(s, rc, "%s: %s", cfg->path, q->db ? sqlite3_errmsg(q->db) : sqlite3_errstr(rc));
+		goto fail;
+	}
+	sqlite3_extended_result_codes(q->db, 1);
+	sqlite3_busy_timeout(q->db, cfg->busy_timeout_ms);
+	if (sqlite3_db_readonly(q->db, "main") == 1) {
+		os_fail(s, SQLITE_READONLY, "%s: file is read-only", cfg->path);
+		goto fail;
+	}
+	/* Reading the header first makes a non-database file fail here, before
+	 * anything could write to it. */
+	if (check_schema(s, q->db, cfg->path) != OS_OK)
+		goto fail;
+	mode = sqlite3_mprintf("PRAGMA journal_mode = WAL; PRAGMA synchronous = %s;",
+	                       cfg->synchronous_full ? "FULL" : "NORMAL");
+	if (!mode || sqlite3_exec(q->db, mode, NULL, NULL, NULL) != SQLITE_OK) {
+		os_fail(s, sqlite3_extended_errcode(q->db), "%s: %s", cfg->path, sqlite3_errmsg(q->db));
+		goto fail;
+	}
+	for (i = 0; i < ST__COUNT; i++) {
+		if (sqlite3_prepare_v3(q->db, sql_text[i], -1, SQLITE_PREPARE_PERSISTENT, &q->st[i],
+		                       NULL) != SQLITE_OK) {
+			os_fail(s, sqlite3_extended_errcode(q->db), "%s: preparing statement %d: %s",
+			        cfg->path, i, sqlite3_errmsg(q->db));
+			goto fail;
+		}
+	}
+	sqlite3_free(mode);
+	s->impl = q;
+	s->be = &sqlite_backend;
+	return OS_OK;
+fail:
+	sqlite3_free(mode);
+	sq_free(q);
+	return OS_FAIL;
+}

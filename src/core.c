@@ -1,0 +1,352 @@
+/* offline_store.core: the Lua 5.4 face of the offline-message store.
+ * One userdata per open store; every method checks its arguments, then
+ * dispatches to the backend's vtable (backend.h). Runtime failures return
+ * nil, message, code; programmer errors raise. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "backend.h"
+
+#define STORE_MT "offline_store.db"
+
+int os_fail(os_store *s, int code, const char *fmt, ...) {
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(s->errmsg, sizeof s->errmsg, fmt, ap);
+	va_end(ap);
+	s->errcode = code;
+	return OS_FAIL;
+}
+
+static os_store *check_open(lua_State *L) {
+	os_store *s = luaL_checkudata(L, 1, STORE_MT);
+	if (!s->be)
+		luaL_error(L, "attempt to use a closed offline store");
+	return s;
+}
+
+static os_str check_str(lua_State *L, int arg) {
+	os_str r;
+	r.p = luaL_checklstring(L, arg, &r.n);
+	return r;
+}
+
+static os_key check_key(lua_State *L) {
+	os_key k;
+	k.host = check_str(L, 2);
+	k.user = check_str(L, 3);
+	return k;
+}
+
+/* nil or false: OS_NONE; otherwise an integer >= min. */
+static int64_t opt_int(lua_State *L, int arg, int64_t min) {
+	lua_Integer v;
+	if (lua_isnoneornil(L, arg) || (lua_isboolean(L, arg) && !lua_toboolean(L, arg)))
+		return OS_NONE;
+	v = luaL_checkinteger(L, arg);
+	luaL_argcheck(L, v >= min, arg, min == 0 ? "must not be negative" : "out of range");
+	return (int64_t)v;
+}
+
+static int push_fail(lua_State *L, const os_store *s) {
+	luaL_pushfail(L);
+	lua_pushstring(L, s->errmsg);
+	lua_pushinteger(L, s->errcode);
+	return 3;
+}
+
+/* A new, zeroed store userdata with its metatable, on the stack top. */
+static os_store *new_store(lua_State *L) {
+	os_store *s = lua_newuserdatauv(L, sizeof *s, 0);
+	memset(s, 0, sizeof *s);
+	luaL_setmetatable(L, STORE_MT);
+	return s;
+}
+
+/* core.open_sqlite(path [, synchronous_full [, busy_timeout_ms]]) -> db | fail, msg, code */
+static int l_open_sqlite(lua_State *L) {
+	os_sqlite_config cfg;
+	os_store *s;
+	cfg.path = luaL_checkstring(L, 1);
+	cfg.synchronous_full = lua_toboolean(L, 2);
+	cfg.busy_timeout_ms = (int)luaL_optinteger(L, 3, 2000);
+	luaL_argcheck(L, cfg.busy_timeout_ms >= 0, 3, "must not be negative");
+	s = new_store(L);
+	if (os_sqlite_open(s, &cfg) != OS_OK)
+		return push_fail(L, s);
+	return 1;
+}
+
+/* core.open_memory() -> db | fail, msg, code */
+static int l_open_memory(lua_State *L) {
+	os_store *s = new_store(L);
+	if (os_memory_open(s) != OS_OK)
+		return push_fail(L, s);
+	return 1;
+}
+
+/* db:store(host, user, from, xml, ts [, expire [, max_count [, max_bytes [, meta]]]])
+ *   -> count, id | false, "limit", count | fail, msg, code */
+static int l_store(lua_State *L) {
+	os_store *s = check_open(L);
+	os_key k = check_key(L);
+	os_item m;
+	os_limit lim;
+	int64_t count = 0, id = 0;
+	int rc;
+	m.from = check_str(L, 4);
+	m.xml = check_str(L, 5);
+	m.ts = (int64_t)luaL_checkinteger(L, 6);
+	m.expire = opt_int(L, 7, INT64_MIN + 1);
+	lim.max_count = opt_int(L, 8, 0);
+	lim.max_bytes = opt_int(L, 9, 0);
+	if (lua_isnoneornil(L, 10))
+		m.meta.p = NULL, m.meta.n = 0;
+	else
+		m.meta = check_str(L, 10);
+	rc = s->be->store(s, &k, &m, &lim, &count, &id);
+	if (rc == OS_FAIL)
+		return push_fail(L, s);
+	if (rc == OS_LIMIT) {
+		lua_pushboolean(L, 0);
+		lua_pushliteral(L, "limit");
+		lua_pushinteger(L, count);
+		return 3;
+	}
+	lua_pushinteger(L, count);
+	lua_pushinteger(L, id);
+	return 2;
+}
+
+typedef struct {
+	lua_State *L;
+	lua_Integer n;
+} collector;
+
+/* Appends {id=, ts=, expire=, from=, xml=, meta=} to the table on top. */
+static void collect_item(void *ud, const os_item *it) {
+	collector *c = ud;
+	lua_State *L = c->L;
+	lua_createtable(L, 0, 6);
+	lua_pushinteger(L, it->id);
+	lua_setfield(L, -2, "id");
+	lua_pushinteger(L, it->ts);
+	lua_setfield(L, -2, "ts");
+	if (it->expire != OS_NONE) {
+		lua_pushinteger(L, it->expire);
+		lua_setfield(L, -2, "expire");
+	}
+	lua_pushlstring(L, it->from.p, it->from.n);
+	lua_setfield(L, -2, "from");
+	lua_pushlstring(L, it->xml.p, it->xml.n);
+	lua_setfield(L, -2, "xml");
+	if (it->meta.p) {
+		lua_pushlstring(L, it->meta.p, it->meta.n);
+		lua_setfield(L, -2, "meta");
+	}
+	lua_rawseti(L, -2, ++c->n);
+}
+
+/* db:pop(host, user, now [, max]) -> items, expired | fail, msg, code */
+static int l_pop(lua_State *L) {
+	os_store *s = check_open(L);
+	os_key k = check_key(L);
+	int64_t now = (int64_t)luaL_checkinteger(L, 4), max = opt_int(L, 5, 0), expired = 0;
+	collector c;
+	c.L = L;
+	c.n = 0;
+	lua_newtable(L);
+	if (s->be->pop(s, &k, now, max, collect_item, &c, &expired) != OS_OK)
+		return push_fail(L, s);
+	lua_pushinteger(L, expired);
+	return 2;
+}
+
+/* db:count(host, user) -> count, bytes | fail, msg, code */
+static int l_count(lua_State *L) {
+	os_store *s = check_open(L);
+	os_key k = check_key(L);
+	int64_t count, bytes;
+	if (s->be->count(s, &k, &count, &bytes) != OS_OK)
+		return push_fail(L, s);
+	lua_pushinteger(L, count);
+	lua_pushinteger(L, bytes);
+	return 2;
+}
+
+/* db:list(host, user [, after_id [, max]]) -> items | fail, msg, code */
+static int l_list(lua_State *L) {
+	os_store *s = check_open(L);
+	os_key k = check_key(L);
+	int64_t after = (int64_t)luaL_optinteger(L, 4, 0), max = opt_int(L, 5, 0);
+	collector c;
+	c.L = L;
+	c.n = 0;
+	lua_newtable(L);
+	if (s->be->list(s, &k, after, max, collect_item, &c) != OS_OK)
+		return push_fail(L, s);
+	return 1;
+}
+
+static int push_touched(lua_State *L, os_store *s, int rc, int64_t touched) {
+	if (rc != OS_OK)
+		return push_fail(L, s);
+	lua_pushinteger(L, touched);
+	return 1;
+}
+
+/* db:remove(host, user, {id, ...}) -> n | fail, msg, code */
+static int l_remove(lua_State *L) {
+	os_store *s = check_open(L);
+	os_key k = check_key(L);
+	int64_t *ids, touched = 0;
+	lua_Integer i, n;
+	luaL_checktype(L, 4, LUA_TTABLE);
+	n = (lua_Integer)lua_rawlen(L, 4);
+	/* A userdata buffer: collected by Lua even if a check below raises. */
+	ids = lua_newuserdatauv(L, (size_t)n * sizeof *ids + 1, 0);
+	for (i = 0; i < n; i++) {
+		int isnum;
+		lua_rawgeti(L, 4, i + 1);
+		ids[i] = (int64_t)lua_tointegerx(L, -1, &isnum);
+		if (!isnum)
+			return luaL_argerror(L, 4, "ids must be integers");
+		lua_pop(L, 1);
+	}
+	int rc = s->be->remove(s, &k, ids, (size_t)n, &touched);
+	return push_touched(L, s, rc, touched);
+}
+
+/* db:remove_user(host, user) -> n | fail, msg, code */
+static int l_remove_user(lua_State *L) {
+	os_store *s = check_open(L);
+	os_key k = check_key(L);
+	int64_t touched = 0;
+	int rc = s->be->remove_user(s, &k, &touched);
+	return push_touched(L, s, rc, touched);
+}
+
+/* db:remove_host(host) -> n | fail, msg, code */
+static int l_remove_host(lua_State *L) {
+	os_store *s = check_open(L);
+	os_str host = check_str(L, 2);
+	int64_t touched = 0;
+	int rc = s->be->remove_host(s, host, &touched);
+	return push_touched(L, s, rc, touched);
+}
+
+/* db:delete_expired(now) -> n | fail, msg, code */
+static int l_delete_expired(lua_State *L) {
+	os_store *s = check_open(L);
+	int64_t now = (int64_t)luaL_checkinteger(L, 2), touched = 0;
+	int rc = s->be->delete_expired(s, now, &touched);
+	return push_touched(L, s, rc, touched);
+}
+
+/* db:delete_older_than(cutoff) -> n | fail, msg, code */
+static int l_delete_older_than(lua_State *L) {
+	os_store *s = check_open(L);
+	int64_t cutoff = (int64_t)luaL_checkinteger(L, 2), touched = 0;
+	int rc = s->be->delete_older_than(s, cutoff, &touched);
+	return push_touched(L, s, rc, touched);
+}
+
+static void collect_user(void *ud, os_str user, int64_t count, int64_t bytes) {
+	collector *c = ud;
+	lua_State *L = c->L;
+	lua_createtable(L, 0, 3);
+	lua_pushlstring(L, user.p, user.n);
+	lua_setfield(L, -2, "user");
+	lua_pushinteger(L, count);
+	lua_setfield(L, -2, "count");
+	lua_pushinteger(L, bytes);
+	lua_setfield(L, -2, "bytes");
+	lua_rawseti(L, -2, ++c->n);
+}
+
+/* db:users(host) -> {{user=, count=, bytes=}, ...} | fail, msg, code */
+static int l_users(lua_State *L) {
+	os_store *s = check_open(L);
+	os_str host = check_str(L, 2);
+	collector c;
+	c.L = L;
+	c.n = 0;
+	lua_newtable(L);
+	if (s->be->users(s, host, collect_user, &c) != OS_OK)
+		return push_fail(L, s);
+	return 1;
+}
+
+/* db:backend() -> "sqlite" | "memory" */
+static int l_backend(lua_State *L) {
+	os_store *s = check_open(L);
+	lua_pushstring(L, s->be->name);
+	return 1;
+}
+
+/* db:close(); also __close and __gc. Idempotent. */
+static int l_close(lua_State *L) {
+	os_store *s = luaL_checkudata(L, 1, STORE_MT);
+	if (s->be) {
+		const os_backend *be = s->be;
+		s->be = NULL;
+		be->close(s);
+	}
+	return 0;
+}
+
+static int l_tostring(lua_State *L) {
+	os_store *s = luaL_checkudata(L, 1, STORE_MT);
+	if (s->be)
+		lua_pushfstring(L, "offline_store.db (%s): %p", s->be->name, (void *)s);
+	else
+		lua_pushfstring(L, "offline_store.db (closed): %p", (void *)s);
+	return 1;
+}
+
+static const luaL_Reg methods[] = {
+	{"store", l_store},
+	{"pop", l_pop},
+	{"count", l_count},
+	{"list", l_list},
+	{"remove", l_remove},
+	{"remove_user", l_remove_user},
+	{"remove_host", l_remove_host},
+	{"delete_expired", l_delete_expired},
+	{"delete_older_than", l_delete_older_than},
+	{"users", l_users},
+	{"backend", l_backend},
+	{"close", l_close},
+	{NULL, NULL},
+};
+
+static const luaL_Reg metamethods[] = {
+	{"__gc", l_close},
+	{"__close", l_close},
+	{"__tostring", l_tostring},
+	{NULL, NULL},
+};
+
+static const luaL_Reg functions[] = {
+	{"open_sqlite", l_open_sqlite},
+	{"open_memory", l_open_memory},
+	{NULL, NULL},
+};
+
+__attribute__((visibility("default"))) int luaopen_offline_store_core(lua_State *L) {
+	luaL_checkversion(L);
+	if (luaL_newmetatable(L, STORE_MT)) {
+		luaL_setfuncs(L, metamethods, 0);
+		luaL_newlib(L, methods);
+		lua_setfield(L, -2, "__index");
+	}
+	lua_pop(L, 1);
+	luaL_newlib(L, functions);
+	lua_pushliteral(L, "0.1.0");
+	lua_setfield(L, -2, "version");
+	return 1;
+}
