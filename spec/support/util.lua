@@ -6,12 +6,23 @@ function M.quote(s)
 	return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
+-- Child commands run without LD_PRELOAD, so that the sanitizer runtime preloaded
+-- into the spec process (make test-asan) does not judge /bin/sh and friends.
+local function clean(cmd)
+	return "exec env -u LD_PRELOAD sh -c " .. M.quote(cmd)
+end
+
 -- Runs a shell command; returns ok, combined output.
 function M.sh(cmd)
-	local f = assert(io.popen("(" .. cmd .. ") 2>&1"))
+	local f = assert(io.popen(clean("(" .. cmd .. ") 2>&1")))
 	local out = f:read("a")
 	local ok = f:close()
 	return ok == true, out
+end
+
+-- Runs a shell command, output not captured; returns ok.
+function M.exec(cmd)
+	return os.execute(clean(cmd)) == true
 end
 
 function M.tmpdir()
@@ -22,7 +33,7 @@ end
 
 function M.rmrf(path)
 	assert(path:match("^/tmp/offline%-store%-"), "refusing to remove " .. path)
-	os.execute("rm -rf " .. M.quote(path))
+	M.exec("rm -rf " .. M.quote(path))
 end
 
 function M.read(path)

@@ -1,0 +1,156 @@
+-- What only the sqlite backend can do or suffer: durability across reopen, and every
+-- runtime failure (missing directory, read-only file, another writer holding the lock,
+-- files that are not ours) returning nil, message, code and losing nothing.
+
+if not _RUNNER then package.path = "spec/?.lua;lua/?.lua;lua/?/init.lua;" .. package.path; package.cpath = "build/?.so;" .. package.cpath end
+local lu = require "luaunit"
+local support = require "support.util"
+local core = require "offline_store.core"
+
+local H, U, FROM, T0 = "example.org", "bob", "alice@example.org", 1700000000000000
+local SQLITE_BUSY, SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_NOTADB = 5, 8, 14, 26
+
+-- The primary result code of an extended sqlite code.
+local function primary(code) return code & 0xff end
+
+TestSqlite = {}
+
+function TestSqlite:setUp()
+	self.dir = support.tmpdir()
+	self.file = self.dir .. "/offline.sqlite"
+end
+
+function TestSqlite:tearDown() support.rmrf(self.dir) end
+
+function TestSqlite:test_reopen_finds_everything()
+	local db = assert(core.open_sqlite(self.file))
+	for i = 1, 10 do db:store(H, U, FROM, "m" .. i, T0 + i, i == 10 and T0 + 5 or nil) end
+	db:store(H, "carol", FROM, "c", T0)
+	db:close()
+	db = assert(core.open_sqlite(self.file))
+	lu.assertEquals({ db:count(H, U) }, { 10, 21 })
+	lu.assertEquals({ db:store(H, U, FROM, "over", T0, nil, 10) }, { false, "limit", 10 }, "counter survived")
+	local items, expired = db:pop(H, U, T0 + 6)
+	lu.assertEquals(#items, 9)
+	lu.assertEquals(expired, 1)
+	lu.assertEquals(items[9].xml, "m9")
+	db:close()
+	db = assert(core.open_sqlite(self.file, true, 100)) -- synchronous = FULL
+	lu.assertEquals(db:count(H, U), 0, "the pop was committed")
+	lu.assertEquals(db:count(H, "carol"), 1)
+	db:close()
+end
+
+function TestSqlite:test_missing_directory()
+	local db, msg, code = core.open_sqlite(self.dir .. "/no/such/dir/offline.sqlite")
+	lu.assertNil(db)
+	lu.assertStrContains(msg, "no/such/dir/offline.sqlite")
+	lu.assertStrContains(msg, "unable to open database file")
+	lu.assertEquals(primary(code), SQLITE_CANTOPEN)
+end
+
+function TestSqlite:test_read_only_file_is_refused()
+	local db = assert(core.open_sqlite(self.file))
+	db:store(H, U, FROM, "kept", T0)
+	db:close()
+	local before = support.read(self.file)
+	support.exec("chmod 0555 " .. support.quote(self.dir) .. " && chmod 0444 " .. support.quote(self.file))
+	-- root ignores file modes, so the check runs as an unprivileged user when we are root
+	local prefix = ""
+	if support.sh("test \"$(id -u)\" = 0") then prefix = "setpriv --reuid=nobody --regid=nogroup --clear-groups " end
+	-- the child loads the same core build, so it needs the same preloaded runtime (test-asan)
+	prefix = prefix .. "env LD_PRELOAD=" .. support.quote(os.getenv("LD_PRELOAD") or "") .. " "
+	local ok, out = support.sh(prefix .. "lua5.4 -e " .. support.quote(([[
+		package.cpath = %q
+		local db, msg, code = require("offline_store.core").open_sqlite(%q)
+		print(db, msg, code)
+	]]):format(package.cpath, self.file)))
+	support.exec("chmod 0755 " .. support.quote(self.dir) .. " && chmod 0644 " .. support.quote(self.file))
+	lu.assertTrue(ok, out)
+	lu.assertStrContains(out, "nil")
+	lu.assertStrContains(out, "file is read-only")
+	lu.assertStrContains(out, tostring(SQLITE_READONLY))
+	lu.assertEquals(support.read(self.file), before, "the file is untouched")
+	db = assert(core.open_sqlite(self.file))
+	lu.assertEquals(db:count(H, U), 1)
+	db:close()
+end
+
+function TestSqlite:test_busy_writer_gives_fail_triple_and_loses_nothing()
+	local db = assert(core.open_sqlite(self.file, false, 50))
+	lu.assertEquals(db:store(H, U, FROM, "first", T0), 1)
+	-- another process takes the write lock and holds it for a while
+	local hold = support.quote(self.dir .. "/holding")
+	support.exec(("sqlite3 -cmd 'BEGIN IMMEDIATE' -cmd \".shell touch %s\" -cmd '.shell sleep 2' %s 'COMMIT' >/dev/null 2>&1 &")
+		:format(hold, support.quote(self.file)))
+	for _ = 1, 200 do
+		if support.read(self.dir .. "/holding") then break end
+		support.exec("sleep 0.02")
+	end
+	local ok, msg, code = db:store(H, U, FROM, "second", T0)
+	lu.assertNil(ok)
+	lu.assertStrContains(msg, "locked")
+	lu.assertEquals(primary(code), SQLITE_BUSY)
+	local items, pmsg, pcode = db:pop(H, U, T0)
+	lu.assertNil(items, "pop cannot take the lock either")
+	lu.assertEquals(primary(pcode), SQLITE_BUSY, pmsg)
+	lu.assertEquals({ db:count(H, U) }, { 1, 5 }, "no half-written row, counter unchanged")
+	-- once the other writer is done, everything works again
+	local stored
+	for _ = 1, 100 do
+		stored = db:store(H, U, FROM, "third", T0)
+		if stored then break end
+		support.exec("sleep 0.05")
+	end
+	lu.assertEquals(stored, 2)
+	local popped = db:pop(H, U, T0)
+	lu.assertEquals({ popped[1].xml, popped[2].xml }, { "first", "third" })
+	db:close()
+end
+
+function TestSqlite:test_not_a_database_is_refused_and_untouched()
+	local garbage = ("this is not an sqlite file\n"):rep(200)
+	support.write(self.file, garbage)
+	local db, msg, code = core.open_sqlite(self.file)
+	lu.assertNil(db)
+	lu.assertStrContains(msg, "file is not a database")
+	lu.assertEquals(primary(code), SQLITE_NOTADB)
+	lu.assertEquals(support.read(self.file), garbage)
+end
+
+function TestSqlite:test_foreign_database_is_refused_and_untouched()
+	assert(support.sh("sqlite3 " .. support.quote(self.file) .. " 'CREATE TABLE accounts(x); INSERT INTO accounts VALUES (1)'"))
+	local before = support.read(self.file)
+	local db, msg, code = core.open_sqlite(self.file)
+	lu.assertNil(db)
+	lu.assertStrContains(msg, "not an offline-store database")
+	lu.assertEquals(code, SQLITE_NOTADB)
+	lu.assertEquals(support.read(self.file), before)
+end
+
+function TestSqlite:test_newer_schema_is_refused_and_untouched()
+	local db = assert(core.open_sqlite(self.file))
+	db:store(H, U, FROM, "from the future", T0)
+	db:close()
+	assert(support.sh("sqlite3 " .. support.quote(self.file) .. " 'PRAGMA user_version = 99'"))
+	local before = support.read(self.file)
+	local db2, msg = core.open_sqlite(self.file)
+	lu.assertNil(db2)
+	lu.assertStrContains(msg, "schema version 99 was written by a newer offline-store")
+	lu.assertEquals(support.read(self.file), before)
+end
+
+function TestSqlite:test_file_is_wal_and_versioned()
+	assert(core.open_sqlite(self.file)):close()
+	local ok, out = support.sh("sqlite3 " .. support.quote(self.file)
+		.. " 'PRAGMA journal_mode; PRAGMA user_version; PRAGMA application_id'")
+	lu.assertTrue(ok, out)
+	lu.assertEquals(out, "wal\n1\n" .. 0x4f464c53 .. "\n")
+end
+
+function TestSqlite:test_bad_open_arguments_raise()
+	lu.assertErrorMsgContains("string expected", function() core.open_sqlite() end)
+	lu.assertErrorMsgContains("must not be negative", function() core.open_sqlite(self.file, false, -1) end)
+end
+
+if not _RUNNER then os.exit(lu.LuaUnit.run()) end
