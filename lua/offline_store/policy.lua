@@ -1,0 +1,156 @@
+-- offline_store.policy: which messages are stored, with which timestamp and expiry,
+-- what a delivered message looks like, and the error stanzas (SPEC §4-§7).
+-- Host-agnostic: it works on util.stanza objects and takes the host and time as
+-- arguments, so it is unit-tested without a server.
+
+local st = require "util.stanza"
+local xml_parse = require "util.xml".parse
+local datetime = require "util.datetime"
+local jid_split = require "util.jid".split
+
+local tonumber, floor, tostring, ipairs = tonumber, math.floor, tostring, ipairs
+
+local M = {}
+
+local NS_DELAY, NS_LEGACY_DELAY = "urn:xmpp:delay", "jabber:x:delay"
+local NS_HINTS = "urn:xmpp:hints"
+local NS_CHATSTATES = "http://jabber.org/protocol/chatstates"
+local NS_EXPIRE = "jabber:x:expire"
+local NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+local NS_SID = "urn:xmpp:sid:0"
+
+M.LIMIT_TEXT = "Your contact offline message queue is full. The message has been discarded."
+M.BOUNCE_TEXT = "Bounce offline message"
+M.FAILURE_TEXT = "The message was not stored: the offline message store failed. Please try again later."
+M.DELAY_TEXT = "Offline Storage"
+
+-- (stanza:childtags() without a namespace yields only children in the parent's
+-- namespace, so the loops below walk stanza.tags.)
+
+-- True when the message carries nothing but chat state (XEP-0085), optionally a
+-- <thread/>, and ids that carry no content (XEP-0359 stanza-id/origin-id, which
+-- servers and clients add to every message).
+local function is_chat_state_only(stanza)
+	local states = 0
+	for _, child in ipairs(stanza.tags) do
+		local ns, name = child.attr.xmlns, child.name
+		if ns == NS_CHATSTATES then
+			states = states + 1
+		elseif not (name == "thread" or ns == NS_SID) then
+			return false
+		end
+	end
+	return states > 0
+end
+
+-- Decides what to do with a message offered for offline storage.
+-- Returns "store", or "drop", reason (no reply), or "bounce", reason (503 to the sender).
+function M.classify(stanza, store_groupchat)
+	local t = stanza.attr.type
+	if t == "error" then return "drop", "error" end
+	if stanza:get_child("store", NS_HINTS) then return "store" end
+	if t == "headline" then return "drop", "headline" end
+	if t == "groupchat" and not store_groupchat then return "bounce", "groupchat" end
+	if is_chat_state_only(stanza) then return "drop", "chatstate" end
+	if stanza:get_child("no-store", NS_HINTS) or stanza:get_child("no-permanent-store", NS_HINTS) then
+		return "drop", "no-store"
+	end
+	return "store"
+end
+
+-- The recipient's username, per SPEC §4: event.username, else the localpart of
+-- `to`, else the username of the session the event came from.
+function M.recipient(event)
+	if event.username then return event.username end
+	local to = event.stanza and event.stanza.attr.to
+	local node = to and jid_split(to)
+	if node then return node end
+	return event.origin and event.origin.username
+end
+
+local function is_delay(child)
+	local ns = child.attr.xmlns
+	return (child.name == "delay" and ns == NS_DELAY) or (child.name == "x" and ns == NS_LEGACY_DELAY)
+end
+
+-- Parses a XEP-0203 or legacy XEP-0091 stamp; integer seconds or nil.
+local function parse_stamp(child)
+	local stamp = child.attr.stamp
+	if not stamp then return nil end
+	if child.attr.xmlns == NS_LEGACY_DELAY then
+		-- CCYYMMDDThh:mm:ss, always UTC
+		local y, mo, d, rest = stamp:match("^(%d%d%d%d)(%d%d)(%d%d)(T%d%d:%d%d:%d%d)$")
+		if not y then return nil end
+		stamp = y .. "-" .. mo .. "-" .. d .. rest .. "Z"
+	end
+	return datetime.parse(stamp)
+end
+
+-- Prepares a message for storage. `trusted` is a set of JIDs whose delay stamps
+-- are believed (this host, the recipient's bare JID: mod_smacks re-queues with
+-- those). Returns the XML to store (without any delay), the timestamp (µs) and
+-- the expiry (µs or nil).
+function M.prepare(stanza, now_us, trusted)
+	local ts
+	for _, child in ipairs(stanza.tags) do
+		if not ts and is_delay(child) and trusted[child.attr.from or ""] then
+			local secs = parse_stamp(child)
+			if secs then ts = floor(secs) * 1000000 end
+		end
+	end
+	local copy = st.clone(stanza)
+	copy:maptags(function(child)
+		if is_delay(child) then return nil end
+		return child
+	end)
+	ts = ts or now_us
+	local expire
+	local x = stanza:get_child("x", NS_EXPIRE)
+	local seconds = x and x.attr.seconds
+	if seconds and seconds:match("^%d+$") then
+		seconds = tonumber(seconds)
+		if seconds > 0 then expire = ts + seconds * 1000000 end
+	end
+	return tostring(copy), ts, expire
+end
+
+-- Turns a stored item back into a stanza ready to send: exactly one delay,
+-- from the host, stamped with the storage time. Returns nil, error if the
+-- stored XML no longer parses.
+function M.delivery(item, host)
+	local stanza, err = xml_parse(item.xml)
+	if not stanza then return nil, err end
+	stanza:tag("delay", { xmlns = NS_DELAY, from = host, stamp = datetime.datetime(item.ts // 1000000) })
+		:text(M.DELAY_TEXT):up()
+	return stanza
+end
+
+-- An error reply that keeps the original's id and children (as MongooseIM and
+-- ejabberd do), from the original recipient to the original sender.
+local function error_reply(stanza, etype, code, condition, text)
+	local reply = st.clone(stanza)
+	reply.attr.from, reply.attr.to = stanza.attr.to, stanza.attr.from
+	reply.attr.type = "error"
+	reply:tag("error", { type = etype, code = code })
+		:tag(condition, { xmlns = NS_STANZAS }):up()
+		:tag("text", { xmlns = NS_STANZAS }):text(text):up()
+	:up()
+	return reply
+end
+
+-- SPEC §5: the recipient's queue is full.
+function M.limit_error(stanza)
+	return error_reply(stanza, "wait", "500", "resource-constraint", M.LIMIT_TEXT)
+end
+
+-- SPEC §5: the store failed; nothing was stored.
+function M.failure_error(stanza)
+	return error_reply(stanza, "wait", "500", "internal-server-error", M.FAILURE_TEXT)
+end
+
+-- SPEC §6: declined where RFC 6121 says to bounce.
+function M.bounce_error(stanza)
+	return error_reply(stanza, "cancel", "503", "service-unavailable", M.BOUNCE_TEXT)
+end
+
+return M

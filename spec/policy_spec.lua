@@ -1,0 +1,192 @@
+-- offline_store.policy without a server: the SPEC §4 table, delay and expiry handling,
+-- recipient resolution, delivery stanzas and the exact error stanzas of §5 and §6.
+-- Run through spec/run.lua (it puts Prosody's libraries on the path).
+
+local lu = require "luaunit"
+local st = require "util.stanza"
+local xml_parse = require "util.xml".parse
+local datetime = require "util.datetime"
+local policy = require "offline_store.policy"
+
+local HOST, BOB = "example.org", "bob@example.org"
+local NOW = 1700000000 * 1000000
+
+local function msg(attr, build)
+	local m = st.message(attr or { to = BOB, from = "alice@example.org/phone", type = "chat", id = "m1" })
+	if build then build(m) else m:tag("body"):text("hello"):up() end
+	return m
+end
+
+local function chat_state(m, extra)
+	m:tag("composing", { xmlns = "http://jabber.org/protocol/chatstates" }):up()
+	if extra then extra(m) end
+end
+
+TestClassify = {}
+
+function TestClassify:test_spec_table()
+	local c = policy.classify
+	lu.assertEquals({ c(msg({ type = "error" })) }, { "drop", "error" })
+	lu.assertEquals({ c(msg({ type = "headline" })) }, { "drop", "headline" })
+	lu.assertEquals({ c(msg({ type = "groupchat" })) }, { "bounce", "groupchat" })
+	lu.assertEquals({ c(msg({ type = "groupchat" }), true) }, { "store" })
+	lu.assertEquals({ c(msg({ type = "chat" }, chat_state)) }, { "drop", "chatstate" })
+	lu.assertEquals({ c(msg({ type = "chat" }, function(m)
+		chat_state(m, function(x) x:tag("thread"):text("t1"):up() end) end)) }, { "drop", "chatstate" })
+	lu.assertEquals({ c(msg({ type = "chat" }, function(m)
+		chat_state(m, function(x) x:tag("origin-id", { xmlns = "urn:xmpp:sid:0", id = "o1" }):up() end) end)) },
+		{ "drop", "chatstate" }, "ids carry no content")
+	lu.assertEquals({ c(msg({ type = "chat" }, function(m)
+		chat_state(m, function(x) x:tag("body"):text("hi"):up() end) end)) }, { "store" }, "a chat state with a body is stored")
+	lu.assertEquals({ c(msg({ type = "chat" }, function(m)
+		m:tag("body"):text("x"):up():tag("no-store", { xmlns = "urn:xmpp:hints" }):up() end)) }, { "drop", "no-store" })
+	lu.assertEquals({ c(msg({ type = "chat" }, function(m)
+		m:tag("body"):text("x"):up():tag("no-permanent-store", { xmlns = "urn:xmpp:hints" }):up() end)) }, { "drop", "no-store" })
+	lu.assertEquals({ c(msg({ type = "chat" })) }, { "store" })
+	lu.assertEquals({ c(msg({ type = "normal" })) }, { "store" })
+	lu.assertEquals({ c(msg({})) }, { "store" }, "no type")
+	lu.assertEquals({ c(msg({ type = "chat" }, function() end)) }, { "store" }, "empty message")
+end
+
+function TestClassify:test_store_hint_overrides_all_but_error()
+	local function with_store(m) m:tag("store", { xmlns = "urn:xmpp:hints" }):up() end
+	lu.assertEquals({ policy.classify(msg({ type = "chat" }, function(m) chat_state(m, with_store) end)) }, { "store" })
+	lu.assertEquals({ policy.classify(msg({ type = "headline" }, with_store)) }, { "store" })
+	lu.assertEquals({ policy.classify(msg({ type = "groupchat" }, with_store)) }, { "store" })
+	lu.assertEquals({ policy.classify(msg({ type = "chat" }, function(m)
+		with_store(m); m:tag("no-store", { xmlns = "urn:xmpp:hints" }):up() end)) }, { "store" })
+	lu.assertEquals({ policy.classify(msg({ type = "error" }, with_store)) }, { "drop", "error" })
+end
+
+TestRecipient = {}
+
+function TestRecipient:test_order_of_sources()
+	local m = msg({ to = "carol@example.org/x" })
+	lu.assertEquals(policy.recipient({ username = "dave", stanza = m, origin = { username = "erin" } }), "dave")
+	lu.assertEquals(policy.recipient({ stanza = m, origin = { username = "erin" } }), "carol")
+	lu.assertEquals(policy.recipient({ stanza = msg({}), origin = { username = "erin" } }), "erin")
+	lu.assertEquals(policy.recipient({ stanza = msg({ to = "example.org" }) }), nil, "no localpart, no origin")
+	lu.assertEquals(policy.recipient({ stanza = msg({}) }), nil)
+end
+
+TestPrepare = {}
+
+local trusted = { [HOST] = true, [BOB] = true }
+
+function TestPrepare:test_plain_message_gets_now_and_keeps_everything()
+	local m = msg()
+	local xml, ts, expire = policy.prepare(m, NOW, trusted)
+	lu.assertEquals(ts, NOW)
+	lu.assertNil(expire)
+	local back = xml_parse(xml)
+	lu.assertEquals(back.attr.id, "m1")
+	lu.assertEquals(back.attr.from, "alice@example.org/phone")
+	lu.assertEquals(back:get_child_text("body"), "hello")
+end
+
+function TestPrepare:test_every_delay_is_removed_and_only_trusted_stamps_count()
+	local m = msg(nil, function(x)
+		x:tag("body"):text("b"):up()
+		x:tag("delay", { xmlns = "urn:xmpp:delay", from = "alice@example.org", stamp = "2001-01-01T00:00:00Z" }):up()
+		x:tag("x", { xmlns = "jabber:x:delay", stamp = "20010101T00:00:00" }):up()
+		x:tag("delay", { xmlns = "urn:xmpp:delay", stamp = "2002-01-01T00:00:00Z" }):up()
+	end)
+	local xml, ts = policy.prepare(m, NOW, trusted)
+	lu.assertEquals(ts, NOW, "client-supplied stamps are never trusted")
+	local back = xml_parse(xml)
+	lu.assertNil(back:get_child("delay", "urn:xmpp:delay"))
+	lu.assertNil(back:get_child("x", "jabber:x:delay"))
+	lu.assertEquals(back:get_child_text("body"), "b")
+	lu.assertNotNil(m:get_child("delay", "urn:xmpp:delay"), "the original stanza is not modified")
+end
+
+function TestPrepare:test_smacks_and_host_delays_are_trusted()
+	local stamp = "2023-11-14T22:13:20Z" -- 1700000000
+	for _, from in ipairs({ BOB, HOST }) do
+		local m = msg(nil, function(x)
+			x:tag("body"):text("b"):up()
+			x:tag("delay", { xmlns = "urn:xmpp:delay", from = from, stamp = stamp }):up()
+		end)
+		local _, ts = policy.prepare(m, NOW + 999 * 1000000, trusted)
+		lu.assertEquals(ts, datetime.parse(stamp) * 1000000, from)
+	end
+	local legacy = msg(nil, function(x)
+		x:tag("x", { xmlns = "jabber:x:delay", from = HOST, stamp = "20231114T22:13:20" }):up()
+	end)
+	local _, ts = policy.prepare(legacy, NOW + 5, trusted)
+	lu.assertEquals(ts, NOW, "legacy stamp from the host")
+	local garbled = msg(nil, function(x)
+		x:tag("delay", { xmlns = "urn:xmpp:delay", from = HOST, stamp = "yesterday" }):up()
+	end)
+	lu.assertEquals(select(2, policy.prepare(garbled, NOW, trusted)), NOW, "an unparsable stamp falls back to now")
+end
+
+function TestPrepare:test_expiry()
+	local function with_expire(seconds)
+		return msg(nil, function(x)
+			x:tag("body"):text("b"):up()
+			x:tag("x", { xmlns = "jabber:x:expire", seconds = seconds }):up()
+		end)
+	end
+	lu.assertEquals(select(3, policy.prepare(with_expire("60"), NOW, trusted)), NOW + 60 * 1000000)
+	lu.assertNil(select(3, policy.prepare(with_expire("0"), NOW, trusted)))
+	lu.assertNil(select(3, policy.prepare(with_expire("-5"), NOW, trusted)))
+	lu.assertNil(select(3, policy.prepare(with_expire("1.5"), NOW, trusted)))
+	lu.assertNil(select(3, policy.prepare(with_expire("soon"), NOW, trusted)))
+	local xml = policy.prepare(with_expire("60"), NOW, trusted)
+	lu.assertNotNil(xml_parse(xml):get_child("x", "jabber:x:expire"), "the expire element is kept")
+end
+
+TestDelivery = {}
+
+function TestDelivery:test_exactly_one_delay_from_host_with_stored_time()
+	local xml = policy.prepare(msg(nil, function(x)
+		x:tag("body"):text("b"):up()
+		x:tag("delay", { xmlns = "urn:xmpp:delay", from = BOB, stamp = "2023-11-14T22:13:20Z" }):up()
+	end), NOW, trusted)
+	local out = policy.delivery({ xml = xml, ts = NOW + 1500000 }, HOST)
+	local delays = {}
+	for d in out:childtags("delay", "urn:xmpp:delay") do delays[#delays + 1] = d end
+	lu.assertEquals(#delays, 1)
+	lu.assertEquals(delays[1].attr.from, HOST)
+	lu.assertEquals(delays[1].attr.stamp, "2023-11-14T22:13:21Z")
+	lu.assertEquals(delays[1]:get_text(), "Offline Storage")
+	lu.assertEquals(out:get_child_text("body"), "b")
+end
+
+function TestDelivery:test_unparsable_row()
+	local out, err = policy.delivery({ xml = "<message><body>", ts = NOW }, HOST)
+	lu.assertNil(out)
+	lu.assertIsString(err)
+end
+
+TestErrors = {}
+
+local function check_error(reply, etype, code, condition, text)
+	lu.assertEquals(reply.name, "message")
+	lu.assertEquals(reply.attr.type, "error")
+	lu.assertEquals(reply.attr.from, BOB)
+	lu.assertEquals(reply.attr.to, "alice@example.org/phone")
+	lu.assertEquals(reply.attr.id, "m1")
+	lu.assertEquals(reply:get_child_text("body"), "hello", "original children kept")
+	local e = reply:get_child("error")
+	lu.assertEquals(e.attr.type, etype)
+	lu.assertEquals(e.attr.code, code)
+	lu.assertNotNil(e:get_child(condition, "urn:ietf:params:xml:ns:xmpp-stanzas"))
+	lu.assertEquals(e:get_child_text("text", "urn:ietf:params:xml:ns:xmpp-stanzas"), text)
+end
+
+function TestErrors:test_limit()
+	check_error(policy.limit_error(msg()), "wait", "500", "resource-constraint",
+		"Your contact offline message queue is full. The message has been discarded.")
+end
+
+function TestErrors:test_bounce()
+	check_error(policy.bounce_error(msg()), "cancel", "503", "service-unavailable", "Bounce offline message")
+end
+
+function TestErrors:test_failure()
+	local reply = policy.failure_error(msg())
+	check_error(reply, "wait", "500", "internal-server-error", policy.FAILURE_TEXT)
+	lu.assertStrContains(policy.FAILURE_TEXT, "not stored")
+end
