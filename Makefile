@@ -66,6 +66,10 @@ test-asan: $(ASAN_CORE)
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(LUA) spec/run.lua spec/core_*_spec.lua
 
+# A real Prosody on loopback: messages stored while Bob is offline, delivered at login.
+demo: deps $(CORE)
+	$(LUA) spec/demo.lua
+
 valgrind: $(CORE)
 	valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
 	  $(LUA) spec/run.lua spec/core_*_spec.lua

@@ -1,11 +1,15 @@
 -- Runs luaunit spec files in one process: `lua5.4 spec/run.lua [luaunit options] spec/a_spec.lua ...`.
 -- Sets the module paths to this checkout (lua/ and build/, or OFFLINE_STORE_CPATH for the
--- sanitizer build), loads every file, runs all Test* classes once, and ends with the line
+-- sanitizer build) and Prosody's libraries, loads every file, runs all Test* classes once, and ends with the line
 -- "N passed, N failed, N skipped" that CI reads.
 
 local root = arg[0]:match("^(.*)/spec/run%.lua$") or "."
-package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. root .. "/spec/?.lua;" .. package.path
+-- Prosody's own libraries (util.stanza, util.xml, ...) come from the installed server.
+local PROSODY_LIB = os.getenv("PROSODY_LIB") or "/usr/lib/prosody"
+package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. root .. "/spec/?.lua;"
+	.. PROSODY_LIB .. "/?.lua;" .. package.path
 package.cpath = (os.getenv("OFFLINE_STORE_CPATH") or (root .. "/build/?.so")) .. ";" .. package.cpath
+	.. ";" .. PROSODY_LIB .. "/?.so"
 
 _RUNNER = true
 local lu = require "luaunit"

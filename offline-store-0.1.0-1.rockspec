@@ -1,0 +1,42 @@
+-- LuaRocks package: the C core, the Lua policy modules and the two Prosody plugins.
+rockspec_format = "3.0"
+package = "offline-store"
+version = "0.1.0-1"
+source = {
+   url = "git+file:///offline-store",
+}
+description = {
+   summary = "XEP-0160 offline-message store for Prosody with a C core",
+   detailed = [[
+A drop-in replacement for Prosody's bundled mod_offline: per-user limits through
+access rules, a groupchat toggle, expiry, sqlite and memory backends, metrics.
+The storage and limit primitives are a C Lua 5.4 extension (offline_store.core).]],
+   license = "MIT",
+   labels = { "xmpp", "prosody" },
+}
+dependencies = {
+   "lua >= 5.4",
+}
+external_dependencies = {
+   SQLITE = { header = "sqlite3.h", library = "sqlite3" },
+}
+build = {
+   type = "builtin",
+   modules = {
+      ["offline_store.core"] = {
+         sources = { "src/core.c", "src/backend_sqlite.c", "src/backend_memory.c" },
+         libraries = { "sqlite3" },
+         incdirs = { "$(SQLITE_INCDIR)" },
+         libdirs = { "$(SQLITE_LIBDIR)" },
+      },
+      offline_store = "lua/offline_store/init.lua",
+      ["offline_store.policy"] = "lua/offline_store/policy.lua",
+      ["offline_store.limits"] = "lua/offline_store/limits.lua",
+      mod_offline = "lua/mod_offline.lua",
+      mod_offline_stub = "lua/mod_offline_stub.lua",
+   },
+}
+test = {
+   type = "command",
+   command = "make test",
+}
