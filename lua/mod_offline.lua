@@ -1,11 +1,13 @@
 -- mod_offline: XEP-0160 offline messages on the offline-store C core.
 -- Shadows Prosody's bundled mod_offline through plugin_paths. Thin on purpose:
--- read options, hook events, ask offline_store.policy and .limits, send stanzas.
--- See README.md for every option.
+-- read options, hook events, ask offline_store.policy/.limits/.admin, send stanzas.
+-- Loaded on host "*" by `prosodyctl mod_offline ...` it only provides module.command.
+-- See README.md for every option and command.
 
 local jid_bare = require "util.jid".bare
 local time_now = require "util.time".now
-local usermanager = require "core.usermanager"
+local configmanager = require "core.configmanager"
+local resolve_relative_path = require "util.paths".resolve_relative_path
 
 local floor, type, tostring, pairs, ipairs = math.floor, type, tostring, pairs, ipairs
 local host = module.host
@@ -58,52 +60,137 @@ load_core()
 local offline_store = require "offline_store"
 local policy = require "offline_store.policy"
 local limits = require "offline_store.limits"
+local admin = require "offline_store.admin"
 
---- Options, validated at load: a bad one stops the module with a message that
---- names it, rather than letting it run misconfigured.
+--- Options (SPEC §9), read for any host so prosodyctl can use them too.
+--- Returns a settings table, or nil and an error that names the option.
+
+local SWEEPS = { hourly = true, daily = true, weekly = true }
+
+local function read_options(h)
+	local function get(name, default)
+		local v = configmanager.get(h, name)
+		if v == nil then return default end
+		return v
+	end
+	local function want(name, ok, v, accepted)
+		if ok then return true end
+		return nil, ("%s must be %s (got %s)"):format(name, accepted, type(v) == "string" and ("%q"):format(v) or tostring(v))
+	end
+	local s = {}
+	local backend_option = get("offline_backend", "sqlite")
+	local ok, err = want("offline_backend", type(backend_option) == "string", backend_option, "a string")
+	if not ok then return nil, err end
+	s.groupchat = get("offline_store_groupchat_messages", false)
+	ok, err = want("offline_store_groupchat_messages", type(s.groupchat) == "boolean", s.groupchat, "true or false")
+	if not ok then return nil, err end
+	s.rule_name = get("offline_access_max_user_messages", limits.DEFAULT_RULE_NAME)
+	s.sweep = get("offline_expiry_sweep", "daily")
+	ok, err = want("offline_expiry_sweep", s.sweep == false or SWEEPS[s.sweep], s.sweep,
+		'"hourly", "daily", "weekly" or false')
+	if not ok then return nil, err end
+
+	local backend, berr = offline_store.resolve_backend(backend_option, get("offline_postgres") ~= nil)
+	if not backend then return nil, "offline_backend: " .. berr end
+	s.store = { backend = backend }
+	if backend == "sqlite" then
+		local file = get("offline_sqlite_file", "offline.sqlite")
+		ok, err = want("offline_sqlite_file", type(file) == "string" and file ~= "", file, "a file path")
+		if not ok then return nil, err end
+		s.store.file = resolve_relative_path(prosody.paths.data, file)
+		s.store.synchronous = get("offline_sqlite_synchronous", "normal")
+		s.store.busy_timeout = get("offline_sqlite_busy_timeout", 2000)
+	end
+	local _, cerr = offline_store.check_config(s.store)
+	if cerr then
+		-- name the Prosody option, not the facade's field
+		local names = { file = "offline_sqlite_file", synchronous = "offline_sqlite_synchronous",
+			busy_timeout = "offline_sqlite_busy_timeout", backend = "offline_backend" }
+		return nil, (cerr:gsub("^(%w+)", function(field) return names[field] or field end))
+	end
+	return s
+end
+
+local function open_store(h, s)
+	local db, err = offline_store.open(s.store)
+	if db then return db end
+	return nil, ("cannot open the %s offline store of %s%s: %s"):format(s.store.backend, h,
+		s.store.file and (" (offline_sqlite_file = " .. s.store.file .. ")") or "", err)
+end
+
+--- `prosodyctl mod_offline <command> ...`: runs in prosodyctl's own process,
+--- on the sqlite file, safe next to a running server (busy timeout, WAL).
+if host == "*" then
+	local USAGE = [[
+Usage: prosodyctl mod_offline <command>
+  count user@host        show how many messages are queued
+  list user@host [max]   list queued messages (oldest first)
+  delete user@host       delete a user's queue
+  expire host            delete expired messages (every host in that host's store)
+  purge host days        delete messages older than days (>= 1)
+  orphans host           delete the queues of users that no longer exist]]
+
+	local function with_store(h, fn)
+		if not prosody.hosts[h] then return nil, "no such host: " .. tostring(h) end
+		local s, err = read_options(h)
+		if not s then return nil, err end
+		if s.store.backend == "memory" then
+			return nil, "the memory backend lives inside the running server; use `prosodyctl shell offline ...`"
+		end
+		local db, oerr = open_store(h, s)
+		if not db then return nil, oerr end
+		local ok, msg = fn(db)
+		db:close()
+		return ok, msg
+	end
+
+	local function command(arg)
+		local cmd, a1, a2 = arg[1], arg[2], arg[3]
+		local function by_jid(fn)
+			local user, h = admin.user_jid(a1)
+			if not user then return nil, h end
+			return with_store(h, function(db) return fn(db, user, h) end)
+		end
+		if cmd == "count" then
+			return by_jid(admin.count)
+		elseif cmd == "list" then
+			return by_jid(function(db, user, h) return admin.list(db, user, h, print, a2) end)
+		elseif cmd == "delete" then
+			return by_jid(admin.delete)
+		elseif cmd == "expire" then
+			return with_store(a1, admin.expire)
+		elseif cmd == "purge" then
+			local days, err = admin.days(a2)
+			if not days then return nil, err end
+			return with_store(a1, function(db) return admin.purge(db, days) end)
+		elseif cmd == "orphans" then
+			local user_exists = require "util.prosodyctl".user_exists
+			return with_store(a1, function(db)
+				return admin.orphans(db, a1, function(user, h) return user_exists { user = user, host = h } end)
+			end)
+		end
+		return nil, nil
+	end
+
+	function module.command(arg)
+		local ok, msg = command(arg)
+		if ok then print(msg); return 0 end
+		if msg then print("Error: " .. msg) else print(USAGE) end
+		return 1
+	end
+	return
+end
+
+--- A host: options validated at load. A bad one stops the module with a
+--- message that names it, rather than letting it run misconfigured.
 local function refuse(msg)
 	module:log("error", "%s; mod_offline is not loaded on %s", msg, host)
 	error(msg, 0)
 end
 
-local function option_string(name, default)
-	local v = module:get_option(name, default)
-	if type(v) ~= "string" then
-		refuse(("%s must be a string (got %s)"):format(name, tostring(v)))
-	end
-	return v
-end
-
-local function option_boolean(name, default)
-	local v = module:get_option(name, default)
-	if type(v) ~= "boolean" then
-		refuse(("%s must be true or false (got %s)"):format(name, tostring(v)))
-	end
-	return v
-end
-
-local backend_option = option_string("offline_backend", "sqlite")
-local store_groupchat = option_boolean("offline_store_groupchat_messages", false)
-local rule_name = option_string("offline_access_max_user_messages", limits.DEFAULT_RULE_NAME)
-
-local backend, backend_err = offline_store.resolve_backend(backend_option, module:get_option("offline_postgres") ~= nil)
-if not backend then refuse("offline_backend: " .. backend_err) end
-
-local store_config = { backend = backend }
-if backend == "sqlite" then
-	store_config.file = module:get_option_path("offline_sqlite_file", "offline.sqlite", "data")
-	store_config.synchronous = module:get_option("offline_sqlite_synchronous", "normal")
-	store_config.busy_timeout = module:get_option("offline_sqlite_busy_timeout", 2000)
-end
-do
-	local _, err = offline_store.check_config(store_config)
-	if err then
-		-- name the Prosody option, not the facade's field
-		local names = { file = "offline_sqlite_file", synchronous = "offline_sqlite_synchronous",
-			busy_timeout = "offline_sqlite_busy_timeout", backend = "offline_backend" }
-		refuse((err:gsub("^(%w+)", function(field) return names[field] or field end)))
-	end
-end
+local settings, settings_err = read_options(host)
+if not settings then refuse(settings_err) end
+local store_groupchat = settings.groupchat
 
 -- Admins per SPEC §5: roles on 13 (module:may), is_admin on 0.12. Cached, as
 -- 0.12's check reads storage; the cache is dropped when the config is reloaded.
@@ -112,6 +199,7 @@ if module.may and require "core.features".available:contains("permissions") then
 	module:default_permission("prosody:admin", ":unlimited-offline")
 	is_admin_uncached = function(bare) return module:may(":unlimited-offline", bare) end
 else
+	local usermanager = require "core.usermanager"
 	is_admin_uncached = function(bare) return usermanager.is_admin(bare, host) end
 end
 local admin_cache = {}
@@ -125,44 +213,64 @@ local function is_admin(bare)
 end
 module:hook_global("config-reloaded", function() admin_cache = {} end)
 
-local limit_for, limit_err = limits.compile(rule_name, module:get_option("access"), module:get_option("acl"), is_admin)
+local limit_for, limit_err = limits.compile(settings.rule_name, module:get_option("access"), module:get_option("acl"), is_admin)
 if not limit_for then refuse(limit_err) end
+
+--- Metrics (SPEC §8): the seed's histograms, timing each backend call, and counters.
+--- No-ops unless the global `statistics` option is set.
+-- A fresh table each time: Prosody appends +Inf to the table it is given.
+local function buckets() return { 0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3 } end
+local m_write = module:metric("histogram", "write_messages", "seconds",
+	"Time of each offline store write", {}, { buckets = buckets() }):with_labels()
+local m_pop = module:metric("histogram", "pop_messages", "seconds",
+	"Time of each offline store pop (read and delete)", {}, { buckets = buckets() }):with_labels()
+local m_stored = module:metric("counter", "stored", "", "Messages stored offline", {}):with_labels()
+local m_delivered = module:metric("counter", "delivered", "", "Offline messages delivered", {}):with_labels()
+local m_rejected = module:metric("counter", "rejected_by_limit", "",
+	"Messages rejected because the recipient's queue was full", {}):with_labels()
+local m_dropped = module:metric("counter", "dropped_by_policy", "",
+	"Messages deliberately not stored", { "reason" })
+local m_failed = module:metric("counter", "failed", "", "Offline store calls that failed", { "operation" })
 
 --- The store: opened at load, closed at unload. A memory store is handed over
 --- across a module reload so its messages survive it.
 local db
 local handed_over = false
 
+-- Every host's open store, for the live shell's commands.
+local stores = module:shared("/*/offline/stores")
+
 local function now_us() return floor(time_now() * 1000000) end
 
 function module.load()
-	if db then return end -- restored from a reload
-	local err
-	db, err = offline_store.open(store_config)
-	if not db then
-		refuse(("cannot open the %s offline store%s: %s"):format(backend,
-			store_config.file and (" (offline_sqlite_file = " .. store_config.file .. ")") or "", err))
+	if not db then -- (else: restored from a reload)
+		local err
+		db, err = open_store(host, settings)
+		if not db then refuse(err) end
 	end
+	stores[host] = db
 	module:log("debug", "Offline store open: %s", tostring(db))
 end
 
 function module.save()
-	if backend == "memory" then
+	if settings.store.backend == "memory" then
 		handed_over = true
 		return { db = db }
 	end
 end
 
 function module.restore(data)
-	if data.db and backend == "memory" then
+	if data.db and settings.store.backend == "memory" then
 		if db then db:close() end
 		db = data.db
+		stores[host] = db
 	elseif data.db then
 		data.db:close()
 	end
 end
 
 function module.unload()
+	if stores[host] == db then stores[host] = nil end
 	if db and not handed_over then db:close() end
 	db = nil
 end
@@ -190,17 +298,22 @@ local function store_message(origin, stanza, username)
 	-- recipient's own session (mod_smacks): a sender can forge any `from`.
 	local trusted = from_recipient(origin, username) and { [host] = true, [bare] = true } or NO_ONE
 	local xml, ts, expire = policy.prepare(stanza, now_us(), trusted)
+	local started = time_now()
 	local count, why, current = db:store(host, username, stanza.attr.from or "", xml, ts, expire, limit_for(bare))
+	m_write:sample(time_now() - started)
 	if count then
+		m_stored:add(1)
 		module:log("debug", "Stored offline message for %s (%d queued)", bare, count)
 		return true
 	end
 	if count == false then
+		m_rejected:add(1)
 		module:log("debug", "Offline queue of %s is full (%d messages); rejected", bare, current)
 		if from_recipient(origin, username) then return nil end
 		tell_sender(stanza, policy.limit_error(stanza))
 		return true
 	end
+	m_failed:with_labels("write"):add(1)
 	module:log("error", "Storing an offline message for %s failed: %s (code %s)", bare, why, tostring(current))
 	if from_recipient(origin, username) then return nil end
 	tell_sender(stanza, policy.failure_error(stanza))
@@ -211,6 +324,7 @@ end
 local function offer(origin, stanza, username)
 	local action, reason = policy.classify(stanza, store_groupchat)
 	if action == "store" then return store_message(origin, stanza, username) end
+	m_dropped:with_labels(reason):add(1)
 	if action == "bounce" then
 		if from_recipient(origin, username) then return nil end
 		module:log("debug", "Bouncing %s message to offline %s@%s", reason, username, host)
@@ -253,35 +367,97 @@ local QUARANTINE = host .. "!unparsable"
 module:hook("message/offline/broadcast", function(event)
 	local origin = event.origin
 	local username = origin.username
+	local started = time_now()
 	local items, err, code = db:pop(host, username, now_us())
+	m_pop:sample(time_now() - started)
 	if not items then
+		m_failed:with_labels("pop"):add(1)
 		module:log("error", "Reading offline messages of %s@%s failed: %s (code %s); they stay stored",
 			username, host, err, tostring(code))
 		return true
 	end
+	local sent = 0
 	for _, item in ipairs(items) do
 		local stanza, perr = policy.delivery(item, host)
 		if stanza then
 			origin.send(stanza)
+			sent = sent + 1
 		else
 			module:log("error", "Offline message %d for %s@%s no longer parses (%s); kept aside under %q",
 				item.id, username, host, perr, QUARANTINE)
 			db:store(QUARANTINE, username, item.from, item.xml, item.ts, nil, nil, nil, item.meta)
 		end
 	end
-	if #items > 0 then
-		module:log("debug", "Delivered %d offline messages to %s", #items, origin.full_jid or username)
+	if sent > 0 then
+		m_delivered:add(sent)
+		module:log("debug", "Delivered %d offline messages to %s", sent, origin.full_jid or username)
 	end
 	return true
 end, -1)
 
---- Removal with the account.
+--- Removal with the account, and the periodic sweep (expired messages, and
+--- queues of accounts deleted behind the server's back, e.g. 0.12's
+--- `prosodyctl deluser`, which runs in its own process).
+local usermanager = require "core.usermanager"
+
 module:hook_global("user-deleted", function(event)
 	if event.host ~= host or not db then return end
 	local n, err = db:remove_user(host, event.username)
 	if n then
 		module:log("debug", "Removed %d offline messages of deleted user %s@%s", n, event.username, host)
 	else
+		m_failed:with_labels("remove"):add(1)
 		module:log("error", "Removing offline messages of deleted user %s@%s failed: %s", event.username, host, err)
 	end
 end)
+
+local function sweep()
+	local ok, msg = admin.expire(db, now_us())
+	module:log(ok and "info" or "error", "Expiry sweep: %s", msg)
+	local ok2, msg2, queues = admin.orphans(db, host, usermanager.user_exists)
+	module:log(ok2 and "info" or "error", "Orphaned queues: %s%s", msg2, queues and (" from " .. queues .. " deleted accounts") or "")
+end
+
+if settings.sweep then
+	module:cron({ name = "expiry sweep", when = settings.sweep, run = sweep })
+end
+
+--- The live shell: `prosodyctl shell offline <command> ...` (0.12's shared
+--- admin_shell environment; 13 keeps it working).
+local shell_env = module:shared("/*/admin_shell/env")
+do -- replaced on every load, so a reload brings the new code
+	local shell = {}
+	local function host_store(h)
+		local s = stores[h]
+		if not s then return nil, "mod_offline is not loaded on " .. tostring(h) end
+		return s
+	end
+	local function by_jid(jid, fn)
+		local user, h = admin.user_jid(jid)
+		if not user then return nil, h end
+		local s, err = host_store(h)
+		if not s then return nil, err end
+		return fn(s, user, h)
+	end
+	function shell:count(jid) return by_jid(jid, admin.count) end
+	function shell:list(jid, max)
+		return by_jid(jid, function(s, user, h) return admin.list(s, user, h, self.session.print, max) end)
+	end
+	function shell:delete(jid) return by_jid(jid, admin.delete) end
+	function shell:expire(h)
+		local s, err = host_store(h)
+		if not s then return nil, err end
+		return admin.expire(s)
+	end
+	function shell:purge(h, days)
+		local s, err = host_store(h)
+		if not s then return nil, err end
+		return admin.purge(s, days)
+	end
+	function shell:orphans(h)
+		local s, err = host_store(h)
+		if not s then return nil, err end
+		return admin.orphans(s, h, usermanager.user_exists)
+	end
+	shell_env.offline = shell
+end

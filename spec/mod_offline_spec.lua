@@ -458,6 +458,7 @@ local BAD = {
 		"offline_sqlite_file = /nonexistent/dir/offline.sqlite" },
 	{ "badsync.localhost", 'offline_sqlite_synchronous = "sometimes"', "offline_sqlite_synchronous must be" },
 	{ "groupchat.localhost", 'offline_store_groupchat_messages = "yes"', "offline_store_groupchat_messages must be true or false" },
+	{ "sweep.localhost", 'offline_expiry_sweep = "monthly"', 'offline_expiry_sweep must be "hourly", "daily", "weekly" or false' },
 }
 
 TestBadConfig = with_server(function()

@@ -1,0 +1,233 @@
+-- Operations (SPEC §8) through the real tools: metrics scraped from mod_http_openmetrics,
+-- the live shell (`prosodyctl shell offline ...`), `prosodyctl mod_offline ...` next to a
+-- running server, the expiry sweep run by mod_cron, and removal of deleted accounts' queues.
+
+local lu = require "luaunit"
+local server = require "support.prosody"
+local xmpp = require "support.xmpp"
+local support = require "support.util"
+local st = require "util.stanza"
+local socket = require "socket"
+local http = require "socket.http"
+
+local ROOT = select(2, support.sh("pwd")):gsub("%s+$", "")
+local PW = "secret"
+
+local function start(opts)
+	opts.plugin_paths = { ROOT .. "/lua" }
+	opts.users = { alice = PW, bob = PW, carol = PW, dave = PW }
+	return server.start(opts)
+end
+
+local function online(srv, user)
+	local c = assert(xmpp.connect { port = srv.c2s_port, user = user, password = PW, resource = "ops" })
+	c:presence()
+	c:ping()
+	return c
+end
+
+local function send(c, to, id, build)
+	local m = st.message({ to = to, type = "chat", id = id })
+	if build then build(m) else m:tag("body"):text("body of " .. id):up() end
+	c:send(m)
+end
+
+local function messages(list)
+	local n = 0
+	for _, s in ipairs(list) do if s.name == "message" then n = n + 1 end end
+	return n
+end
+
+local function login_and_count(srv, user)
+	local c = assert(xmpp.connect { port = srv.c2s_port, user = user, password = PW, resource = "login" })
+	c:presence()
+	local n = messages(c:collect(0.8))
+	c:close()
+	return n
+end
+
+-- Runs prosodyctl and returns its output, failing the test if it failed.
+local function ctl(srv, ...)
+	local ok, out = srv:prosodyctl(...)
+	lu.assertTrue(ok, table.concat({ ... }, " ") .. ": " .. out)
+	return out
+end
+
+local function sql(srv, query)
+	local ok, out = support.sh("sqlite3 " .. support.quote(srv.dir .. "/data/offline.sqlite") .. " " .. support.quote(query))
+	assert(ok, out)
+	return out
+end
+
+-- Makes every queued message of `user` look `days` days old.
+local function age(srv, user, days)
+	sql(srv, ("UPDATE message SET ts = ts - %d WHERE user = '%s'"):format(days * 86400 * 1000000, user))
+end
+
+---------------------------------------------------------------------------------------------------
+TestMetrics = {}
+
+function TestMetrics.teardownClass() if TestMetrics.srv then TestMetrics.srv:cleanup() end end
+
+function TestMetrics:test_scrape_after_known_sequence()
+	local srv = start { statistics = true, host = [[
+access = { max_user_offline_messages = { { acl = "all", value = 3 } } }
+]] }
+	TestMetrics.srv = srv
+	local a = online(srv, "alice") -- one login: one (empty) pop
+	for i = 1, 4 do send(a, "bob@localhost", "m" .. i) end -- 3 stored, 1 over the limit
+	send(a, "bob@localhost", "cs", function(m) m:tag("gone", { xmlns = "http://jabber.org/protocol/chatstates" }):up() end)
+	send(a, "bob@localhost", "ns", function(m)
+		m:tag("body"):text("x"):up():tag("no-store", { xmlns = "urn:xmpp:hints" }):up()
+	end)
+	a:ping()
+	lu.assertEquals(login_and_count(srv, "bob"), 3) -- a second pop, 3 delivered
+
+	local body, code = http.request(("http://127.0.0.1:%d/metrics"):format(srv.http_port))
+	lu.assertEquals(code, 200)
+	local function value(name, labels)
+		local pattern = "\n" .. name:gsub("%p", "%%%0") .. "{" .. labels:gsub("%p", "%%%0") .. "} ([%d%.e%-]+)"
+		return tonumber(body:match(pattern))
+	end
+	local h = 'host="localhost"'
+	lu.assertEquals(value("prosody_mod_offline__stored_total", h), 3)
+	lu.assertEquals(value("prosody_mod_offline__rejected_by_limit_total", h), 1)
+	lu.assertEquals(value("prosody_mod_offline__delivered_total", h), 3)
+	lu.assertEquals(value("prosody_mod_offline__dropped_by_policy_total", h .. ',reason="chatstate"'), 1)
+	lu.assertEquals(value("prosody_mod_offline__dropped_by_policy_total", h .. ',reason="no-store"'), 1)
+	lu.assertEquals(value("prosody_mod_offline__write_messages_seconds_count", h), 4, "every store call is timed")
+	lu.assertEquals(value("prosody_mod_offline__pop_messages_seconds_count", h), 2, "one pop per login")
+	lu.assertEquals(value("prosody_mod_offline__write_messages_seconds_bucket", h .. ',le="+Inf"'), 4)
+	local _, infs = body:gsub('prosody_mod_offline__write_messages_seconds_bucket{host="localhost",le="%+Inf"}', "")
+	lu.assertEquals(infs, 1, "one +Inf bucket per histogram")
+	lu.assertTrue(value("prosody_mod_offline__write_messages_seconds_sum", h) > 0)
+	a:close()
+end
+
+---------------------------------------------------------------------------------------------------
+TestAdmin = {}
+
+function TestAdmin:setUp()
+	self.srv = start { host = 'offline_expiry_sweep = false' }
+	self.alice = online(self.srv, "alice")
+end
+
+function TestAdmin:tearDown()
+	self.alice:close()
+	self.srv:cleanup()
+end
+
+function TestAdmin:test_live_shell_commands()
+	local srv, a = self.srv, self.alice
+	for i = 1, 3 do send(a, "bob@localhost", "b" .. i) end
+	send(a, "carol@localhost", "short", function(m)
+		m:tag("body"):text("x"):up():tag("x", { xmlns = "jabber:x:expire", seconds = "1" }):up()
+	end)
+	send(a, "carol@localhost", "c1")
+	a:ping()
+	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "bob@localhost"), "bob@localhost has 3 offline messages")
+	local listing = ctl(srv, "shell", "offline", "list", "bob@localhost")
+	local _, lines = listing:gsub("from alice@localhost/ops", "")
+	lu.assertEquals(lines, 3)
+	lu.assertStrContains(listing, "Listed 3 of 3 offline messages of bob@localhost")
+	lu.assertStrContains(ctl(srv, "shell", "offline", "list", "bob@localhost", "2"), "Listed 2 of 3")
+
+	socket.sleep(1.1)
+	lu.assertStrContains(ctl(srv, "shell", "offline", "expire", "localhost"), "Removed 1 messages")
+	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "carol@localhost"), "has 1 offline messages")
+
+	local ok, out = srv:prosodyctl("shell", "offline", "purge", "localhost", "0")
+	lu.assertFalse(ok)
+	lu.assertStrContains(out, "days must be a whole number >= 1 (got 0)")
+	age(srv, "bob", 2)
+	lu.assertStrContains(ctl(srv, "shell", "offline", "purge", "localhost", "3"), "Removed 0 messages")
+	lu.assertStrContains(ctl(srv, "shell", "offline", "purge", "localhost", "1"), "Removed 3 messages")
+	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "bob@localhost"), "has 0 offline messages")
+	lu.assertStrContains(ctl(srv, "shell", "offline", "delete", "carol@localhost"), "Removed 1 messages")
+	lu.assertEquals(login_and_count(srv, "carol"), 0)
+
+	ok, out = srv:prosodyctl("shell", "offline", "count", "nobody@elsewhere")
+	lu.assertFalse(ok)
+	lu.assertStrContains(out, "mod_offline is not loaded on elsewhere")
+	ok, out = srv:prosodyctl("shell", "offline", "count", "localhost")
+	lu.assertFalse(ok)
+	lu.assertStrContains(out, "expected a bare JID")
+end
+
+function TestAdmin:test_prosodyctl_mod_offline_next_to_running_server()
+	local srv, a = self.srv, self.alice
+	for i = 1, 4 do send(a, "bob@localhost", "p" .. i) end
+	a:ping()
+	lu.assertStrContains(ctl(srv, "mod_offline", "count", "bob@localhost"), "bob@localhost has 4 offline messages")
+	lu.assertStrContains(ctl(srv, "mod_offline", "list", "bob@localhost", "3"), "Listed 3 of 4")
+	age(srv, "bob", 5)
+	local ok, out = srv:prosodyctl("mod_offline", "purge", "localhost", "-2")
+	lu.assertFalse(ok)
+	lu.assertStrContains(out, "days must be a whole number >= 1")
+	lu.assertStrContains(ctl(srv, "mod_offline", "purge", "localhost", "4"), "Removed 4 messages")
+	-- the server keeps working on the same file, with a right counter
+	for i = 1, 2 do send(a, "bob@localhost", "q" .. i) end
+	a:ping()
+	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "bob@localhost"), "has 2 offline messages")
+	lu.assertStrContains(ctl(srv, "mod_offline", "delete", "bob@localhost"), "Removed 2 messages")
+	lu.assertEquals(login_and_count(srv, "bob"), 0)
+	lu.assertStrContains(ctl(srv, "mod_offline", "expire", "localhost"), "Removed 0 messages")
+	ok, out = srv:prosodyctl("mod_offline", "frobnicate")
+	lu.assertFalse(ok)
+	lu.assertStrContains(out, "Usage: prosodyctl mod_offline <command>")
+end
+
+-- 0.12's `prosodyctl deluser` does not tell the running server: the queue is removed by
+-- `prosodyctl mod_offline orphans`.
+function TestAdmin:test_orphans_of_deluser()
+	local srv, a = self.srv, self.alice
+	send(a, "dave@localhost", "d1")
+	send(a, "dave@localhost", "d2")
+	send(a, "bob@localhost", "kept")
+	a:ping()
+	ctl(srv, "deluser", "dave@localhost")
+	lu.assertEquals(sql(srv, "SELECT count(*) FROM message WHERE user = 'dave'"), "2\n", "deluser left the queue")
+	lu.assertStrContains(ctl(srv, "mod_offline", "orphans", "localhost"), "Removed 2 messages")
+	lu.assertEquals(sql(srv, "SELECT count(*) FROM message WHERE user = 'dave'"), "0\n")
+	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "bob@localhost"), "has 1 offline messages")
+end
+
+---------------------------------------------------------------------------------------------------
+-- The sweep runs from mod_cron. To run it now rather than tomorrow, the spec stops the server
+-- and tells mod_cron (through its own store) that the task last ran long ago.
+TestSweep = {}
+
+function TestSweep:tearDown() if self.srv then self.srv:cleanup() end end
+
+function TestSweep:test_cron_sweep_removes_expired_and_orphans()
+	local srv = start { host = 'offline_expiry_sweep = "daily"' }
+	self.srv = srv
+	lu.assertStrContains(srv:log(), "daily task offline/expiry_sweep added")
+	local a = online(srv, "alice")
+	send(a, "carol@localhost", "exp", function(m)
+		m:tag("body"):text("x"):up():tag("x", { xmlns = "jabber:x:expire", seconds = "1" }):up()
+	end)
+	send(a, "carol@localhost", "keep")
+	send(a, "dave@localhost", "orphan1")
+	send(a, "dave@localhost", "orphan2")
+	a:ping()
+	a:close()
+	ctl(srv, "deluser", "dave@localhost")
+	srv:stop()
+	support.write(srv.dir .. "/data/localhost/cron.dat", 'return { ["offline/expiry_sweep"] = 0; };\n')
+	socket.sleep(1.1)
+	srv:restart()
+	local deadline = socket.gettime() + 8
+	while not srv:log():find("Orphaned queues", 1, true) and socket.gettime() < deadline do socket.sleep(0.2) end
+	local log = srv:log()
+	lu.assertStrContains(log, "Expiry sweep: Removed 1 messages")
+	lu.assertStrContains(log, "Orphaned queues: Removed 2 messages from 1 deleted accounts")
+	lu.assertEquals(sql(srv, "SELECT user, count(*) FROM message GROUP BY user"), "carol|1\n")
+	lu.assertEquals(sql(srv, "SELECT user, count, bytes > 0 FROM queue"), "carol|1|1\n", "counters follow")
+end
+
+function TestSweep:test_sweep_can_be_turned_off()
+	local srv = start { host = "offline_expiry_sweep = false" }
+	self.srv = srv
+	lu.assertNil(srv:log():find("task offline/expiry_sweep added", 1, true))
+end
