@@ -32,6 +32,7 @@ build = {
       offline_store = "lua/offline_store/init.lua",
       ["offline_store.policy"] = "lua/offline_store/policy.lua",
       ["offline_store.limits"] = "lua/offline_store/limits.lua",
+      ["offline_store.admin"] = "lua/offline_store/admin.lua",
       mod_offline = "lua/mod_offline.lua",
       mod_offline_stub = "lua/mod_offline_stub.lua",
    },

@@ -32,7 +32,7 @@ function TestInstall:test_luarocks_make_then_prosody_uses_the_tree()
 	lu.assertTrue(ok, out)
 	local lua_dir = self.tree .. "/share/lua/5.4"
 	for _, f in ipairs({ "/mod_offline.lua", "/mod_offline_stub.lua", "/offline_store/init.lua",
-		"/offline_store/policy.lua", "/offline_store/limits.lua" }) do
+		"/offline_store/policy.lua", "/offline_store/limits.lua", "/offline_store/admin.lua" }) do
 		lu.assertNotNil(support.read(lua_dir .. f), f)
 	end
 	lu.assertNotNil(support.read(self.tree .. "/lib/lua/5.4/offline_store/core.so"))
