@@ -3,77 +3,14 @@
 -- Servers are started lazily per class and stopped in teardownClass.
 
 local lu = require "luaunit"
-local server = require "support.prosody"
-local xmpp = require "support.xmpp"
-local support = require "support.util"
+local offline = require "support.offline"
 local st = require "util.stanza"
 local datetime = require "util.datetime"
 local socket = require "socket"
 
-local ROOT = support.sh("pwd") and select(2, support.sh("pwd")):gsub("%s+$", "")
-local PLUGINS = ROOT .. "/lua"
-local NS_DELAY = "urn:xmpp:delay"
-local NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
-local PW = "secret"
-
--- Starts a server with our plugin directory first in plugin_paths.
-local function start(opts)
-	opts = opts or {}
-	opts.plugin_paths = { PLUGINS }
-	opts.users = opts.users or { alice = PW, bob = PW, carol = PW, root = PW, boss = PW }
-	return server.start(opts)
-end
-
-local function login(srv, user, resource)
-	return assert(xmpp.connect { port = srv.c2s_port, user = user, password = PW, resource = resource or "r" })
-end
-
--- A sender with initial presence sent, ready to go.
-local function online(srv, user, resource)
-	local c = login(srv, user, resource)
-	c:presence()
-	c:ping()
-	return c
-end
-
-local function chat(to, id, body, build)
-	local m = st.message({ to = to, type = "chat", id = id })
-	if body then m:tag("body"):text(body):up() end
-	if build then build(m) end
-	return m
-end
-
-local function messages(list)
-	local out = {}
-	for _, s in ipairs(list) do
-		if s.name == "message" then out[#out + 1] = s end
-	end
-	return out
-end
-
-local function ids(list)
-	local out = {}
-	for i, s in ipairs(messages(list)) do out[i] = s.attr.id end
-	return out
-end
-
-local function delays(s)
-	local out = {}
-	for _, c in ipairs(s.tags) do
-		if c.name == "delay" and c.attr.xmlns == NS_DELAY then out[#out + 1] = c end
-	end
-	return out
-end
-
--- Logs `user` in, sends initial presence, returns the messages delivered.
-local function collect_offline(srv, user, seconds, priority)
-	local c = login(srv, user, "fresh" .. math.random(1e6))
-	lu.assertEquals(#messages(c:collect(0.3)), 0, "nothing arrives before initial presence")
-	c:presence(priority)
-	local got = messages(c:collect(seconds or 0.8))
-	c:close()
-	return got
-end
+local NS_DELAY, NS_STANZAS = offline.NS_DELAY, "urn:ietf:params:xml:ns:xmpp-stanzas"
+local start, login, online, chat = offline.start, offline.login, offline.online, offline.chat
+local messages, ids, delays, collect_offline = offline.messages, offline.ids, offline.delays, offline.collect_offline
 
 local function error_of(s)
 	local e = s:get_child("error")
@@ -224,11 +161,8 @@ function TestOffline:test_user_delete_removes_queue()
 	a:send(chat("carol@localhost", "c1", "for carol"))
 	a:send(chat("carol@localhost", "c2", "for carol"))
 	a:ping()
-	local db = srv.dir .. "/data/offline.sqlite"
 	local function carol_rows()
-		local ok, out = support.sh("sqlite3 " .. support.quote(db) .. " \"SELECT count(*) FROM message WHERE user = 'carol'\"")
-		assert(ok, out)
-		return tonumber(out)
+		return tonumber(offline.sql(srv, "SELECT count(*) FROM message WHERE user = 'carol'"))
 	end
 	lu.assertEquals(carol_rows(), 2)
 	local ok, out = srv:prosodyctl("shell", "user", "delete", "carol@localhost")

@@ -3,27 +3,19 @@
 -- running server, the expiry sweep run by mod_cron, and removal of deleted accounts' queues.
 
 local lu = require "luaunit"
-local server = require "support.prosody"
+local offline = require "support.offline"
 local xmpp = require "support.xmpp"
 local support = require "support.util"
 local st = require "util.stanza"
 local socket = require "socket"
 local http = require "socket.http"
 
-local ROOT = select(2, support.sh("pwd")):gsub("%s+$", "")
-local PW = "secret"
+local online, sql = offline.online, offline.sql
+local PW = offline.PW
 
 local function start(opts)
-	opts.plugin_paths = { ROOT .. "/lua" }
 	opts.users = { alice = PW, bob = PW, carol = PW, dave = PW }
-	return server.start(opts)
-end
-
-local function online(srv, user)
-	local c = assert(xmpp.connect { port = srv.c2s_port, user = user, password = PW, resource = "ops" })
-	c:presence()
-	c:ping()
-	return c
+	return offline.start(opts)
 end
 
 local function send(c, to, id, build)
@@ -50,12 +42,6 @@ end
 local function ctl(srv, ...)
 	local ok, out = srv:prosodyctl(...)
 	lu.assertTrue(ok, table.concat({ ... }, " ") .. ": " .. out)
-	return out
-end
-
-local function sql(srv, query)
-	local ok, out = support.sh("sqlite3 " .. support.quote(srv.dir .. "/data/offline.sqlite") .. " " .. support.quote(query))
-	assert(ok, out)
 	return out
 end
 
@@ -127,7 +113,7 @@ function TestAdmin:test_live_shell_commands()
 	a:ping()
 	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "bob@localhost"), "bob@localhost has 3 offline messages")
 	local listing = ctl(srv, "shell", "offline", "list", "bob@localhost")
-	local _, lines = listing:gsub("from alice@localhost/ops", "")
+	local _, lines = listing:gsub("from alice@localhost/", "")
 	lu.assertEquals(lines, 3)
 	lu.assertStrContains(listing, "Listed 3 of 3 offline messages of bob@localhost")
 	lu.assertStrContains(ctl(srv, "shell", "offline", "list", "bob@localhost", "2"), "Listed 2 of 3")
