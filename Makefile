@@ -53,8 +53,14 @@ deps:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# Test-only fault injection (spec/reliability_spec.lua): writes under a directory fail on demand.
+FAULT = build/fault.so
+$(FAULT): spec/support/fault.c
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) -O2 -fPIC -shared -o $@ $< -ldl
+
 # Every spec against the normal build, then against the sanitizer build.
-test: deps $(CORE)
+test: deps $(CORE) $(FAULT)
 	$(LUA) spec/run.lua $(SPECS)
 	$(MAKE) --no-print-directory test-asan
 

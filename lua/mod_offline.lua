@@ -202,16 +202,18 @@ else
 	local usermanager = require "core.usermanager"
 	is_admin_uncached = function(bare) return usermanager.is_admin(bare, host) end
 end
-local admin_cache = {}
+-- An LRU, so 100,000 distinct recipients do not mean 100,000 entries.
+local new_cache = require "util.cache".new
+local admin_cache = new_cache(4096)
 local function is_admin(bare)
-	local v = admin_cache[bare]
+	local v = admin_cache:get(bare)
 	if v == nil then
 		v = is_admin_uncached(bare) == true
-		admin_cache[bare] = v
+		admin_cache:set(bare, v)
 	end
 	return v
 end
-module:hook_global("config-reloaded", function() admin_cache = {} end)
+module:hook_global("config-reloaded", function() admin_cache = new_cache(4096) end)
 
 local limit_for, limit_err = limits.compile(settings.rule_name, module:get_option("access"), module:get_option("acl"), is_admin)
 if not limit_for then refuse(limit_err) end
