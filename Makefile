@@ -12,12 +12,14 @@ LUADIR     ?= $(PREFIX)/share/lua/5.4
 
 SQLITE_CFLAGS ?= $(shell pkg-config --cflags sqlite3 2>/dev/null)
 SQLITE_LIBS   ?= $(shell pkg-config --libs sqlite3 2>/dev/null || echo -lsqlite3)
+PQ_CFLAGS     ?= $(shell pkg-config --cflags libpq 2>/dev/null || echo -I/usr/include/postgresql)
+PQ_LIBS       ?= $(shell pkg-config --libs libpq 2>/dev/null || echo -lpq)
 
 # Kept apart from CFLAGS so that a user's CFLAGS keeps them.
 WARN      = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wformat=2 -Wstrict-prototypes
-ALLCFLAGS = $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) $(SQLITE_CFLAGS)
+ALLCFLAGS = $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) $(SQLITE_CFLAGS) $(PQ_CFLAGS)
 
-SRC  = src/core.c src/backend_sqlite.c src/backend_memory.c
+SRC  = src/core.c src/backend_sqlite.c src/backend_memory.c src/backend_postgres.c
 HDR  = src/backend.h
 CORE = build/offline_store/core.so
 # The sanitizer build lives apart, so `make test` and `make test-asan` never mix objects.
@@ -25,7 +27,7 @@ ASAN_CORE = build/asan/offline_store/core.so
 ASAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
 # Debian packages the build, the specs and the demo need.
-DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks pkg-config prosody gcc make
+DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks pkg-config prosody gcc make postgresql libpq-dev
 
 SPECS ?= spec/*_spec.lua
 
@@ -35,11 +37,11 @@ all: $(CORE)
 
 $(CORE): $(SRC) $(HDR)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALLCFLAGS) $(LIBFLAG) -o $@ $(SRC) $(SQLITE_LIBS)
+	$(CC) $(ALLCFLAGS) $(LIBFLAG) -o $@ $(SRC) $(SQLITE_LIBS) $(PQ_LIBS)
 
 $(ASAN_CORE): $(SRC) $(HDR)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) $(ASAN_FLAGS) -fPIC -I$(LUA_INCDIR) $(SQLITE_CFLAGS) -shared -o $@ $(SRC) $(SQLITE_LIBS)
+	$(CC) $(WARN) $(ASAN_FLAGS) -fPIC -I$(LUA_INCDIR) $(SQLITE_CFLAGS) $(PQ_CFLAGS) -shared -o $@ $(SRC) $(SQLITE_LIBS) $(PQ_LIBS)
 
 # Installs what is missing, non-interactively; does nothing when all is there.
 deps:

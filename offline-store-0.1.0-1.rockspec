@@ -9,7 +9,7 @@ description = {
    summary = "XEP-0160 offline-message store for Prosody with a C core",
    detailed = [[
 A drop-in replacement for Prosody's bundled mod_offline: per-user limits through
-access rules, a groupchat toggle, expiry, sqlite and memory backends, metrics.
+access rules, a groupchat toggle, expiry, sqlite, memory and PostgreSQL backends, metrics.
 The storage and limit primitives are a C Lua 5.4 extension (offline_store.core).]],
    license = "MIT",
    labels = { "xmpp", "prosody" },
@@ -19,15 +19,17 @@ dependencies = {
 }
 external_dependencies = {
    SQLITE = { header = "sqlite3.h", library = "sqlite3" },
+   -- Debian's libpq-dev puts the header in include/postgresql/; both layouts are on incdirs.
+   PQ = { header = "postgresql/libpq-fe.h", library = "pq" },
 }
 build = {
    type = "builtin",
    modules = {
       ["offline_store.core"] = {
-         sources = { "src/core.c", "src/backend_sqlite.c", "src/backend_memory.c" },
-         libraries = { "sqlite3" },
-         incdirs = { "$(SQLITE_INCDIR)" },
-         libdirs = { "$(SQLITE_LIBDIR)" },
+         sources = { "src/core.c", "src/backend_sqlite.c", "src/backend_memory.c", "src/backend_postgres.c" },
+         libraries = { "sqlite3", "pq" },
+         incdirs = { "$(SQLITE_INCDIR)", "$(PQ_INCDIR)/postgresql", "$(PQ_INCDIR)" },
+         libdirs = { "$(SQLITE_LIBDIR)", "$(PQ_LIBDIR)" },
       },
       offline_store = "lua/offline_store/init.lua",
       ["offline_store.policy"] = "lua/offline_store/policy.lua",

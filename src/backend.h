@@ -89,5 +89,8 @@ typedef struct {
  * error recorded in s and nothing left open. */
 OS_HIDDEN int os_sqlite_open(os_store *s, const os_sqlite_config *cfg);
 OS_HIDDEN int os_memory_open(os_store *s);
+/* conninfo: a libpq connection string or URI; OS_FAIL with code 0 when the
+ * server cannot be reached or refuses the credentials. */
+OS_HIDDEN int os_postgres_open(os_store *s, const char *conninfo);
 
 #endif

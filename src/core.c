@@ -89,6 +89,15 @@ static int l_open_memory(lua_State *L) {
 	return 1;
 }
 
+/* core.open_postgres(conninfo) -> db | fail, msg, code */
+static int l_open_postgres(lua_State *L) {
+	const char *conninfo = luaL_checkstring(L, 1);
+	os_store *s = new_store(L);
+	if (os_postgres_open(s, conninfo) != OS_OK)
+		return push_fail(L, s);
+	return 1;
+}
+
 /* db:store(host, user, from, xml, ts [, expire [, max_count [, max_bytes [, meta]]]])
  *   -> count, id | false, "limit", count | fail, msg, code */
 static int l_store(lua_State *L) {
@@ -281,7 +290,7 @@ static int l_users(lua_State *L) {
 	return 1;
 }
 
-/* db:backend() -> "sqlite" | "memory" */
+/* db:backend() -> "sqlite" | "memory" | "postgres" */
 static int l_backend(lua_State *L) {
 	os_store *s = check_open(L);
 	lua_pushstring(L, s->be->name);
@@ -334,6 +343,7 @@ static const luaL_Reg metamethods[] = {
 static const luaL_Reg functions[] = {
 	{"open_sqlite", l_open_sqlite},
 	{"open_memory", l_open_memory},
+	{"open_postgres", l_open_postgres},
 	{NULL, NULL},
 };
 
