@@ -100,12 +100,14 @@ local function read_options(h)
 		s.store.file = resolve_relative_path(prosody.paths.data, file)
 		s.store.synchronous = get("offline_sqlite_synchronous", "normal")
 		s.store.busy_timeout = get("offline_sqlite_busy_timeout", 2000)
+	elseif backend == "postgres" then
+		s.store.postgres = get("offline_postgres")
 	end
 	local _, cerr = offline_store.check_config(s.store)
 	if cerr then
 		-- name the Prosody option, not the facade's field
 		local names = { file = "offline_sqlite_file", synchronous = "offline_sqlite_synchronous",
-			busy_timeout = "offline_sqlite_busy_timeout", backend = "offline_backend" }
+			busy_timeout = "offline_sqlite_busy_timeout", backend = "offline_backend", postgres = "offline_postgres" }
 		return nil, (cerr:gsub("^(%w+)", function(field) return names[field] or field end))
 	end
 	return s

@@ -36,7 +36,7 @@ function TestFacade:test_config_errors_name_the_field()
 	lu.assertStrContains(err({ file = "/tmp/x", busy_timeout = 1.5 }), "busy_timeout must be a whole number")
 	lu.assertStrContains(err({ file = "/tmp/x", busy_timeout = -1 }), "busy_timeout must be a whole number")
 	lu.assertStrContains(err("memory"), "configuration must be a table")
-	lu.assertStrContains(err({ backend = "postgres" }), "not available in this build")
+	lu.assertStrContains(err({ backend = "postgres" }), "postgres must be set for the postgres backend")
 	lu.assertEquals(offline_store.check_config({ file = "/tmp/x" }),
 		{ backend = "sqlite", file = "/tmp/x", synchronous = "normal", busy_timeout = 2000 })
 end

@@ -5,7 +5,7 @@
 
 local core = require "offline_store.core"
 
-local type, pairs, tostring, math_type = type, pairs, tostring, math.type
+local type, pairs, ipairs, tostring, tonumber, math_type = type, pairs, ipairs, tostring, tonumber, math.type
 local concat, sort = table.concat, table.sort
 
 local M = { core = core, version = core.version }
@@ -45,6 +45,48 @@ function M.resolve_backend(name, has_postgres)
 	return nil, ("backend must be one of %s (got %s)"):format(accepted_backends, describe(name))
 end
 
+-- A Prosody-style `sql` table's fields, in the order they go into the conninfo.
+local sql_fields = { { "host", "host" }, { "port", "port" }, { "database", "dbname" },
+	{ "username", "user" }, { "password", "password" } }
+local sql_accepted = "database, driver, host, password, port, username"
+
+-- A libpq conninfo from `postgres`: a connection string as it is, or a Prosody-style
+-- table { driver = "PostgreSQL", database =, username =, password =, host =, port = }.
+local function postgres_conninfo(v)
+	if type(v) == "string" then return v end
+	if type(v) ~= "table" then
+		return nil, ("postgres must be a libpq connection string or a table { driver = \"PostgreSQL\", "
+			.. "database = ..., username = ..., password = ..., host = ..., port = ... } (got %s)"):format(describe(v))
+	end
+	local known = { driver = true }
+	for _, f in ipairs(sql_fields) do known[f[1]] = true end
+	for k in pairs(v) do
+		if not known[k] then
+			return nil, ("postgres has an unknown field %s (accepted: %s)"):format(describe(k), sql_accepted)
+		end
+	end
+	if v.driver ~= nil and v.driver ~= "PostgreSQL" then
+		return nil, ("postgres.driver must be \"PostgreSQL\" (got %s)"):format(describe(v.driver))
+	end
+	local parts = {}
+	for _, f in ipairs(sql_fields) do
+		local value = v[f[1]]
+		if f[1] == "port" and value ~= nil then
+			local n = tonumber(value)
+			if math_type(n) ~= "integer" or n < 1 or n > 65535 then
+				return nil, ("postgres.port must be a port number (got %s)"):format(describe(value))
+			end
+			value = tostring(n)
+		elseif value ~= nil and type(value) ~= "string" then
+			return nil, ("postgres.%s must be a string (got %s)"):format(f[1], describe(value))
+		end
+		if value ~= nil then
+			parts[#parts + 1] = ("%s='%s'"):format(f[2], (value:gsub("[\\']", "\\%0")))
+		end
+	end
+	return concat(parts, " ")
+end
+
 -- Checks a configuration table; returns a normalised copy, or nil, error.
 function M.check_config(cfg)
 	if type(cfg) ~= "table" then
@@ -59,7 +101,13 @@ function M.check_config(cfg)
 	if not backend then return nil, err end
 	local out = { backend = backend }
 	if backend == "postgres" then
-		return nil, "backend \"postgres\" is not available in this build yet; use \"sqlite\" or \"memory\""
+		if cfg.postgres == nil then
+			return nil, "postgres must be set for the postgres backend: a libpq connection string "
+				.. "(\"host=... dbname=...\") or a Prosody-style sql table"
+		end
+		local conninfo, perr = postgres_conninfo(cfg.postgres)
+		if not conninfo then return nil, perr end
+		out.postgres = conninfo
 	end
 	if backend == "sqlite" then
 		if type(cfg.file) ~= "string" or cfg.file == "" then
@@ -87,6 +135,8 @@ function M.open(cfg)
 	if not checked then error("offline_store: " .. err, 2) end
 	if checked.backend == "memory" then
 		return core.open_memory()
+	elseif checked.backend == "postgres" then
+		return core.open_postgres(checked.postgres)
 	end
 	return core.open_sqlite(checked.file, checked.synchronous == "full", checked.busy_timeout)
 end
