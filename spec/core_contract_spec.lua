@@ -287,4 +287,11 @@ end, function()
 	sqlite_dir = nil
 end)
 
+-- A throwaway PostgreSQL (spec/support/postgres.lua), a fresh schema per store. Fails when the
+-- server cannot be started; skipped, visibly, only with OFFLINE_STORE_SKIP_POSTGRES=1.
+TestContractPostgres = contract(function()
+	local srv = require("support.postgres").require_server(lu)
+	return assert(core.open_postgres((srv:fresh_conninfo())))
+end)
+
 if not _RUNNER then os.exit(lu.LuaUnit.run()) end

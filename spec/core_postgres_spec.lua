@@ -1,0 +1,435 @@
+-- The postgres backend beyond the shared contract: exactness with several processes on one
+-- user (limit, pop against stores, bulk deletes against both), a server restarted under the
+-- store, unreachable servers and wrong credentials, schema versions, the facade's config.
+-- Runs against a throwaway PostgreSQL (spec/support/postgres.lua); fails if it cannot start,
+-- skips (visibly) only with OFFLINE_STORE_SKIP_POSTGRES=1.
+
+if not _RUNNER then package.path = "spec/?.lua;lua/?.lua;lua/?/init.lua;" .. package.path; package.cpath = "build/?.so;" .. package.cpath end
+local lu = require "luaunit"
+local support = require "support.util"
+local postgres = require "support.postgres"
+local core = require "offline_store.core"
+local offline_store = require "offline_store"
+local socket = require "socket"
+
+local q, format, concat = support.quote, string.format, table.concat
+local H, FROM = "example.org", "alice@example.org/phone"
+local T0 = 1700000000 * 1000000
+local LUA = os.getenv("LUA") or "lua5.4"
+local ROOT = select(2, support.sh("pwd")):gsub("%s+$", "")
+
+local function server() return postgres.require_server(lu) end
+
+local function fresh()
+	local conninfo, schema = server():fresh_conninfo()
+	return assert(core.open_postgres(conninfo)), conninfo, schema
+end
+
+---------------------------------------------------------------------------------------------------
+-- Worker processes (spec/support/postgres_worker.lua)
+
+-- The sanitizer runtime (make test-asan) has to be preloaded into workers too.
+local function worker(mode, conninfo, dir, name, start_at, opts)
+	local parts = { LUA, q(ROOT .. "/spec/support/postgres_worker.lua"), mode, q(conninfo),
+		q(dir .. "/" .. name), format("%.3f", start_at) }
+	local preload = os.getenv("LD_PRELOAD")
+	if preload then table.insert(parts, 1, "LD_PRELOAD=" .. q(preload)) end
+	for k, v in pairs(opts or {}) do parts[#parts + 1] = q(k .. "=" .. tostring(v)) end
+	return concat(parts, " ")
+end
+
+-- Runs shell `cmd` (which starts the workers and waits for them), then parses each output file:
+-- { name = { ok = {...}, limit = n, fail = {...}, pop = {...}, expired = n, touched = n, done = bool } }
+local function run_workers(dir, names, cmd)
+	local ok, out = support.sh(cmd)
+	assert(ok, out)
+	local res = {}
+	for _, name in ipairs(names) do
+		local r = { ok = {}, limit = 0, fail = {}, pop = {}, expired = 0, touched = 0, done = false }
+		for line in (support.read(dir .. "/" .. name) or ""):gmatch("[^\n]+") do
+			local kind, a, b, c = line:match("^(%S+) ?(%S*) ?(%S*) ?(.*)$")
+			if kind == "ok" then r.ok[#r.ok + 1] = { id = tonumber(a), xml = b, user = c }
+			elseif kind == "limit" then r.limit = r.limit + 1
+			elseif kind == "pop" then r.pop[#r.pop + 1] = { id = tonumber(a), xml = b }
+			elseif kind == "expired" then r.expired = r.expired + tonumber(a)
+			elseif kind == "touched" then r.touched = r.touched + tonumber(a)
+			elseif kind == "fail" then r.fail[#r.fail + 1] = line
+			elseif kind == "done" then r.done = true end
+		end
+		lu.assertTrue(r.done, name .. " did not finish: " .. (support.read(dir .. "/" .. name) or "(no output)"))
+		lu.assertEquals(r.fail, {}, name .. " had failures")
+		res[name] = r
+	end
+	return res
+end
+
+local function assert_counter(db, user)
+	local items = assert(db:list(H, user))
+	local bytes = 0
+	for _, it in ipairs(items) do bytes = bytes + #it.xml end
+	lu.assertEquals({ db:count(H, user) }, { #items, bytes }, "counter of " .. user .. " disagrees with its rows")
+	return items
+end
+
+---------------------------------------------------------------------------------------------------
+TestPostgresConcurrency = {}
+
+function TestPostgresConcurrency:setUp()
+	self.db, self.conninfo = fresh()
+	self.dir = support.tmpdir()
+end
+
+function TestPostgresConcurrency:tearDown()
+	if self.db then self.db:close() end
+	if self.dir then support.rmrf(self.dir) end
+end
+
+-- Four processes store 60 each to one new user with a limit of 50: exactly 50 are stored.
+function TestPostgresConcurrency:test_limit_exact_across_processes()
+	local start_at, names, cmds = socket.gettime() + 1.5, {}, {}
+	for i = 1, 4 do
+		names[i] = "store" .. i
+		cmds[i] = worker("store", self.conninfo, self.dir, names[i], start_at,
+			{ n = 60, max = 50, tag = "p" .. i, user = "bob" }) .. " &"
+	end
+	local res = run_workers(self.dir, names, concat(cmds, " ") .. " wait")
+	local stored, limited, ids = 0, 0, {}
+	for _, name in ipairs(names) do
+		stored = stored + #res[name].ok
+		limited = limited + res[name].limit
+		for _, it in ipairs(res[name].ok) do
+			lu.assertNil(ids[it.id], "an id was handed out twice")
+			ids[it.id] = true
+		end
+	end
+	lu.assertEquals(stored, 50)
+	lu.assertEquals(limited, 190)
+	lu.assertEquals(#assert_counter(self.db, "bob"), 50)
+end
+
+-- The same with a bytes limit: 3 processes, 9 messages of 5 bytes each, max 100 bytes.
+function TestPostgresConcurrency:test_bytes_limit_exact_across_processes()
+	local start_at, names, cmds = socket.gettime() + 1.5, {}, {}
+	for i = 1, 3 do
+		names[i] = "store" .. i
+		cmds[i] = worker("store", self.conninfo, self.dir, names[i], start_at,
+			{ n = 9, max_bytes = 100, tag = "pp" .. i, user = "bob" }) .. " &" -- "ppN:i" is 5 bytes
+	end
+	local res = run_workers(self.dir, names, concat(cmds, " ") .. " wait")
+	local stored = 0
+	for _, name in ipairs(names) do stored = stored + #res[name].ok end
+	lu.assertEquals({ self.db:count(H, "bob") }, { 20, 100 }, "20 messages of 5 bytes fill 100 bytes")
+	lu.assertEquals(stored, 20)
+	assert_counter(self.db, "bob")
+end
+
+-- Three processes store, two pop the same user meanwhile: every stored message is popped once
+-- or still there, none lost, none twice, each popper's stream in id order, each writer's
+-- messages in the order it stored them.
+function TestPostgresConcurrency:test_pop_against_stores_loses_nothing()
+	local start_at, stop = socket.gettime() + 1.5, self.dir .. "/stop"
+	local stores, pops = {}, {}
+	for i = 1, 3 do
+		stores[i] = worker("store", self.conninfo, self.dir, "store" .. i, start_at,
+			{ n = 150, tag = "s" .. i, user = "bob" }) .. " &"
+	end
+	for i = 1, 2 do
+		pops[i] = worker("pop", self.conninfo, self.dir, "pop" .. i, start_at, { user = "bob", stop = stop }) .. " &"
+	end
+	local res = run_workers(self.dir, { "store1", "store2", "store3", "pop1", "pop2" },
+		format("( %s wait; touch %s ) & %s wait", concat(stores, " "), q(stop), concat(pops, " ")))
+	local stored, seen = {}, {}
+	for i = 1, 3 do
+		for _, it in ipairs(res["store" .. i].ok) do stored[it.id] = it.xml end
+		lu.assertEquals(#res["store" .. i].ok, 150)
+	end
+	local popped_total = 0
+	for i = 1, 2 do
+		local last, order = 0, {}
+		for _, it in ipairs(res["pop" .. i].pop) do
+			lu.assertTrue(it.id > last, "pop" .. i .. " returned ids out of order")
+			last = it.id
+			lu.assertNil(seen[it.id], "message " .. it.id .. " was popped twice")
+			lu.assertEquals(it.xml, stored[it.id], "popped a message nobody stored")
+			seen[it.id] = "pop" .. i
+			local writer, n = it.xml:match("^(s%d):(%d+)$")
+			lu.assertTrue((order[writer] or 0) < tonumber(n), "a writer's messages arrived out of order")
+			order[writer] = tonumber(n)
+			popped_total = popped_total + 1
+		end
+	end
+	local remaining = assert_counter(self.db, "bob")
+	for _, it in ipairs(remaining) do
+		lu.assertNil(seen[it.id], "message " .. it.id .. " was popped and is still stored")
+		seen[it.id] = "left"
+	end
+	local lost = 0
+	for id in pairs(stored) do if not seen[id] then lost = lost + 1 end end
+	lu.assertEquals(lost, 0, "stored - popped - remaining")
+	lu.assertEquals(popped_total + #remaining, 450)
+	lu.assertTrue(popped_total > 0, "the poppers ran while the writers did")
+end
+
+-- Writers on five users (some messages expiring), a popper on one, and a process running the
+-- bulk deletes and remove_user in a loop: every counter stays exact, no call fails (no
+-- deadlock), and stored = popped + popped-as-expired + deleted + remaining.
+function TestPostgresConcurrency:test_bulk_deletes_against_stores_and_pops()
+	local start_at, stop = socket.gettime() + 1.5, self.dir .. "/stop"
+	local users = "u1,u2,u3,victim,u5"
+	local stores = {}
+	for i = 1, 2 do
+		stores[i] = worker("store", self.conninfo, self.dir, "store" .. i, start_at,
+			{ n = 200, tag = "b" .. i, users = users, expire_every = 3 }) .. " &"
+	end
+	local pop = worker("pop", self.conninfo, self.dir, "pop", start_at, { user = "u1", stop = stop }) .. " &"
+	local bulk = worker("bulk", self.conninfo, self.dir, "bulk", start_at,
+		{ stop = stop, now = 50, cutoff = 20, victim = "victim" }) .. " &"
+	local res = run_workers(self.dir, { "store1", "store2", "pop", "bulk" },
+		format("( %s wait; touch %s ) & %s %s wait", concat(stores, " "), q(stop), pop, bulk))
+	local stored = #res.store1.ok + #res.store2.ok
+	lu.assertEquals(stored, 400)
+	local remaining = 0
+	for u in users:gmatch("[^,]+") do remaining = remaining + #assert_counter(self.db, u) end
+	lu.assertEquals(#res.pop.pop + res.pop.expired + res.bulk.touched + remaining, stored)
+	lu.assertTrue(res.bulk.touched > 0, "the bulk deletes found work")
+end
+
+-- Several nodes starting at once on an empty schema: one creates it, all open.
+function TestPostgresConcurrency:test_first_open_races()
+	local conninfo = server():fresh_conninfo()
+	local start_at, names, cmds = socket.gettime() + 1.0, {}, {}
+	for i = 1, 4 do
+		names[i] = "open" .. i
+		cmds[i] = worker("open", conninfo, self.dir, names[i], start_at, { tag = "o" .. i }) .. " &"
+	end
+	local res = run_workers(self.dir, names, concat(cmds, " ") .. " wait")
+	for _, name in ipairs(names) do lu.assertEquals(#res[name].ok, 1) end
+	local db = assert(core.open_postgres(conninfo))
+	lu.assertEquals(db:count(H, "bob"), 4)
+	db:close()
+end
+
+---------------------------------------------------------------------------------------------------
+TestPostgresConnection = {}
+
+function TestPostgresConnection:setUp()
+	self.srv = server()
+	self.db, self.conninfo, self.schema = fresh()
+end
+
+function TestPostgresConnection:tearDown()
+	if self.db then self.db:close() end
+	-- whatever a test did, leave the shared server running
+	if self.srv and not self.srv:running() then self.srv:start() end
+end
+
+-- Keeps storing until a call succeeds (the server is coming back); returns what happened.
+local function store_until_ok(db, user, xml, deadline)
+	local failures = {}
+	while socket.gettime() < deadline do
+		local count, id, code = db:store(H, user, FROM, xml, T0)
+		if count then return count, failures end
+		lu.assertNil(count, "a store over no limit never says limit")
+		failures[#failures + 1] = { msg = id, code = code }
+		socket.sleep(0.05)
+	end
+	error("the store did not reconnect: " .. tostring(failures[#failures] and failures[#failures].msg))
+end
+
+-- A store blocked on the user's row lock (held by another session) when PostgreSQL restarts:
+-- that call fails with the fail triple, nothing of it is written, the backend reconnects.
+function TestPostgresConnection:test_restart_under_a_call_in_flight()
+	local srv, db = self.srv, self.db
+	lu.assertEquals(db:store(H, "bob", FROM, "before", T0), 1)
+	-- Another session holds bob's queue row for a while; then the server restarts.
+	local holder = format("%s/psql -X -q -h %s -p %d -U postgres -d %s -c %s >/dev/null 2>&1 &", q(srv.bin),
+		q(srv.dir), srv.port, srv.db, q(format("BEGIN; SELECT * FROM %s.offline_queue FOR UPDATE; "
+		.. "SELECT pg_sleep(20); COMMIT", self.schema)))
+	assert(support.exec(holder))
+	local deadline = socket.gettime() + 10
+	while srv:psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'") ~= "1" do
+		assert(socket.gettime() < deadline, "the lock holder did not start")
+		socket.sleep(0.05)
+	end
+	assert(support.exec(srv:restart_later(1.0)))
+	local started = socket.gettime()
+	local count, msg, code = db:store(H, "bob", FROM, "in flight", T0)
+	lu.assertNil(count, "the call in flight fails")
+	lu.assertEquals(code, 0, "connection-level failures have code 0")
+	lu.assertStrContains(msg, "lost the connection to PostgreSQL")
+	lu.assertTrue(socket.gettime() - started < 15, "it failed when the server went away, not after the holder")
+	local n = store_until_ok(db, "bob", "after", socket.gettime() + 30)
+	lu.assertEquals(n, 2, "before + after; the call in flight wrote nothing")
+	local items = assert_counter(db, "bob")
+	lu.assertEquals({ items[1].xml, items[2].xml }, { "before", "after" })
+	lu.assertEquals(#db:pop(H, "bob", T0), 2)
+end
+
+-- Restarted between calls: the next call notices the closed connection before sending and
+-- reconnects, so it succeeds (fast and immediate shutdowns alike).
+function TestPostgresConnection:test_restart_between_calls_is_invisible()
+	local srv, db = self.srv, self.db
+	lu.assertEquals(db:store(H, "bob", FROM, "one", T0), 1)
+	srv:restart("fast")
+	socket.sleep(0.1) -- let the goodbye reach the client socket
+	lu.assertEquals(db:store(H, "bob", FROM, "two", T0), 2)
+	srv:restart("immediate")
+	socket.sleep(0.1)
+	lu.assertEquals(db:count(H, "bob"), 2)
+	assert_counter(db, "bob")
+end
+
+-- A store loop across a restart: successes before and after, failures only as fail triples,
+-- and afterwards every success is stored, nothing half-written, the counter exact.
+function TestPostgresConnection:test_store_loop_across_a_restart()
+	local srv, db = self.srv, self.db
+	assert(support.exec(srv:restart_later(0.3, "immediate")))
+	local deadline, ok_xml, failed, after_failure = socket.gettime() + 6, {}, 0, 0
+	local i = 0
+	while socket.gettime() < deadline do
+		i = i + 1
+		local count, msg, code = db:store(H, "bob", FROM, "loop" .. i, T0)
+		if count then
+			ok_xml["loop" .. i] = true
+			if failed > 0 then after_failure = after_failure + 1 end
+		else
+			lu.assertNil(count)
+			lu.assertEquals(code, 0, msg)
+			failed = failed + 1
+		end
+		if after_failure >= 20 then break end
+		socket.sleep(0.01)
+	end
+	lu.assertTrue(failed > 0, "the restart was noticed")
+	lu.assertTrue(after_failure >= 20, "stores succeed again after the restart")
+	local items = assert_counter(db, "bob")
+	local present = {}
+	for _, it in ipairs(items) do present[it.xml] = true end
+	for xml in pairs(ok_xml) do lu.assertTrue(present[xml], xml .. " was acknowledged but is missing") end
+	-- Only a call on the wire when the server died can have been committed and reported failed.
+	local acknowledged = 0
+	for _ in pairs(ok_xml) do acknowledged = acknowledged + 1 end
+	lu.assertTrue(#items - acknowledged <= 1, "at most the call in flight is in doubt")
+end
+
+-- Server down: calls fail at once with code 0; after it is back, calls succeed (the backoff
+-- between reconnection attempts is at most 8 s and starts at 250 ms).
+function TestPostgresConnection:test_server_down_then_back()
+	local srv, db = self.srv, self.db
+	lu.assertEquals(db:store(H, "bob", FROM, "one", T0), 1)
+	srv:stop("fast")
+	local count, msg, code = db:count(H, "bob")
+	lu.assertNil(count)
+	lu.assertEquals(code, 0)
+	lu.assertStrContains(msg, "PostgreSQL is unreachable")
+	local started = socket.gettime()
+	count, msg, code = db:store(H, "bob", FROM, "two", T0)
+	lu.assertNil(count)
+	lu.assertEquals(code, 0)
+	lu.assertStrContains(msg, "next reconnection attempt")
+	lu.assertTrue(socket.gettime() - started < 0.1, "no reconnection attempt within the backoff")
+	srv:start()
+	lu.assertEquals(store_until_ok(db, "bob", "three", socket.gettime() + 10), 2)
+	assert_counter(db, "bob")
+end
+
+-- A server error that is not about the connection: the SQLSTATE, as tonumber(state, 36).
+function TestPostgresConnection:test_server_errors_carry_the_sqlstate()
+	local db = self.db
+	self.srv:psql(format("DROP TABLE %s.offline_queue", self.schema))
+	local count, msg, code = db:count(H, "bob")
+	lu.assertNil(count)
+	lu.assertStrContains(msg, "offline_queue")
+	lu.assertStrContains(msg, "SQLSTATE 42P01")
+	lu.assertEquals(code, tonumber("42P01", 36))
+	local ok, why, c2 = db:store(H, "bob", FROM, "x", T0)
+	lu.assertNil(ok)
+	lu.assertStrContains(why, "42P01")
+	lu.assertEquals(c2, tonumber("42P01", 36))
+end
+
+---------------------------------------------------------------------------------------------------
+TestPostgresOpen = {}
+
+function TestPostgresOpen:setUp() self.srv = server() end
+
+function TestPostgresOpen:test_wrong_password()
+	local srv = self.srv
+	local db, msg, code = core.open_postgres((srv:conninfo_for():gsub("user=postgres",
+		"user=" .. postgres.PASSWORD_ROLE .. " password=wrong")))
+	lu.assertNil(db)
+	lu.assertStrContains(msg, "cannot connect to PostgreSQL")
+	lu.assertStrContains(msg, 'password authentication failed for user "offline_pw"')
+	lu.assertNotStrContains(msg, "wrong", "the password is not in the message")
+	lu.assertEquals(code, 0)
+	db = assert(core.open_postgres((srv:conninfo_for():gsub("user=postgres",
+		"user=" .. postgres.PASSWORD_ROLE .. " password=" .. postgres.PASSWORD))))
+	lu.assertEquals(db:backend(), "postgres")
+	db:close()
+end
+
+function TestPostgresOpen:test_unreachable_server()
+	local port = self.srv.port
+	local s = assert(socket.bind("127.0.0.1", 0))
+	local _, free = s:getsockname()
+	s:close()
+	lu.assertNotEquals(tonumber(free), port)
+	local db, msg, code = core.open_postgres(format("host=127.0.0.1 port=%d dbname=x sslmode=disable", free))
+	lu.assertNil(db)
+	lu.assertStrContains(msg, "cannot connect to PostgreSQL")
+	lu.assertStrContains(msg, "Connection refused")
+	lu.assertEquals(code, 0)
+	db, msg = core.open_postgres("this is not a conninfo")
+	lu.assertNil(db)
+	lu.assertStrContains(msg, "cannot connect to PostgreSQL")
+	lu.assertErrorMsgContains("string expected", function() core.open_postgres() end)
+end
+
+function TestPostgresOpen:test_schema_is_created_once_and_versioned()
+	local conninfo, schema = self.srv:fresh_conninfo()
+	local db = assert(core.open_postgres(conninfo))
+	db:store(H, "bob", FROM, "kept", T0)
+	db:close()
+	lu.assertEquals(self.srv:psql(format("SELECT value FROM %s.offline_meta WHERE name = 'schema_version'", schema)), "1")
+	db = assert(core.open_postgres(conninfo))
+	lu.assertEquals(db:count(H, "bob"), 1, "reopening keeps the messages")
+	db:close()
+	self.srv:psql(format("UPDATE %s.offline_meta SET value = 99", schema))
+	local none, msg, code = core.open_postgres(conninfo)
+	lu.assertNil(none)
+	lu.assertStrContains(msg, "schema version 99 was written by a newer offline-store")
+	lu.assertEquals(code, 0)
+	lu.assertEquals(self.srv:psql(format("SELECT count(*) FROM %s.offline_message", schema)), "1", "untouched")
+end
+
+function TestPostgresOpen:test_facade_and_prosody_style_table()
+	local srv = self.srv
+	local user = "facade" .. math.random(1e9)
+	local db = assert(offline_store.open { backend = "rdbms", postgres = {
+		driver = "PostgreSQL", database = srv.db, username = postgres.PASSWORD_ROLE,
+		password = postgres.PASSWORD, host = "127.0.0.1", port = tostring(srv.port) } })
+	lu.assertEquals(db:backend(), "postgres")
+	lu.assertEquals(db:store(H, user, FROM, "x", T0), 1)
+	db:close()
+	db = assert(offline_store.open { backend = "postgres", postgres = srv:conninfo_for() })
+	lu.assertEquals(db:count(H, user), 1, "the same tables, through a connection string")
+	db:close()
+	local function err(cfg)
+		local ok, e = offline_store.check_config(cfg)
+		lu.assertNil(ok)
+		return e
+	end
+	lu.assertStrContains(err { backend = "postgres" }, "postgres must be set for the postgres backend")
+	lu.assertStrContains(err { backend = "postgres", postgres = 5432 }, "postgres must be a libpq connection string or a table")
+	lu.assertStrContains(err { backend = "postgres", postgres = { driver = "MySQL" } }, 'postgres.driver must be "PostgreSQL" (got "MySQL")')
+	lu.assertStrContains(err { backend = "postgres", postgres = { db = "x" } }, 'postgres has an unknown field "db"')
+	lu.assertStrContains(err { backend = "postgres", postgres = { port = "fivefour" } }, "postgres.port must be a port number")
+	lu.assertStrContains(err { backend = "postgres", postgres = { password = 12 } }, "postgres.password must be a string")
+	lu.assertEquals(offline_store.check_config { backend = "postgres", postgres = {
+		driver = "PostgreSQL", database = "pro sody", username = "o'brien", password = "a\\b", port = 5433 } },
+		{ backend = "postgres", postgres = [[port='5433' dbname='pro sody' user='o\'brien' password='a\\b']] })
+	lu.assertEquals(offline_store.check_config { backend = "rdbms", postgres = "dbname=x" },
+		{ backend = "postgres", postgres = "dbname=x" })
+end
+
+if not _RUNNER then os.exit(lu.LuaUnit.run()) end

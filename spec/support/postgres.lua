@@ -1,0 +1,257 @@
+-- Test support: a throwaway PostgreSQL (Debian's packages) for the postgres specs and the bench.
+-- initdb into a fresh /tmp dir, run as an unprivileged user (`postgres` when we are root), listen
+-- on 127.0.0.1 on a free port with the unix socket inside the dir, stop and delete it afterwards.
+-- Roles: `postgres` (trust, superuser) and `offline_pw` (password "secret", scram) to test wrong
+-- credentials. Isolation: fresh_conninfo() makes a new schema and returns a conninfo whose
+-- search_path is that schema, so every store opened on it starts empty.
+--
+--   local pg = require "support.postgres"
+--   local srv = pg.server()      -- one per process, started on first use; nil + skip when the
+--                                -- developer set OFFLINE_STORE_SKIP_POSTGRES=1; raises otherwise
+--   srv.conninfo, srv:fresh_conninfo(), srv:psql(sql), srv:restart(), srv:stop(), srv:start()
+--
+-- A server that cannot be started is an error (the specs fail, saying why), never a silent skip.
+-- Stopped at exit (state close, os.exit) and, should this process be killed, by a watchdog.
+
+local socket = require "socket"
+local support = require "support.util"
+
+local q, sh = support.quote, support.sh
+local format = string.format
+
+local M = {}
+
+M.SKIP_VAR = "OFFLINE_STORE_SKIP_POSTGRES"
+M.PASSWORD_ROLE, M.PASSWORD = "offline_pw", "secret"
+
+local function getenv(name)
+	local v = os.getenv(name)
+	if v == "" then return nil end
+	return v
+end
+
+-- True when the developer asked, explicitly, for the postgres specs to be skipped.
+function M.skipping()
+	local v = getenv(M.SKIP_VAR)
+	return v ~= nil and v ~= "0"
+end
+
+local function free_port()
+	local s = assert(socket.bind("127.0.0.1", 0))
+	local _, port = s:getsockname()
+	s:close()
+	return tonumber(port)
+end
+
+-- The directory with initdb, pg_ctl and psql: $PG_BIN, pg_config's, or the newest installed.
+local function bindir()
+	local dir = getenv("PG_BIN")
+	if dir then return dir end
+	local ok, out = sh("pg_config --bindir")
+	dir = ok and out:gsub("%s+$", "")
+	if dir and support.read(dir .. "/initdb") ~= nil then return dir end
+	ok, out = sh("ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1")
+	dir = ok and out:gsub("%s+$", "")
+	if dir and dir ~= "" then return dir end
+	return nil
+end
+
+local IS_ROOT = select(2, sh("id -u")):match("^%s*0%s*$") ~= nil
+
+local function own_pid()
+	local stat = support.read("/proc/self/stat")
+	return stat and stat:match("^(%d+)")
+end
+
+local Server = {}
+Server.__index = Server
+
+-- A command run as the server's owner.
+function Server:as_owner(cmd)
+	if IS_ROOT then return "runuser -u postgres -- sh -c " .. q(cmd) end
+	return cmd
+end
+
+function Server:run(cmd)
+	return sh(self:as_owner(cmd))
+end
+
+function Server:log()
+	return support.read(self.dir .. "/server.log") or ""
+end
+
+local function tail(text, n)
+	local lines = {}
+	for line in (text or ""):gmatch("[^\n]+") do lines[#lines + 1] = line end
+	return table.concat(lines, "\n", math.max(1, #lines - n + 1))
+end
+
+-- Runs SQL through psql as the superuser on `db` (default: the test database); returns the
+-- output (unaligned, tuples only) or raises.
+function Server:psql(sql, db)
+	local ok, out = sh(format("%s/psql -X -q -A -t -v ON_ERROR_STOP=1 -h %s -p %d -U postgres -d %s -c %s",
+		q(self.bin), q(self.dir), self.port, q(db or self.db), q(sql)))
+	if not ok then error("psql failed: " .. out, 2) end
+	return (out:gsub("%s+$", ""))
+end
+
+-- A conninfo for `db` as `user` (default: the test database as the superuser, over TCP).
+function Server:conninfo_for(extra)
+	return format("host=127.0.0.1 port=%d dbname=%s user=postgres sslmode=disable gssencmode=disable%s",
+		self.port, self.db, extra and (" " .. extra) or "")
+end
+
+-- A new, empty schema; the conninfo puts it first on the search_path.
+function Server:fresh_conninfo()
+	self.schemas = self.schemas + 1
+	local name = format("t%d", self.schemas)
+	self:psql(format("CREATE SCHEMA %s", name))
+	return self:conninfo_for(format("options='-csearch_path=%s'", name)), name
+end
+
+function Server:running()
+	return (self:run(format("%s/pg_ctl -D %s status", q(self.bin), q(self.data))))
+end
+
+-- Starts the (initialised) server and waits until it accepts connections.
+function Server:start()
+	local ok, out = self:run(format("%s/pg_ctl -D %s -l %s -w -t 60 start", q(self.bin), q(self.data),
+		q(self.dir .. "/server.log")))
+	if not ok then
+		error(format("PostgreSQL did not start in %s:\n%s\n--- server.log ---\n%s", self.dir, out,
+			tail(self:log(), 20)), 0)
+	end
+end
+
+-- mode: "fast" (default; sessions are terminated, as by a service restart) or "immediate" (a crash).
+function Server:stop(mode)
+	self:run(format("%s/pg_ctl -D %s -m %s -w -t 60 stop", q(self.bin), q(self.data), mode or "fast"))
+end
+
+function Server:restart(mode)
+	self:stop(mode)
+	self:start()
+end
+
+-- A shell command that restarts the server after `delay` seconds, in the background.
+function Server:restart_later(delay, mode)
+	return format("(sleep %s; %s) >/dev/null 2>&1 &", delay,
+		self:as_owner(format("%s/pg_ctl -D %s -m %s -w -t 60 restart -l %s", q(self.bin), q(self.data),
+			mode or "fast", q(self.dir .. "/server.log"))))
+end
+
+function Server:cleanup()
+	if self.cleaned then return end
+	self.cleaned = true
+	self:stop("immediate")
+	if getenv("KEEP_POSTGRES_DIR") then
+		io.stderr:write("[support.postgres] kept ", self.dir, "\n")
+	else
+		support.rmrf(self.dir)
+	end
+end
+
+local live = {}
+
+-- Initialises and starts a new server; returns it, or raises with the reason.
+function M.start()
+	local bin = bindir()
+	if not bin then error("no PostgreSQL server binaries (initdb, pg_ctl): install Debian's postgresql package", 0) end
+	local mok, dir = sh("mktemp -d /tmp/offline-store-pg.XXXXXX")
+	if not mok then error("mktemp failed: " .. dir, 0) end
+	local self = setmetatable({ bin = bin, dir = dir:gsub("%s+$", ""), port = free_port(), db = "offline",
+		schemas = 0 }, Server)
+	self.data = self.dir .. "/data"
+	live[#live + 1] = self
+	local ok, err = pcall(function()
+		if IS_ROOT then
+			local cok, out = sh("chown postgres: " .. q(self.dir))
+			if not cok then error("cannot hand " .. self.dir .. " to the postgres user: " .. out, 0) end
+		end
+		local iok, out = self:run(format("%s/initdb -D %s -U postgres -A trust -E UTF8 --locale=C --no-sync",
+			q(bin), q(self.data)))
+		if not iok then error("initdb failed:\n" .. out, 0) end
+		-- Loopback only, socket in our dir; durable commits (no synchronous_commit = off), but no
+		-- fsync: the specs crash the server, never the machine.
+		support.write(self.dir .. "/extra.conf", table.concat({
+			"listen_addresses = '127.0.0.1'",
+			format("port = %d", self.port),
+			format("unix_socket_directories = '%s'", self.dir),
+			"fsync = off", "full_page_writes = off", "shared_buffers = 16MB", "max_connections = 60",
+			"log_min_messages = warning", "deadlock_timeout = 200ms", "",
+		}, "\n"))
+		support.write(self.dir .. "/pg_hba.conf", table.concat({
+			"local all all trust",
+			format("host all %s 127.0.0.1/32 scram-sha-256", M.PASSWORD_ROLE),
+			"host all all 127.0.0.1/32 trust", "",
+		}, "\n"))
+		local cok, cout = sh(format("cat %s >> %s && cp %s %s/pg_hba.conf && chown -R %s %s", q(self.dir .. "/extra.conf"),
+			q(self.data .. "/postgresql.conf"), q(self.dir .. "/pg_hba.conf"), q(self.data),
+			IS_ROOT and "postgres:" or "$(id -u)", q(self.data)))
+		if not cok then error("configuring the cluster failed: " .. cout, 0) end
+		self:start()
+		self:psql(format("CREATE ROLE %s LOGIN PASSWORD %s", M.PASSWORD_ROLE, "'" .. M.PASSWORD .. "'"), "postgres")
+		self:psql("CREATE DATABASE offline", "postgres")
+		self:psql(format("GRANT ALL ON DATABASE offline TO %s; GRANT ALL ON SCHEMA public TO %s",
+			M.PASSWORD_ROLE, M.PASSWORD_ROLE))
+		-- Watchdog: should this process die without cleaning up, stop the server and delete it.
+		local pid = own_pid()
+		if pid then
+			support.exec(format("setsid sh -c %s >/dev/null 2>&1 </dev/null &", q(format(
+				"while kill -0 %s 2>/dev/null; do sleep 2; done; %s; rm -rf %s", pid,
+				self:as_owner(format("%s/pg_ctl -D %s -m immediate stop", q(bin), q(self.data))), q(self.dir)))))
+		end
+	end)
+	if not ok then
+		pcall(self.cleanup, self)
+		error(err, 0)
+	end
+	self.conninfo = self:conninfo_for()
+	return self
+end
+
+function M.cleanup_all()
+	for i = #live, 1, -1 do pcall(live[i].cleanup, live[i]); live[i] = nil end
+end
+
+local shared, shared_err, told
+-- The server shared by every spec of this process: nil when skipping (said once, on stderr);
+-- raises, with the reason and how to skip, when it cannot be started.
+function M.server()
+	if M.skipping() then
+		if not told then
+			told = true
+			io.stderr:write(format("\n*** %s is set: the PostgreSQL specs are SKIPPED ***\n", M.SKIP_VAR))
+		end
+		return nil
+	end
+	if shared then return shared end
+	if shared_err then error(shared_err, 0) end
+	local ok, srv = pcall(M.start)
+	if not ok then
+		shared_err = format("PostgreSQL could not be started for the postgres specs: %s\n"
+			.. "(set %s=1 to skip them explicitly)", tostring(srv), M.SKIP_VAR)
+		error(shared_err, 0)
+	end
+	shared = srv
+	return srv
+end
+
+-- For setUp: the shared server, or a luaunit skip when the developer asked for one.
+function M.require_server(lu)
+	local srv = M.server()
+	if not srv then lu.skip(M.SKIP_VAR .. "=1: PostgreSQL specs skipped on request") end
+	return srv
+end
+
+-- Safety net, as in support.prosody: finalizers run on state close; os.exit is wrapped.
+M._sentinel = setmetatable({}, { __gc = function() M.cleanup_all() end })
+do
+	local real_exit = os.exit
+	os.exit = function(...) -- luacheck: ignore 122
+		M.cleanup_all()
+		return real_exit(...)
+	end
+end
+
+return M

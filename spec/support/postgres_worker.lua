@@ -1,0 +1,99 @@
+-- One of several processes hammering one PostgreSQL store (spec/core_postgres_spec.lua):
+--   lua5.4 spec/support/postgres_worker.lua MODE CONNINFO OUTFILE START_AT [key=value ...]
+-- Waits until START_AT (socket.gettime()), so that all workers start together, then runs MODE and
+-- writes one line per outcome to OUTFILE, ending with "done". Modes:
+--   store   n stores of "<tag>:<i>" to host/user (users=a,b,c rotates), limit max / max_bytes,
+--           every expire_every-th message expiring at ts + 1; lines "ok ID XML", "limit COUNT"
+--   pop     pops host/user until the file `stop` exists, then once more; "pop ID XML", "expired N"
+--   bulk    until `stop` exists: delete_expired(now), delete_older_than(cutoff), remove_user(victim);
+--           "touched N"
+--   open    opens the store (schema set-up racing other workers) and stores one message
+-- Any failure is a line "fail CODE MESSAGE".
+
+local root = arg[0]:match("^(.*)/spec/support/postgres_worker%.lua$") or "."
+package.path = root .. "/lua/?.lua;" .. root .. "/spec/?.lua;" .. package.path
+package.cpath = (os.getenv("OFFLINE_STORE_CPATH") or (root .. "/build/?.so")) .. ";" .. package.cpath
+
+local core = require "offline_store.core"
+local socket = require "socket"
+
+local mode, conninfo, outfile, start_at = arg[1], arg[2], arg[3], tonumber(arg[4])
+local opt = {}
+for i = 5, #arg do
+	local k, v = arg[i]:match("^([%w_]+)=(.*)$")
+	opt[k] = v
+end
+local function num(k, default) return tonumber(opt[k]) or default end
+
+local out = assert(io.open(outfile, "w"))
+local function say(...) out:write(table.concat({ ... }, " "), "\n") end
+local function fail(msg, code) say("fail", tostring(code), (tostring(msg):gsub("\n", " "))) end
+
+local function stopped() local f = io.open(opt.stop or "/nonexistent", "r"); if f then f:close() end; return f ~= nil end
+
+local T0 = 1700000000 * 1000000
+local host, user = opt.host or "example.org", opt.user or "bob"
+
+local function wait_start() while socket.gettime() < start_at do socket.sleep(0.002) end end
+if mode == "open" then wait_start() end
+
+local db, err, code = core.open_postgres(conninfo)
+if not db then
+	fail(err, code)
+	say("done")
+	out:close()
+	os.exit(0, true)
+end
+
+wait_start()
+
+if mode == "store" then
+	local users = {}
+	for u in (opt.users or user):gmatch("[^,]+") do users[#users + 1] = u end
+	local every = num("expire_every", 0)
+	for i = 1, num("n", 100) do
+		local u = users[(i - 1) % #users + 1]
+		local ts = T0 + i
+		local expire = every > 0 and i % every == 0 and ts + 1 or nil
+		local xml = (opt.tag or "w") .. ":" .. i
+		local c, id, cur = db:store(host, u, "sender@example.org", xml, ts, expire, num("max"), num("max_bytes"))
+		if c then say("ok", id, xml, u)
+		elseif c == false then say("limit", cur)
+		else fail(id, cur) end
+	end
+elseif mode == "pop" then
+	local last = false
+	repeat
+		last = stopped()
+		local items, expired, c = db:pop(host, user, T0 + 1000000000)
+		if items then
+			for _, it in ipairs(items) do say("pop", it.id, it.xml) end
+			if expired > 0 then say("expired", expired) end
+		else
+			fail(expired, c)
+		end
+		socket.sleep(0.003)
+	until last
+elseif mode == "bulk" then
+	local last = false
+	repeat
+		last = stopped()
+		for _, call in ipairs {
+			function() return db:delete_expired(T0 + num("now", 50)) end,
+			function() return db:delete_older_than(T0 + num("cutoff", 20)) end,
+			function() return db:remove_user(host, opt.victim or "victim") end,
+		} do
+			local n, e, c = call()
+			if n then say("touched", n) else fail(e, c) end
+		end
+		socket.sleep(0.01)
+	until last
+elseif mode == "open" then
+	local c, id = db:store(host, user, "sender@example.org", opt.tag or "opened", T0)
+	if c then say("ok", id) else fail(id) end
+end
+
+db:close()
+say("done")
+out:close()
+os.exit(0, true)
