@@ -8,7 +8,8 @@
 --   local pg = require "support.postgres"
 --   local srv = pg.server()      -- one per process, started on first use; nil + skip when the
 --                                -- developer set OFFLINE_STORE_SKIP_POSTGRES=1; raises otherwise
---   srv.conninfo, srv:fresh_conninfo(), srv:psql(sql), srv:restart(), srv:stop(), srv:start()
+--   srv.conninfo, srv:fresh_conninfo(), srv:fresh_database(), srv:psql(sql), srv:restart(),
+--   srv:stop(), srv:start()
 --
 -- A server that cannot be started is an error (the specs fail, saying why), never a silent skip.
 -- Stopped at exit (state close, os.exit) and, should this process be killed, by a watchdog.
@@ -107,6 +108,15 @@ function Server:fresh_conninfo()
 	local name = format("t%d", self.schemas)
 	self:psql(format("CREATE SCHEMA %s", name))
 	return self:conninfo_for(format("options='-csearch_path=%s'", name)), name
+end
+
+-- A new, empty database (for clients that cannot set a search_path, such as a Prosody-style
+-- sql table); returns its name.
+function Server:fresh_database()
+	self.schemas = self.schemas + 1
+	local name = format("d%d", self.schemas)
+	self:psql(format("CREATE DATABASE %s", name), "postgres")
+	return name
 end
 
 function Server:running()

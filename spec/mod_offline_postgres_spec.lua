@@ -1,0 +1,160 @@
+-- Two real Prosody nodes on one PostgreSQL (offline_backend = "postgres"): a message stored
+-- through node A is delivered at login on node B, limits hold across both (also when both
+-- store at once), a PostgreSQL outage gives the sender the storage-failure error and the
+-- nodes reconnect by themselves, and a bad offline_postgres stops the module at load.
+-- Node A uses a connection string, node B a Prosody-style sql table, on the same database.
+
+local lu = require "luaunit"
+local offline = require "support.offline"
+local postgres = require "support.postgres"
+local policy = require "offline_store.policy"
+local socket = require "socket"
+
+local format = string.format
+local online, chat, ids, delays, messages, collect_offline =
+	offline.online, offline.chat, offline.ids, offline.delays, offline.messages, offline.collect_offline
+local NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+local function error_of(s)
+	local e = s:get_child("error")
+	local cond
+	for _, c in ipairs(e.tags) do
+		if c.attr.xmlns == NS_STANZAS and c.name ~= "text" then cond = c.name end
+	end
+	return { etype = e.attr.type, condition = cond, text = e:get_child_text("text", NS_STANZAS) }
+end
+
+local function host_config(offline_postgres)
+	return format([[
+offline_backend = "postgres"
+offline_postgres = %s
+acl = { small = { "carol@localhost" } }
+access = { max_user_offline_messages = { { acl = "small", value = 3 }, { acl = "all", value = 100 } } }
+]], offline_postgres)
+end
+
+local function free_port()
+	local s = assert(socket.bind("127.0.0.1", 0))
+	local _, port = s:getsockname()
+	s:close()
+	return tonumber(port)
+end
+
+-- Hosts on node B whose offline_postgres is wrong: { host, config, what the log must say }.
+local BAD = {
+	{ "badpassword.localhost", nil, 'password authentication failed for user "offline_pw"' },
+	{ "unreachable.localhost", nil, "Connection refused" },
+	{ "missing.localhost", 'offline_backend = "postgres"',
+		"offline_postgres must be set for the postgres backend" },
+	{ "badport.localhost", 'offline_backend = "postgres"\noffline_postgres = { driver = "PostgreSQL", port = "x" }',
+		"offline_postgres.port must be a port number" },
+}
+
+TestTwoNodes = {}
+
+function TestTwoNodes:nodes()
+	local pg = postgres.require_server(lu)
+	if TestTwoNodes.a then return TestTwoNodes.a, TestTwoNodes.b, pg end
+	local db = pg:fresh_database()
+	BAD[1][2] = format('offline_backend = "postgres"\noffline_postgres = %q',
+		format("host=127.0.0.1 port=%d dbname=%s user=%s password=wrong sslmode=disable",
+			pg.port, db, postgres.PASSWORD_ROLE))
+	BAD[2][2] = format('offline_backend = "postgres"\noffline_postgres = %q',
+		format("host=127.0.0.1 port=%d dbname=%s sslmode=disable connect_timeout=2", free_port(), db))
+	local extra = {}
+	for _, case in ipairs(BAD) do extra[#extra + 1] = format("VirtualHost %q\n%s\n", case[1], case[2]) end
+	TestTwoNodes.a = offline.start { host = host_config(format("%q",
+		format("host=127.0.0.1 port=%d dbname=%s user=postgres sslmode=disable", pg.port, db))) }
+	TestTwoNodes.b = offline.start { host = host_config(format(
+		'{ driver = "PostgreSQL", database = %q, username = "postgres", host = "127.0.0.1", port = %d }',
+		db, pg.port)) .. table.concat(extra) }
+	return TestTwoNodes.a, TestTwoNodes.b, pg
+end
+
+function TestTwoNodes.teardownClass()
+	for _, k in ipairs { "a", "b" } do
+		if TestTwoNodes[k] then TestTwoNodes[k]:cleanup(); TestTwoNodes[k] = nil end
+	end
+end
+
+function TestTwoNodes:test_stored_on_a_delivered_on_b()
+	local a, b = self:nodes()
+	local alice = online(a, "alice")
+	alice:send(chat("bob@localhost", "x1", "through node A"))
+	alice:send(chat("bob@localhost", "x2", "also through node A"))
+	lu.assertEquals(#alice:ping(), 0, "nothing comes back to the sender")
+	local got = collect_offline(b, "bob")
+	lu.assertEquals(ids(got), { "x1", "x2" })
+	lu.assertEquals(got[1]:get_child_text("body"), "through node A")
+	lu.assertEquals(got[1].attr.from, alice.jid)
+	local d = delays(got[1])
+	lu.assertEquals(#d, 1)
+	lu.assertEquals(d[1]:get_text(), "Offline Storage")
+	lu.assertEquals(#collect_offline(a, "bob"), 0, "delivered once, across both nodes")
+	alice:close()
+end
+
+function TestTwoNodes:test_limit_holds_across_nodes()
+	local a, b = self:nodes()
+	local alice, dave = online(a, "alice"), online(b, "dave")
+	for i = 1, 2 do alice:send(chat("carol@localhost", "a" .. i, "from A")) end
+	lu.assertEquals(#messages(alice:ping()), 0)
+	for i = 1, 2 do dave:send(chat("carol@localhost", "b" .. i, "from B")) end
+	local back = messages(dave:ping())
+	lu.assertEquals(ids(back), { "b2" }, "the fourth message is over the limit of 3")
+	lu.assertEquals(error_of(back[1]), { etype = "wait", condition = "resource-constraint", text = policy.LIMIT_TEXT })
+	lu.assertEquals(ids(collect_offline(a, "carol")), { "a1", "a2", "b1" })
+	alice:close()
+	dave:close()
+end
+
+-- Both nodes store at the same moment: still exactly 3.
+function TestTwoNodes:test_limit_holds_when_both_store_at_once()
+	local a, b = self:nodes()
+	local alice, dave = online(a, "alice"), online(b, "dave")
+	for i = 1, 6 do
+		alice:send(chat("carol@localhost", "p" .. i, "A"))
+		dave:send(chat("carol@localhost", "q" .. i, "B"))
+	end
+	local errors = #messages(alice:ping()) + #messages(dave:ping())
+	lu.assertEquals(errors, 9, "12 sent, 3 stored")
+	lu.assertEquals(#collect_offline(b, "carol"), 3)
+	alice:close()
+	dave:close()
+end
+
+-- PostgreSQL goes away: the sender gets the storage-failure error (SPEC §5); once it is back,
+-- both nodes reconnect by themselves and storing and delivery work again.
+function TestTwoNodes:test_outage_fails_the_store_then_recovers()
+	local a, b, pg = self:nodes()
+	local alice = online(a, "alice")
+	pg:stop("fast")
+	local ok, err = pcall(function()
+		alice:send(chat("bob@localhost", "lost", "while PostgreSQL is down"))
+		local back = messages(alice:ping())
+		lu.assertEquals(ids(back), { "lost" })
+		lu.assertEquals(error_of(back[1]), { etype = "wait", condition = "internal-server-error", text = policy.FAILURE_TEXT })
+		lu.assertStrContains(a:log(), "PostgreSQL is unreachable")
+	end)
+	pg:start()
+	assert(ok, err)
+	socket.sleep(0.3) -- past the first reconnection backoff
+	alice:send(chat("bob@localhost", "kept", "after the restart"))
+	lu.assertEquals(#messages(alice:ping()), 0, "stored again")
+	lu.assertEquals(ids(collect_offline(b, "bob", nil, nil, 1)), { "kept" })
+	alice:close()
+end
+
+function TestTwoNodes:test_bad_offline_postgres_refuses_to_load()
+	local _, b = self:nodes()
+	local log = b:log()
+	for _, case in ipairs(BAD) do
+		local line = log:match("[^\n]*" .. case[1]:gsub("%p", "%%%0") .. ":offline[^\n]*error[^\n]*") or ""
+		lu.assertStrContains(line, case[3], false, case[1])
+		lu.assertStrContains(line, "not loaded on " .. case[1])
+		lu.assertNotStrContains(line, "password=wrong", "no password in the log")
+	end
+	lu.assertStrContains(log, "cannot open the postgres offline store of badpassword.localhost: cannot connect to PostgreSQL")
+end
+
+if not _RUNNER then os.exit(lu.LuaUnit.run()) end
