@@ -85,6 +85,10 @@ valgrind: $(CORE)
 bench: $(CORE) build/bench_core
 	$(LUA) bench/core.lua
 
+# Per-call latency of postgres (its own throwaway server on loopback) next to sqlite.
+bench-postgres: $(CORE)
+	$(LUA) bench/postgres_latency.lua
+
 build/bench_core: bench/baseline.c
 	@mkdir -p build
 	$(CC) $(WARN) -O2 -o $@ $< $(SQLITE_CFLAGS) $(SQLITE_LIBS)

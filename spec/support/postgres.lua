@@ -102,12 +102,13 @@ function Server:conninfo_for(extra)
 		self.port, self.db, extra and (" " .. extra) or "")
 end
 
--- A new, empty schema; the conninfo puts it first on the search_path.
-function Server:fresh_conninfo()
+-- A new, empty schema; the conninfo puts it first on the search_path. `settings`, if given,
+-- are more server settings for the session ("-csynchronous_commit=off").
+function Server:fresh_conninfo(settings)
 	self.schemas = self.schemas + 1
 	local name = format("t%d", self.schemas)
 	self:psql(format("CREATE SCHEMA %s", name))
-	return self:conninfo_for(format("options='-csearch_path=%s'", name)), name
+	return self:conninfo_for(format("options='-csearch_path=%s%s'", name, settings and (" " .. settings) or "")), name
 end
 
 -- A new, empty database (for clients that cannot set a search_path, such as a Prosody-style
@@ -164,7 +165,9 @@ end
 local live = {}
 
 -- Initialises and starts a new server; returns it, or raises with the reason.
-function M.start()
+-- opts.durable: keep PostgreSQL's default fsync (the bench); the specs run without it.
+function M.start(opts)
+	opts = opts or {}
 	local bin = bindir()
 	if not bin then error("no PostgreSQL server binaries (initdb, pg_ctl): install Debian's postgresql package", 0) end
 	local mok, dir = sh("mktemp -d /tmp/offline-store-pg.XXXXXX")
@@ -187,7 +190,8 @@ function M.start()
 			"listen_addresses = '127.0.0.1'",
 			format("port = %d", self.port),
 			format("unix_socket_directories = '%s'", self.dir),
-			"fsync = off", "full_page_writes = off", "shared_buffers = 16MB", "max_connections = 60",
+			opts.durable and "" or "fsync = off", opts.durable and "" or "full_page_writes = off",
+			"shared_buffers = 16MB", "max_connections = 60",
 			"log_min_messages = warning", "deadlock_timeout = 200ms", "",
 		}, "\n"))
 		support.write(self.dir .. "/pg_hba.conf", table.concat({
