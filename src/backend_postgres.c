@@ -568,7 +568,7 @@ static int pg_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
 	pg *g = s->impl;
 	PGresult *r;
 	params p;
-	int i, n;
+	int i, n, rc = OS_OK;
 	if (ready(s, g) != OS_OK)
 		return OS_FAIL;
 	p_key(&p, k);
@@ -579,9 +579,8 @@ static int pg_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
 		p_i64(&p, max);
 	r = run(g, ST_LIST, &p);
 	if (!result_ok(r)) {
-		pgfail(s, g, r);
-		PQclear(r);
-		return OS_FAIL;
+		rc = pgfail(s, g, r);
+		goto done;
 	}
 	n = PQntuples(r);
 	g->live = r;
@@ -591,8 +590,9 @@ static int pg_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
 		emit(ud, &it);
 	}
 	g->live = NULL;
+done:
 	PQclear(r);
-	return OS_OK;
+	return rc;
 }
 
 /* Locks the user's queue row and runs one of the USER_DELETE statements
@@ -710,24 +710,24 @@ static int pg_users(os_store *s, os_str host, os_emit_user emit, void *ud) {
 	pg *g = s->impl;
 	PGresult *r;
 	params p;
-	int i, n;
+	int i, n, rc = OS_OK;
 	if (ready(s, g) != OS_OK)
 		return OS_FAIL;
 	p.n = p.too_big = 0;
 	p_bytes(&p, host.p, host.n);
 	r = run(g, ST_USERS, &p);
 	if (!result_ok(r)) {
-		pgfail(s, g, r);
-		PQclear(r);
-		return OS_FAIL;
+		rc = pgfail(s, g, r);
+		goto done;
 	}
 	n = PQntuples(r);
 	g->live = r;
 	for (i = 0; i < n; i++)
 		emit(ud, col_str(r, i, 0), col_i64(r, i, 1), col_i64(r, i, 2));
 	g->live = NULL;
+done:
 	PQclear(r);
-	return OS_OK;
+	return rc;
 }
 
 static void pg_free(pg *g) {
