@@ -284,7 +284,7 @@ end
 function TestPostgresConnection:test_store_loop_across_a_restart()
 	local srv, db = self.srv, self.db
 	assert(support.exec(srv:restart_later(0.3, "immediate")))
-	local deadline, ok_xml, failed, after_failure = socket.gettime() + 6, {}, 0, 0
+	local deadline, ok_xml, failed, after_failure = socket.gettime() + 30, {}, 0, 0
 	local i = 0
 	while socket.gettime() < deadline do
 		i = i + 1
@@ -329,7 +329,7 @@ function TestPostgresConnection:test_server_down_then_back()
 	lu.assertStrContains(msg, "next reconnection attempt")
 	lu.assertTrue(socket.gettime() - started < 0.1, "no reconnection attempt within the backoff")
 	srv:start()
-	lu.assertEquals(store_until_ok(db, "bob", "three", socket.gettime() + 10), 2)
+	lu.assertEquals(store_until_ok(db, "bob", "three", socket.gettime() + 30), 2)
 	assert_counter(db, "bob")
 end
 
