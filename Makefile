@@ -27,11 +27,12 @@ ASAN_CORE = build/asan/offline_store/core.so
 ASAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
 # Debian packages the build, the specs and the demo need.
-DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks pkg-config prosody gcc make postgresql libpq-dev
+DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks pkg-config prosody gcc make postgresql libpq-dev \
+       clang libclang-rt-14-dev
 
 SPECS ?= spec/*_spec.lua
 
-.PHONY: all deps test test-asan test-unit valgrind bench demo install clean
+.PHONY: all deps test test-asan test-unit valgrind bench demo install clean fuzz
 
 all: $(CORE)
 
@@ -65,6 +66,7 @@ $(FAULT): spec/support/fault.c
 test: deps $(CORE) $(FAULT)
 	$(LUA) spec/run.lua $(SPECS)
 	$(MAKE) --no-print-directory test-asan
+	$(MAKE) --no-print-directory fuzz
 
 # The core specs under AddressSanitizer + UBSan (the Lua interpreter is not
 # instrumented, so the runtime is preloaded; leak checks cover the core).
@@ -101,3 +103,27 @@ install: $(CORE)
 
 clean:
 	rm -rf build
+
+# Differential fuzzing (spec/fuzz/fuzz_core.c): both backends against a model of SPEC §3, under
+# libFuzzer + ASan + UBSan; needs clang and libclang-rt-14-dev. One core for FUZZ_SECONDS; the
+# corpus grows in build/fuzz/corpus (seeded from spec/fuzz/corpus); a failing input is saved as
+# build/fuzz/crash-*; replay it with OFFLINE_STORE_FUZZ_TRACE=1 build/fuzz_core FILE.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 120
+FUZZ_CFLAGS   = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+FUZZ_SRC      = spec/fuzz/fuzz_core.c src/backend_sqlite.c src/backend_memory.c
+
+build/fuzz_core: $(FUZZ_SRC) $(HDR)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(WARN) $(FUZZ_CFLAGS) -Isrc $(SQLITE_CFLAGS) -o $@ $(FUZZ_SRC) $(SQLITE_LIBS)
+
+fuzz: build/fuzz_core
+	@mkdir -p build/fuzz/corpus
+	@echo "fuzz: $(FUZZ_SECONDS) s, log in build/fuzz/fuzz.log"
+	@UBSAN_OPTIONS=print_stacktrace=1 ./build/fuzz_core -max_total_time=$(FUZZ_SECONDS) \
+	  -max_len=4096 -timeout=30 -print_final_stats=1 -artifact_prefix=build/fuzz/ \
+	  build/fuzz/corpus spec/fuzz/corpus >build/fuzz/fuzz.log 2>&1; rc=$$?; \
+	[ $$rc -eq 0 ] || tail -n 60 build/fuzz/fuzz.log; \
+	grep -E '^#[0-9]+[[:space:]]+DONE' build/fuzz/fuzz.log | tail -n 1; \
+	grep -E '^stat::(number_of_executed_units|average_exec_per_sec)' build/fuzz/fuzz.log; \
+	exit $$rc

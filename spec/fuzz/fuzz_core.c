@@ -1,0 +1,852 @@
+/* Differential fuzz target for the storage core (SPEC §3): libFuzzer's input is decoded into a
+ * sequence of backend calls that run on the memory backend, on the sqlite backend (one
+ * ":memory:" database, emptied after each input) and on a plain reference model kept in arrays
+ * here; the first disagreement or sanitizer report abort()s. Build and run: `make fuzz`. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <sqlite3.h>
+
+#include "backend.h"
+
+/*
+ * Input encoding. Every read past the end yields 0 bytes, so any input decodes. Repeated:
+ *   op = byte % 13, then its arguments:
+ *   0-2 store  host user from xml ts expire max_count max_bytes meta
+ *   3   pop    host user now max abort      4  count host user
+ *   5   list   host user after max abort    6  remove host user n id*n
+ *   7   remove_user host user   8 remove_host host   9 delete_expired now
+ *   10  delete_older_than cutoff            11 users host abort
+ *   12  fault  b: the next op's sqlite call sees allocation number 1 + (b >> 1) % 128 fail
+ *          (b & 1: that one only; else every one after it, until the call returns)
+ * host and user index small fixed sets (so queues collide, including the pairs ("ab","c") and
+ * ("a","bc") and names with NUL bytes); a user byte >= 0xc0 names one of 64 more users, so that
+ * there can be more queues than the memory backend's initial 64 buckets. Times are mostly near
+ * one base instant so that expire == now and ts == cutoff boundaries are hit; "abort" makes the
+ * emit callback longjmp out after its k-th item, as a Lua error raised in core.c's collector
+ * would. An id argument names an earlier stored message (mapped to each backend's own id) or
+ * an id no message has. After the last op every queue the input named and every host's user
+ * list are compared in full; then every host is removed from the sqlite store (emptying it for
+ * the next input) and the memory store is closed with what it holds. Every op runs on sqlite
+ * first: when an injected allocation failure makes it fail, the op is skipped on the memory
+ * backend and in the model, so the comparisons that follow check it changed nothing (§3: "a
+ * failure never leaves a half-written message or a wrong count").
+ * OFFLINE_STORE_FUZZ_TRACE=1 prints the ops as Lua calls (for turning a crash into a spec);
+ * OFFLINE_STORE_FUZZ_DB=/tmp/file runs sqlite on that file (deleted at start) instead.
+ */
+
+#define MAX_OPS 2048
+#define BASE INT64_C(1700000000000000) /* µs */
+#define NB 2                           /* backends: 0 memory, 1 sqlite */
+
+/* What core.c provides to the backends, with the same behaviour. */
+int os_fail(os_store *s, int code, const char *fmt, ...) {
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(s->errmsg, sizeof s->errmsg, fmt, ap);
+	va_end(ap);
+	s->errcode = code;
+	return OS_FAIL;
+}
+
+#define S(lit) { lit, sizeof lit - 1 }
+static const os_str HOSTS[] = { S("example.org"), S("ab"), S("a"), S(""), S("h\0st"), S("other.org") };
+static const os_str NAMED[] = { S("bob"), S("c"), S("bc"), S(""), S("u\0ser"), S("\xff\xfe"), S("carol") };
+static const os_str FROMS[] = { S("alice@example.org/phone"), S(""), S("x\0y") };
+#define NH (int)(sizeof HOSTS / sizeof *HOSTS)
+#define NNAMED (int)(sizeof NAMED / sizeof *NAMED)
+#define NU (NNAMED + 64) /* the named users, then "u0".."u63": enough queues to grow tables */
+static os_str USERS[NU];
+static char user_names[64][4];
+static unsigned char used[NH][NU]; /* keys this input named */
+
+/* ---- input reader ---- */
+
+typedef struct {
+	const uint8_t *p;
+	size_t n;
+} reader;
+
+static unsigned u8(reader *r) {
+	if (!r->n)
+		return 0;
+	r->n--;
+	return *r->p++;
+}
+
+static uint64_t un(reader *r, int nbytes) {
+	uint64_t v = 0;
+	int i;
+	for (i = 0; i < nbytes; i++)
+		v |= (uint64_t)u8(r) << (8 * i);
+	return v;
+}
+
+static int pick_host(reader *r) {
+	return (int)(u8(r) % NH);
+}
+
+/* Mostly the named users, so that queues collide. */
+static int pick_user(reader *r, int h) {
+	unsigned b = u8(r);
+	int u = b < 0xc0 ? (int)(b % NNAMED) : NNAMED + (int)(b & 63);
+	used[h][u] = 1;
+	return u;
+}
+
+static os_str take(reader *r, size_t n) {
+	os_str s;
+	if (n > r->n)
+		n = r->n;
+	s.p = n ? (const char *)r->p : "";
+	s.n = n;
+	r->p += n;
+	r->n -= n;
+	return s;
+}
+
+static int64_t pick_time(reader *r) {
+	static const int64_t extreme[8] = { INT64_MIN, INT64_MIN + 1, INT64_MAX, INT64_MAX - 1,
+	                                    0, -1, 1, BASE };
+	unsigned b = u8(r);
+	uint64_t raw;
+	int64_t v;
+	switch (b >> 5) {
+	case 0: case 1: case 2: case 3:
+		return BASE + (int64_t)(b & 31) - 16;
+	case 4:
+		return BASE + (int64_t)u8(r) - 128;
+	case 5:
+		return BASE + (int64_t)un(r, 2) * 1000 - 32768000;
+	case 6:
+		return extreme[b & 7];
+	default:
+		raw = un(r, 8);
+		memcpy(&v, &raw, sizeof v);
+		return v;
+	}
+}
+
+static int64_t pick_expire(reader *r) {
+	return u8(r) & 1 ? pick_time(r) : OS_NONE;
+}
+
+/* A limit as core.c lets it through: OS_NONE or >= 0; mostly none. */
+static int64_t pick_limit(reader *r, int64_t scale) {
+	static const int64_t extreme[4] = { 0, 1, INT64_MAX, INT64_MAX - 1 };
+	unsigned b = u8(r);
+	switch (b & 7) {
+	case 4: return (b >> 3) & 7;
+	case 5: return (int64_t)(b >> 3) * scale;
+	case 6: return (int64_t)un(r, 2) % (64 * scale);
+	case 7: return extreme[(b >> 3) & 3];
+	default: return OS_NONE;
+	}
+}
+
+static os_str pick_payload(reader *r) {
+	unsigned b = u8(r);
+	size_t n = b < 0xe0 ? b % 48 : (size_t)(b & 31) * 64 + u8(r) % 64;
+	return take(r, n);
+}
+
+static os_str pick_from(reader *r) {
+	unsigned b = u8(r) % 4;
+	return b < 3 ? FROMS[b] : take(r, u8(r) % 16);
+}
+
+static os_str pick_meta(reader *r) {
+	os_str m;
+	switch (u8(r) % 4) {
+	case 2: m.p = ""; m.n = 0; return m;
+	case 3: return take(r, u8(r) % 16);
+	default: m.p = NULL; m.n = 0; return m;
+	}
+}
+
+/* Pop/list max: OS_NONE or a small count (core.c allows >= 0). */
+static int64_t pick_max(reader *r) {
+	unsigned b = u8(r);
+	return b & 1 ? OS_NONE : (int64_t)(b >> 1) % 8;
+}
+
+/* 0: let the call finish; k: raise out of the k-th emit. */
+static size_t pick_abort(reader *r) {
+	unsigned b = u8(r);
+	return b >= 0xf0 ? (size_t)(b & 15) + 1 : 0;
+}
+
+/* ---- the reference model ---- */
+
+typedef struct {
+	int host, user, alive;
+	int64_t ts, expire;
+	os_str from, xml, meta; /* bytes live in the fuzzer's input */
+	int64_t id[NB];         /* the id each backend gave it */
+} mmsg;
+
+static mmsg msgs[MAX_OPS]; /* in store order, so in id order for every backend */
+static size_t nmsg;
+static int64_t last_id[NB]; /* the highest id each backend has handed out */
+
+static int of_key(const mmsg *m, int h, int u) {
+	return m->alive && m->host == h && m->user == u;
+}
+
+static void model_count(int h, int u, int64_t *count, int64_t *bytes) {
+	size_t i;
+	*count = *bytes = 0;
+	for (i = 0; i < nmsg; i++)
+		if (of_key(&msgs[i], h, u)) {
+			++*count;
+			*bytes += (int64_t)msgs[i].xml.n;
+		}
+}
+
+static int is_expired(const mmsg *m, int64_t now) {
+	return m->expire != OS_NONE && m->expire <= now;
+}
+
+/* ---- the run ---- */
+
+static os_store stores[NB];
+static const char *const bname[NB] = { "memory", "sqlite" };
+static int opno, trace;
+static const char *opname;
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 2, 3), noreturn))
+#endif
+static void fail(int b, const char *fmt, ...);
+
+static void fail(int b, const char *fmt, ...) {
+	va_list ap;
+	fprintf(stderr, "\nfuzz_core MISMATCH: op %d (%s), backend %s: ", opno, opname,
+	        b >= 0 ? bname[b] : "-");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	abort();
+}
+
+/* ---- allocation faults for sqlite (SQLITE_CONFIG_MALLOC, installed before the first open) ---- */
+
+static sqlite3_mem_methods real_mem, fault_mem;
+static struct {
+	long pending, countdown; /* pending: set by op 12 for the next op; countdown > 0: armed */
+	int once, pending_once, hit;
+} flt;
+
+static int fault_now(void) {
+	if (flt.countdown > 0 && --flt.countdown == 0) {
+		flt.hit = 1;
+		flt.countdown = flt.once ? 0 : 1; /* stays at 1: every later allocation fails too */
+		return 1;
+	}
+	return 0;
+}
+
+static void *fault_malloc(int n) {
+	return fault_now() ? NULL : real_mem.xMalloc(n);
+}
+
+static void *fault_realloc(void *p, int n) {
+	return fault_now() ? NULL : real_mem.xRealloc(p, n);
+}
+
+static void install_faults(void) {
+	if (sqlite3_config(SQLITE_CONFIG_GETMALLOC, &real_mem) != SQLITE_OK)
+		abort();
+	fault_mem = real_mem;
+	fault_mem.xMalloc = fault_malloc;
+	fault_mem.xRealloc = fault_realloc;
+	if (sqlite3_config(SQLITE_CONFIG_MALLOC, &fault_mem) != SQLITE_OK)
+		abort();
+}
+
+/* Arms the pending fault around backend b's call (only sqlite's). */
+static void fault_arm(int b) {
+	flt.hit = 0;
+	flt.countdown = b == 1 ? flt.pending : 0;
+	flt.once = flt.pending_once;
+}
+
+/* Disarms; 1 when the call failed under an injected fault: the caller then skips the op. */
+static int fault_failed(int b, int rc) {
+	int failed = b == 1 && flt.hit && rc == OS_FAIL;
+	flt.countdown = 0;
+	if (b == 1)
+		flt.pending = 0;
+	if (failed && trace)
+		fprintf(stderr, "-- sqlite failed under the injected fault: %s (%d); op skipped\n",
+		        stores[1].errmsg, stores[1].errcode);
+	return failed;
+}
+
+static void check_rc(int b, int rc, int want) {
+	if (rc == OS_FAIL)
+		fail(b, "call failed: %s (%d)", stores[b].errmsg, stores[b].errcode);
+	if (rc != want)
+		fail(b, "returned %d, the model says %d", rc, want);
+}
+
+static void check_i64(int b, const char *what, int64_t got, int64_t want) {
+	if (got != want)
+		fail(b, "%s is %lld, the model says %lld", what, (long long)got, (long long)want);
+}
+
+static int str_eq(os_str a, os_str b) {
+	return a.n == b.n && (a.n == 0 || memcmp(a.p, b.p, a.n) == 0);
+}
+
+static os_key key_of(int h, int u) {
+	os_key k;
+	k.host = HOSTS[h];
+	k.user = USERS[u];
+	return k;
+}
+
+/* Tracing as Lua source, so a crash reads like the regression spec it becomes. */
+static void tr_str(os_str s) {
+	size_t i;
+	if (!s.p) {
+		fputs("nil", stderr);
+		return;
+	}
+	fputc('"', stderr);
+	for (i = 0; i < s.n; i++) {
+		unsigned char c = (unsigned char)s.p[i];
+		if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\')
+			fputc(c, stderr);
+		else
+			fprintf(stderr, "\\%03u", c);
+	}
+	fputc('"', stderr);
+}
+
+static void tr_int(int64_t v) {
+	if (v == INT64_MIN)
+		fputs("math.mininteger", stderr);
+	else
+		fprintf(stderr, "%lld", (long long)v);
+}
+
+static void tr_opt(int64_t v) {
+	if (v == OS_NONE)
+		fputs("nil", stderr);
+	else
+		tr_int(v);
+}
+
+static void tr_key(const char *method, int h, int u) {
+	fprintf(stderr, "db:%s(", method);
+	tr_str(HOSTS[h]);
+	if (u >= 0) {
+		fputs(", ", stderr);
+		tr_str(USERS[u]);
+	}
+}
+
+/* The emit callbacks check each item against the model as it comes. */
+static struct {
+	int b;
+	const size_t *want; /* model indexes, in the order the items must come */
+	size_t nwant, seen, abort_at;
+	int64_t ucount[NU], ubytes[NU];
+	int useen[NU];
+	jmp_buf jb;
+} cx;
+
+static void on_item(void *ud, const os_item *it) {
+	const mmsg *m;
+	(void)ud;
+	if (cx.seen >= cx.nwant)
+		fail(cx.b, "emitted more than the %zu items expected (extra id %lld)", cx.nwant,
+		     (long long)it->id);
+	m = &msgs[cx.want[cx.seen]];
+	if (it->id != m->id[cx.b])
+		fail(cx.b, "item %zu has id %lld, expected message #%zu (id %lld)", cx.seen,
+		     (long long)it->id, cx.want[cx.seen], (long long)m->id[cx.b]);
+	check_i64(cx.b, "item ts", it->ts, m->ts);
+	check_i64(cx.b, "item expire", it->expire, m->expire);
+	if (!str_eq(it->from, m->from))
+		fail(cx.b, "item %zu: from differs", cx.seen);
+	if (!str_eq(it->xml, m->xml))
+		fail(cx.b, "item %zu: xml differs (%zu bytes, expected %zu)", cx.seen, it->xml.n, m->xml.n);
+	if ((it->meta.p == NULL) != (m->meta.p == NULL) || (m->meta.p && !str_eq(it->meta, m->meta)))
+		fail(cx.b, "item %zu: meta differs", cx.seen);
+	if (++cx.seen == cx.abort_at)
+		longjmp(cx.jb, 1);
+}
+
+static void on_user(void *ud, os_str user, int64_t count, int64_t bytes) {
+	int u;
+	(void)ud;
+	for (u = 0; u < NU && !str_eq(user, USERS[u]); u++)
+		;
+	if (u == NU)
+		fail(cx.b, "users() emitted a user no message was stored for");
+	if (cx.useen[u]++)
+		fail(cx.b, "users() emitted user %d twice", u);
+	if (cx.ucount[u] == 0)
+		fail(cx.b, "users() emitted user %d, whose queue is empty", u);
+	check_i64(cx.b, "users() count", count, cx.ucount[u]);
+	check_i64(cx.b, "users() bytes", bytes, cx.ubytes[u]);
+	if (++cx.seen == cx.abort_at)
+		longjmp(cx.jb, 1);
+}
+
+static size_t want_buf[MAX_OPS];
+
+static void op_store(reader *r) {
+	int h = pick_host(r), u = pick_user(r, h), b;
+	mmsg m;
+	os_key k = key_of(h, u);
+	os_item it;
+	os_limit lim;
+	int64_t count, bytes;
+	int want;
+	memset(&m, 0, sizeof m);
+	m.host = h;
+	m.user = u;
+	m.from = pick_from(r);
+	m.xml = pick_payload(r);
+	m.ts = pick_time(r);
+	m.expire = pick_expire(r);
+	lim.max_count = pick_limit(r, 1);
+	lim.max_bytes = pick_limit(r, 16);
+	m.meta = pick_meta(r);
+	model_count(h, u, &count, &bytes);
+	want = (lim.max_count != OS_NONE && count + 1 > lim.max_count) ||
+	               (lim.max_bytes != OS_NONE && bytes + (int64_t)m.xml.n > lim.max_bytes)
+	           ? OS_LIMIT
+	           : OS_OK;
+	if (trace) {
+		tr_key("store", h, u);
+		fputs(", ", stderr), tr_str(m.from), fputs(", ", stderr), tr_str(m.xml);
+		fputs(", ", stderr), tr_int(m.ts), fputs(", ", stderr), tr_opt(m.expire);
+		fputs(", ", stderr), tr_opt(lim.max_count), fputs(", ", stderr), tr_opt(lim.max_bytes);
+		fputs(", ", stderr), tr_str(m.meta);
+		if (want == OS_OK)
+			fprintf(stderr, ") -- ids[%zu]\n", nmsg);
+		else
+			fputs(") -- limit\n", stderr);
+	}
+	it.id = 0;
+	it.ts = m.ts;
+	it.expire = m.expire;
+	it.from = m.from;
+	it.xml = m.xml;
+	it.meta = m.meta;
+	for (b = NB - 1; b >= 0; b--) {
+		int64_t got_count = -1, id = 0;
+		int rc;
+		fault_arm(b);
+		rc = stores[b].be->store(&stores[b], &k, &it, &lim, &got_count, &id);
+		if (fault_failed(b, rc))
+			return;
+		check_rc(b, rc, want);
+		check_i64(b, "store count", got_count, want == OS_OK ? count + 1 : count);
+		if (want == OS_OK) {
+			if (id <= last_id[b])
+				fail(b, "id %lld is not above the previous id %lld", (long long)id,
+				     (long long)last_id[b]);
+			last_id[b] = m.id[b] = id;
+		}
+	}
+	if (want == OS_OK) {
+		m.alive = 1;
+		msgs[nmsg++] = m;
+	}
+}
+
+static void op_pop(reader *r) {
+	int h = pick_host(r), u = pick_user(r, h), b;
+	int64_t now = pick_time(r), max = pick_max(r), expired = 0, returned = 0, expired_want = 0;
+	size_t abort_at = pick_abort(r), i, nvisit = 0, visit[MAX_OPS];
+	os_key k = key_of(h, u);
+	int jumped_want;
+	if (trace) {
+		tr_key("pop", h, u), fputs(", ", stderr), tr_int(now), fputs(", ", stderr), tr_opt(max);
+		fprintf(stderr, ")%s\n", abort_at ? " -- abandoned" : "");
+	}
+	cx.nwant = 0;
+	for (i = 0; i < nmsg && (max == OS_NONE || returned < max); i++) {
+		if (!of_key(&msgs[i], h, u))
+			continue;
+		visit[nvisit++] = i;
+		if (is_expired(&msgs[i], now)) {
+			expired_want++;
+			continue;
+		}
+		want_buf[cx.nwant++] = i;
+		returned++;
+	}
+	jumped_want = abort_at && abort_at <= cx.nwant;
+	for (b = NB - 1; b >= 0; b--) {
+		volatile int rc = OS_FAIL;
+		cx.b = b;
+		cx.want = want_buf;
+		cx.seen = 0;
+		cx.abort_at = abort_at;
+		fault_arm(b);
+		if (setjmp(cx.jb) == 0) {
+			rc = stores[b].be->pop(&stores[b], &k, now, max, on_item, NULL, &expired);
+			if (fault_failed(b, rc))
+				return;
+			if (jumped_want)
+				fail(b, "pop finished instead of being abandoned at item %zu", abort_at);
+			check_rc(b, rc, OS_OK);
+			check_i64(b, "pop items", (int64_t)cx.seen, (int64_t)cx.nwant);
+			check_i64(b, "pop expired", expired, expired_want);
+		} else {
+			fault_failed(b, OS_OK);
+			if (!jumped_want)
+				fail(b, "pop jumped out unexpectedly");
+		}
+	}
+	if (!jumped_want)
+		for (i = 0; i < nvisit; i++)
+			msgs[visit[i]].alive = 0;
+}
+
+static void do_count(int h, int u) {
+	int64_t want_count, want_bytes;
+	os_key k = key_of(h, u);
+	int b;
+	model_count(h, u, &want_count, &want_bytes);
+	for (b = NB - 1; b >= 0; b--) {
+		int64_t count = -1, bytes = -1;
+		int rc;
+		fault_arm(b);
+		rc = stores[b].be->count(&stores[b], &k, &count, &bytes);
+		if (fault_failed(b, rc))
+			return;
+		check_rc(b, rc, OS_OK);
+		check_i64(b, "count", count, want_count);
+		check_i64(b, "bytes", bytes, want_bytes);
+	}
+}
+
+static void op_count(reader *r) {
+	int h = pick_host(r), u = pick_user(r, h);
+	if (trace)
+		tr_key("count", h, u), fputs(")\n", stderr);
+	do_count(h, u);
+}
+
+/* after: the index of the message whose id to page after; >= nmsg: after every id
+ * (math.maxinteger); -1 or -2: before every id (0 or math.mininteger). */
+static void do_list(int h, int u, long after, int64_t max, size_t abort_at) {
+	static const int64_t none_after[2] = { INT64_MIN, 0 };
+	os_key k = key_of(h, u);
+	size_t i;
+	int b, jumped_want;
+	cx.nwant = 0;
+	for (i = after < 0 ? 0 : (size_t)after + 1; i < nmsg; i++)
+		if (of_key(&msgs[i], h, u) && (max == OS_NONE || (int64_t)cx.nwant < max))
+			want_buf[cx.nwant++] = i;
+	jumped_want = abort_at && abort_at <= cx.nwant;
+	for (b = NB - 1; b >= 0; b--) {
+		int64_t after_id;
+		volatile int rc = OS_FAIL;
+		if (after < 0)
+			after_id = none_after[after & 1];
+		else if ((size_t)after >= nmsg)
+			after_id = INT64_MAX;
+		else
+			after_id = msgs[after].id[b];
+		cx.b = b;
+		cx.want = want_buf;
+		cx.seen = 0;
+		cx.abort_at = abort_at;
+		fault_arm(b);
+		if (setjmp(cx.jb) == 0) {
+			rc = stores[b].be->list(&stores[b], &k, after_id, max, on_item, NULL);
+			if (fault_failed(b, rc))
+				return;
+			if (jumped_want)
+				fail(b, "list finished instead of being abandoned at item %zu", abort_at);
+			check_rc(b, rc, OS_OK);
+			check_i64(b, "list items", (int64_t)cx.seen, (int64_t)cx.nwant);
+		} else {
+			fault_failed(b, OS_OK);
+			if (!jumped_want)
+				fail(b, "list jumped out unexpectedly");
+		}
+	}
+}
+
+static void op_list(reader *r) {
+	int h = pick_host(r), u = pick_user(r, h);
+	unsigned sel = u8(r);
+	long after;
+	int64_t max;
+	size_t abort_at;
+	if (sel < 0xc0 && nmsg)
+		after = (long)(un(r, 2) % nmsg);
+	else
+		after = sel & 4 ? (long)nmsg : -1 - (long)(sel & 1);
+	max = pick_max(r);
+	abort_at = pick_abort(r);
+	if (trace) {
+		tr_key("list", h, u);
+		if (after >= 0 && (size_t)after < nmsg)
+			fprintf(stderr, ", ids[%ld]", after);
+		else
+			fprintf(stderr, after < 0 ? ", %s" : ", math.maxinteger",
+			        after == -1 ? "0" : "math.mininteger");
+		fputs(", ", stderr), tr_opt(max), fprintf(stderr, ")%s\n", abort_at ? " -- abandoned" : "");
+	}
+	do_list(h, u, after, max, abort_at);
+}
+
+static void op_remove(reader *r) {
+	static const int64_t unknown[5] = { 0, -1, INT64_MIN, INT64_MAX, INT64_MAX - 1 };
+	int h = pick_host(r), u = pick_user(r, h), b;
+	size_t n = u8(r) % 6, i, j;
+	long which[8]; /* a message index, or -1 - an index into unknown[] */
+	int64_t ids[NB][8], touched_want = 0;
+	os_key k = key_of(h, u);
+	for (i = 0; i < n; i++) {
+		unsigned sel = u8(r);
+		which[i] = sel < 0xd0 && nmsg ? (long)(un(r, 2) % nmsg) : -1 - (long)(sel % 5);
+		for (b = 0; b < NB; b++)
+			ids[b][i] = which[i] >= 0 ? msgs[which[i]].id[b] : unknown[-1 - which[i]];
+	}
+	if (trace) {
+		tr_key("remove", h, u), fputs(", {", stderr);
+		for (i = 0; i < n; i++) {
+			if (which[i] >= 0)
+				fprintf(stderr, "%sids[%ld]", i ? ", " : "", which[i]);
+			else
+				fputs(i ? ", " : "", stderr), tr_int(ids[0][i]);
+		}
+		fputs("})\n", stderr);
+	}
+	for (i = 0; i < n; i++) {
+		int dup = 0;
+		for (j = 0; j < i; j++)
+			dup |= which[j] == which[i];
+		if (!dup && which[i] >= 0 && of_key(&msgs[which[i]], h, u))
+			touched_want++;
+	}
+	for (b = NB - 1; b >= 0; b--) {
+		int64_t touched = -1;
+		int rc;
+		fault_arm(b);
+		rc = stores[b].be->remove(&stores[b], &k, ids[b], n, &touched);
+		if (fault_failed(b, rc))
+			return;
+		check_rc(b, rc, OS_OK);
+		check_i64(b, "remove touched", touched, touched_want);
+	}
+	for (i = 0; i < n; i++)
+		if (which[i] >= 0 && of_key(&msgs[which[i]], h, u))
+			msgs[which[i]].alive = 0;
+}
+
+/* The shared tail of the four bulk deletes: h/u < 0 match every host/user. */
+static int64_t model_delete(int h, int u, int kind, int64_t arg, int apply) {
+	int64_t n = 0;
+	size_t i;
+	for (i = 0; i < nmsg; i++) {
+		mmsg *m = &msgs[i];
+		if (!m->alive || (h >= 0 && m->host != h) || (u >= 0 && m->user != u))
+			continue;
+		if ((kind == 'e' && !is_expired(m, arg)) || (kind == 'o' && !(m->ts < arg)))
+			continue;
+		if (apply)
+			m->alive = 0;
+		n++;
+	}
+	return n;
+}
+
+/* Runs one bulk delete on backend `only`, or on every backend when only < 0. */
+static void do_bulk(int kind, int h, int u, int64_t arg, int only) {
+	int64_t want = model_delete(h, u, kind, arg, 0);
+	os_key k = key_of(h < 0 ? 0 : h, u < 0 ? 0 : u);
+	int b;
+	for (b = NB - 1; b >= 0; b--) {
+		int64_t touched = -1;
+		os_store *s = &stores[b];
+		int rc;
+		if (only >= 0 && b != only)
+			continue;
+		fault_arm(b);
+		switch (kind) {
+		case 'u': rc = s->be->remove_user(s, &k, &touched); break;
+		case 'h': rc = s->be->remove_host(s, HOSTS[h], &touched); break;
+		case 'e': rc = s->be->delete_expired(s, arg, &touched); break;
+		default: rc = s->be->delete_older_than(s, arg, &touched); break;
+		}
+		if (fault_failed(b, rc))
+			return;
+		check_rc(b, rc, OS_OK);
+		check_i64(b, "touched", touched, want);
+	}
+	model_delete(h, u, kind, arg, 1);
+}
+
+static void op_bulk(reader *r, int kind) {
+	int h = -1, u = -1;
+	int64_t arg = 0;
+	switch (kind) {
+	case 'u': h = pick_host(r); u = pick_user(r, h); break;
+	case 'h': h = pick_host(r); break;
+	default: arg = pick_time(r); break;
+	}
+	if (trace) {
+		if (kind == 'u' || kind == 'h')
+			tr_key(kind == 'u' ? "remove_user" : "remove_host", h, u), fputs(")\n", stderr);
+		else
+			fputs(kind == 'e' ? "db:delete_expired(" : "db:delete_older_than(", stderr),
+				tr_int(arg), fputs(")\n", stderr);
+	}
+	do_bulk(kind, h, u, arg, -1);
+}
+
+static void do_users(int h, size_t abort_at) {
+	int b, u, nusers = 0, jumped_want;
+	for (u = 0; u < NU; u++) {
+		model_count(h, u, &cx.ucount[u], &cx.ubytes[u]);
+		nusers += cx.ucount[u] > 0;
+	}
+	jumped_want = abort_at && abort_at <= (size_t)nusers;
+	for (b = NB - 1; b >= 0; b--) {
+		volatile int rc = OS_FAIL;
+		cx.b = b;
+		cx.seen = 0;
+		cx.abort_at = abort_at;
+		memset(cx.useen, 0, sizeof cx.useen);
+		fault_arm(b);
+		if (setjmp(cx.jb) == 0) {
+			rc = stores[b].be->users(&stores[b], HOSTS[h], on_user, NULL);
+			if (fault_failed(b, rc))
+				return;
+			if (jumped_want)
+				fail(b, "users finished instead of being abandoned at user %zu", abort_at);
+			check_rc(b, rc, OS_OK);
+			check_i64(b, "users emitted", (int64_t)cx.seen, nusers);
+		} else {
+			fault_failed(b, OS_OK);
+			if (!jumped_want)
+				fail(b, "users jumped out unexpectedly");
+		}
+	}
+}
+
+static void op_users(reader *r) {
+	int h = pick_host(r);
+	size_t abort_at = pick_abort(r);
+	if (trace)
+		tr_key("users", h, -1), fprintf(stderr, ")%s\n", abort_at ? " -- abandoned" : "");
+	do_users(h, abort_at);
+}
+
+/* Every queue this input named and every host's users, in full, on both backends. */
+static void final_sweep(void) {
+	int h, u;
+	opname = "final sweep";
+	for (h = 0; h < NH; h++) {
+		for (u = 0; u < NU; u++) {
+			if (!used[h][u])
+				continue;
+			do_count(h, u);
+			do_list(h, u, -1, OS_NONE, 0);
+		}
+		do_users(h, 0);
+	}
+}
+
+/* The sqlite store is opened once per process (opening costs ~1 ms: schema and statements)
+ * and emptied after every input; the memory store is opened fresh for every input. */
+static void open_stores(void) {
+	const char *path = getenv("OFFLINE_STORE_FUZZ_DB");
+	os_sqlite_config cfg;
+	char aux[4096];
+	memset(&stores[0], 0, sizeof stores[0]);
+	if (os_memory_open(&stores[0]) != OS_OK)
+		fail(0, "open: %s", stores[0].errmsg);
+	if (stores[1].be)
+		return;
+	install_faults();
+	if (path && *path && strlen(path) < sizeof aux - 8) {
+		remove(path);
+		snprintf(aux, sizeof aux, "%s-wal", path);
+		remove(aux);
+		snprintf(aux, sizeof aux, "%s-shm", path);
+		remove(aux);
+	} else {
+		path = ":memory:";
+	}
+	cfg.path = path;
+	cfg.synchronous_full = 0;
+	cfg.busy_timeout_ms = 0;
+	if (os_sqlite_open(&stores[1], &cfg) != OS_OK)
+		fail(1, "open: %s", stores[1].errmsg);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+	reader r;
+	int h;
+	r.p = data;
+	r.n = size;
+	trace = getenv("OFFLINE_STORE_FUZZ_TRACE") != NULL;
+	if (!USERS[0].p) {
+		for (h = 0; h < NNAMED; h++)
+			USERS[h] = NAMED[h];
+		for (h = 0; h < 64; h++) {
+			USERS[NNAMED + h].p = user_names[h];
+			USERS[NNAMED + h].n = (size_t)sprintf(user_names[h], "u%d", h);
+		}
+	}
+	memset(used, 0, sizeof used);
+	nmsg = 0;
+	memset(last_id, 0, sizeof last_id);
+	opno = 0;
+	opname = "open";
+	open_stores();
+	while (r.n > 0 && opno < MAX_OPS) {
+		unsigned op = u8(&r) % 13, b;
+		opno++;
+		switch (op) {
+		case 0: case 1: case 2: opname = "store"; op_store(&r); break;
+		case 3: opname = "pop"; op_pop(&r); break;
+		case 4: opname = "count"; op_count(&r); break;
+		case 5: opname = "list"; op_list(&r); break;
+		case 6: opname = "remove"; op_remove(&r); break;
+		case 7: opname = "remove_user"; op_bulk(&r, 'u'); break;
+		case 8: opname = "remove_host"; op_bulk(&r, 'h'); break;
+		case 9: opname = "delete_expired"; op_bulk(&r, 'e'); break;
+		case 10: opname = "delete_older_than"; op_bulk(&r, 'o'); break;
+		case 11: opname = "users"; op_users(&r); break;
+		default:
+			opname = "fault";
+			b = u8(&r);
+			flt.pending = 1 + (long)(b >> 1) % 128;
+			flt.pending_once = b & 1;
+			if (trace)
+				fprintf(stderr, "-- fault: the next sqlite call fails at allocation %ld%s\n",
+				        flt.pending, flt.pending_once ? " (once)" : " (and after)");
+			break;
+		}
+	}
+	flt.pending = 0;
+	final_sweep();
+	/* Empties the sqlite store through the API (every message lives on one of HOSTS); the
+	 * memory store is closed as it is, so that closing frees queues that still hold messages. */
+	opname = "emptying";
+	for (h = 0; h < NH; h++)
+		do_bulk('h', h, -1, 0, 1);
+	stores[0].be->close(&stores[0]);
+	return 0;
+}
