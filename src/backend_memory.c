@@ -247,15 +247,16 @@ static int64_t filter_queue(mstore *m, mqueue **slot, int (*drop)(const mnode *,
 	return gone;
 }
 
-typedef struct { const int64_t *ids; size_t n; } id_set;
+typedef struct { int64_t *ids; size_t n; } id_set; /* ids sorted */
+
+static int cmp_id(const void *a, const void *b) {
+	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+	return (x > y) - (x < y);
+}
 
 static int drop_listed(const mnode *n, const void *arg) {
 	const id_set *set = arg;
-	size_t i;
-	for (i = 0; i < set->n; i++)
-		if (set->ids[i] == n->id)
-			return 1;
-	return 0;
+	return bsearch(&n->id, set->ids, set->n, sizeof *set->ids, cmp_id) != NULL;
 }
 
 static int drop_all(const mnode *n, const void *arg) {
@@ -276,9 +277,18 @@ static int mem_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n
 	mstore *m = s->impl;
 	mqueue **slot = find_slot(m, k, hash_key(k));
 	id_set set;
-	set.ids = ids;
+	*touched = 0;
+	if (!*slot || n == 0)
+		return OS_OK;
+	/* A sorted copy, so each queued message is looked up in O(log n). */
+	set.ids = malloc(n * sizeof *set.ids);
+	if (!set.ids)
+		return os_fail(s, ENOMEM, "out of memory");
+	memcpy(set.ids, ids, n * sizeof *set.ids);
+	qsort(set.ids, n, sizeof *set.ids, cmp_id);
 	set.n = n;
-	*touched = *slot && n > 0 ? filter_queue(m, slot, drop_listed, &set) : 0;
+	*touched = filter_queue(m, slot, drop_listed, &set);
+	free(set.ids);
 	return OS_OK;
 }
 

@@ -1,7 +1,10 @@
 /* The sqlite backend: one file, WAL, every statement prepared once at open.
  * A per-user row in `queue` holds the message count and stanza bytes and is
  * updated in the same transaction as every insert and delete, so the limit
- * check in store() reads one row instead of counting the queue. */
+ * check in store() reads one row instead of counting the queue. Messages are
+ * clustered by (host, user, id) in a WITHOUT ROWID table: a store touches the
+ * message page, the counter row and the id sequence (three pages per commit),
+ * and a pop reads and deletes a user's messages from a few adjacent pages. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,8 +18,8 @@
 
 enum {
 	ST_BEGIN, ST_COMMIT, ST_ROLLBACK,
-	ST_QUEUE_GET, ST_QUEUE_ADD, ST_QUEUE_SUB, ST_QUEUE_DROP, ST_QUEUE_DROP_EMPTY,
-	ST_MSG_INSERT, ST_MSG_SCAN, ST_MSG_DEL_UPTO, ST_MSG_DEL_ID,
+	ST_QUEUE_GET, ST_QUEUE_ADD, ST_QUEUE_SUB, ST_QUEUE_DROP, ST_QUEUE_DROP_IF_EMPTY,
+	ST_QUEUE_DROP_EMPTY, ST_ID_BUMP, ST_ID_GET, ST_MSG_INSERT, ST_MSG_SCAN, ST_MSG_DEL_UPTO, ST_MSG_DEL_ID,
 	ST_USER_DEL_MSGS, ST_HOST_DEL_MSGS, ST_HOST_DEL_QUEUE,
 	ST_EXPIRED_SUB, ST_EXPIRED_DEL, ST_OLDER_SUB, ST_OLDER_DEL, ST_USERS,
 	ST__COUNT
@@ -34,10 +37,15 @@ static const char *const sql_text[ST__COUNT] = {
 	[ST_QUEUE_SUB] = "UPDATE queue SET count = count - ?3, bytes = bytes - ?4 "
 	                 "WHERE host = ?1 AND user = ?2",
 	[ST_QUEUE_DROP] = "DELETE FROM queue WHERE host = ?1 AND user = ?2",
+	[ST_QUEUE_DROP_IF_EMPTY] = "DELETE FROM queue WHERE host = ?1 AND user = ?2 AND count <= 0",
 	[ST_QUEUE_DROP_EMPTY] = "DELETE FROM queue WHERE count <= 0",
+	/* Two statements, not UPDATE ... RETURNING: RETURNING opens a statement
+	 * journal whose page bitmap is allocated and freed on every store. */
+	[ST_ID_BUMP] = "UPDATE sequence SET value = value + 1 WHERE name = 'message'",
+	[ST_ID_GET] = "SELECT value FROM sequence WHERE name = 'message'",
 	[ST_MSG_INSERT] =
-		"INSERT INTO message(host, user, ts, expire, sender, stanza, meta) "
-		"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+		"INSERT INTO message(host, user, id, ts, expire, sender, stanza, meta) "
+		"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
 	[ST_MSG_SCAN] =
 		"SELECT id, ts, expire, sender, stanza, meta FROM message "
 		"WHERE host = ?1 AND user = ?2 AND id > ?3 ORDER BY id",
@@ -62,19 +70,21 @@ static const char *const sql_text[ST__COUNT] = {
 	[ST_USERS] = "SELECT user, count, bytes FROM queue WHERE host = ?1 ORDER BY user",
 };
 
+/* ts has no index: only delete_older_than (an operator's purge) reads it, and
+ * an index would cost a page write on every store. */
 static const char schema_v1[] =
 	"CREATE TABLE message ("
-	" id INTEGER PRIMARY KEY AUTOINCREMENT,"
-	" host TEXT NOT NULL, user TEXT NOT NULL,"
+	" host TEXT NOT NULL, user TEXT NOT NULL, id INTEGER NOT NULL,"
 	" ts INTEGER NOT NULL, expire INTEGER,"
-	" sender TEXT NOT NULL, stanza BLOB NOT NULL, meta BLOB);"
-	"CREATE INDEX message_user ON message(host, user, id);"
+	" sender TEXT NOT NULL, stanza BLOB NOT NULL, meta BLOB,"
+	" PRIMARY KEY (host, user, id)) WITHOUT ROWID;"
 	"CREATE INDEX message_expire ON message(expire) WHERE expire IS NOT NULL;"
-	"CREATE INDEX message_ts ON message(ts);"
 	"CREATE TABLE queue ("
 	" host TEXT NOT NULL, user TEXT NOT NULL,"
 	" count INTEGER NOT NULL, bytes INTEGER NOT NULL,"
-	" PRIMARY KEY (host, user)) WITHOUT ROWID;";
+	" PRIMARY KEY (host, user)) WITHOUT ROWID;"
+	"CREATE TABLE sequence (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;"
+	"INSERT INTO sequence VALUES ('message', 0);";
 
 /* Schema migrations: migrations[v] takes a file from version v to v + 1. */
 static const char *const migrations[SCHEMA_VERSION] = {
@@ -162,7 +172,9 @@ static int queue_sub(sq *q, const os_key *k, int64_t count, int64_t bytes) {
 	sqlite3_bind_int64(st, 4, bytes);
 	if ((rc = run(st)) != SQLITE_DONE)
 		return rc;
-	return run(stmt(q, ST_QUEUE_DROP_EMPTY));
+	st = stmt(q, ST_QUEUE_DROP_IF_EMPTY);
+	bind_key(st, k);
+	return run(st);
 }
 
 static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
@@ -179,22 +191,31 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 		run(stmt(q, ST_ROLLBACK));
 		return OS_LIMIT;
 	}
+	if (run(stmt(q, ST_ID_BUMP)) != SQLITE_DONE)
+		return abort_tx(s, q);
+	st = stmt(q, ST_ID_GET);
+	if (sqlite3_step(st) != SQLITE_ROW) {
+		sqlite3_reset(st);
+		return abort_tx(s, q);
+	}
+	*id = sqlite3_column_int64(st, 0);
+	sqlite3_reset(st);
 	st = stmt(q, ST_MSG_INSERT);
 	bind_key(st, k);
-	sqlite3_bind_int64(st, 3, m->ts);
+	sqlite3_bind_int64(st, 3, *id);
+	sqlite3_bind_int64(st, 4, m->ts);
 	if (m->expire == OS_NONE)
-		sqlite3_bind_null(st, 4);
+		sqlite3_bind_null(st, 5);
 	else
-		sqlite3_bind_int64(st, 4, m->expire);
-	sqlite3_bind_text(st, 5, m->from.p, (int)m->from.n, SQLITE_STATIC);
-	sqlite3_bind_blob(st, 6, m->xml.p, (int)m->xml.n, SQLITE_STATIC);
+		sqlite3_bind_int64(st, 5, m->expire);
+	sqlite3_bind_text(st, 6, m->from.p, (int)m->from.n, SQLITE_STATIC);
+	sqlite3_bind_blob(st, 7, m->xml.p, (int)m->xml.n, SQLITE_STATIC);
 	if (m->meta.p)
-		sqlite3_bind_blob(st, 7, m->meta.p, (int)m->meta.n, SQLITE_STATIC);
+		sqlite3_bind_blob(st, 8, m->meta.p, (int)m->meta.n, SQLITE_STATIC);
 	else
-		sqlite3_bind_null(st, 7);
+		sqlite3_bind_null(st, 8);
 	if (run(st) != SQLITE_DONE)
 		return abort_tx(s, q);
-	*id = sqlite3_last_insert_rowid(q->db);
 	st = stmt(q, ST_QUEUE_ADD);
 	bind_key(st, k);
 	sqlite3_bind_int64(st, 3, (int64_t)m->xml.n);
