@@ -32,7 +32,7 @@ DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks 
 
 SPECS ?= spec/*_spec.lua
 
-.PHONY: all deps test test-asan test-unit valgrind bench demo install clean fuzz
+.PHONY: all deps test test-asan test-unit valgrind bench demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e
 
 all: $(CORE)
 
@@ -127,3 +127,22 @@ fuzz: build/fuzz_core
 	grep -E '^#[0-9]+[[:space:]]+DONE' build/fuzz/fuzz.log | tail -n 1; \
 	grep -E '^stat::(number_of_executed_units|average_exec_per_sec)' build/fuzz/fuzz.log; \
 	exit $$rc
+
+# End-to-end benchmark in a real Prosody against the bundled mod_offline (bench/e2e.lua):
+# the N=20000 comparison (3 runs, medians) and the N=1,000,000 scale run, one table each.
+# More options through BENCH_E2E_ARGS, e.g. BENCH_E2E_ARGS="--no-scale" or
+# BENCH_E2E_ARGS="--variants ours,stub -N 50000 --runs 1 --no-scale".
+bench-e2e: deps deps-bench-e2e $(CORE)
+	$(LUA) bench/e2e.lua $(BENCH_E2E_ARGS)
+
+# N=2000, R=20, one run of every variant: under a minute.
+bench-e2e-quick: deps deps-bench-e2e $(CORE)
+	$(LUA) bench/e2e.lua --quick $(BENCH_E2E_ARGS)
+
+# The bundled mod_offline on storage = "sql" needs Debian's LuaDBI SQLite3 driver.
+deps-bench-e2e:
+	@dpkg-query -W -f='$${Status}' lua-dbi-sqlite3 2>/dev/null | grep -q 'ok installed' || { \
+	  echo "installing: lua-dbi-sqlite3"; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends lua-dbi-sqlite3 >/dev/null; }

@@ -3,22 +3,24 @@
  *
  *   bench_core baseline --db PATH --rows N [--per-user K] [--targets T]
  *                       [--reps R] [--min-time S] [--sync normal|full] [--all-indexes]
- *     If PATH does not exist, creates it: a table shaped like the core's
- *     `message` table (id INTEGER PRIMARY KEY AUTOINCREMENT, host, user, ts,
- *     expire, sender, stanza BLOB, meta) with the (host, user, id) index, in
+ *     If PATH does not exist, creates it: the plain table an offline store
+ *     would start from (id INTEGER PRIMARY KEY AUTOINCREMENT, host, user, ts,
+ *     expire, sender, stanza BLOB, meta) with a (host, user, id) index, in
  *     WAL mode, prefilled with N rows (K per user, users interleaved) in one
  *     transaction. Then opens it at the given synchronous level (default
  *     NORMAL) and R times (R may be 0: prefill only) inserts rows with one
  *     prepared INSERT per transaction (autocommit) round-robin to T users
  *     spread over the prefilled ones, for at least S seconds, and deletes
  *     them again, untimed, so the file is left at N rows for the next call.
- *     --all-indexes (at creation) adds the core's two other indexes (ts,
- *     expire), for attributing cost; the baseline proper is without.
+ *     --all-indexes (at creation) adds ts and expire indexes, for
+ *     attributing cost; the baseline proper is without. (The core itself
+ *     clusters messages by (host, user, id) and indexes only expire.)
  *
  *   bench_core prefill --db PATH --rows N [--per-user K]
  *     Bulk-loads N rows (K per user) into a core database that
  *     offline_store.core has already created (schema version 1): the same
- *     rows as above, plus the matching per-user `queue` counter rows, in one
+ *     rows as above, ids from 1, the id sequence and the matching per-user
+ *     `queue` counter rows, in one
  *     transaction. Used because filling 1M rows through db:store, one
  *     transaction each, takes minutes.
  *
