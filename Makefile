@@ -32,7 +32,7 @@ DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks 
 
 SPECS ?= spec/*_spec.lua
 
-.PHONY: all deps test test-asan test-unit valgrind bench demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e
+.PHONY: all deps test test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e
 
 all: $(CORE)
 
