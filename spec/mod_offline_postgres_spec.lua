@@ -7,22 +7,14 @@
 local lu = require "luaunit"
 local offline = require "support.offline"
 local postgres = require "support.postgres"
+local support = require "support.util"
 local policy = require "offline_store.policy"
 local socket = require "socket"
 
 local format = string.format
 local online, chat, ids, delays, messages, collect_offline =
 	offline.online, offline.chat, offline.ids, offline.delays, offline.messages, offline.collect_offline
-local NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
-
-local function error_of(s)
-	local e = s:get_child("error")
-	local cond
-	for _, c in ipairs(e.tags) do
-		if c.attr.xmlns == NS_STANZAS and c.name ~= "text" then cond = c.name end
-	end
-	return { etype = e.attr.type, condition = cond, text = e:get_child_text("text", NS_STANZAS) }
-end
+local error_of = offline.error_of
 
 local function host_config(offline_postgres)
 	return format([[
@@ -33,12 +25,6 @@ access = { max_user_offline_messages = { { acl = "small", value = 3 }, { acl = "
 ]], offline_postgres)
 end
 
-local function free_port()
-	local s = assert(socket.bind("127.0.0.1", 0))
-	local _, port = s:getsockname()
-	s:close()
-	return tonumber(port)
-end
 
 -- Hosts on node B whose offline_postgres is wrong: { host, config, what the log must say }.
 local BAD = {
@@ -60,7 +46,7 @@ function TestTwoNodes:nodes()
 		format("host=127.0.0.1 port=%d dbname=%s user=%s password=wrong sslmode=disable",
 			pg.port, db, postgres.PASSWORD_ROLE))
 	BAD[2][2] = format('offline_backend = "postgres"\noffline_postgres = %q',
-		format("host=127.0.0.1 port=%d dbname=%s sslmode=disable connect_timeout=2", free_port(), db))
+		format("host=127.0.0.1 port=%d dbname=%s sslmode=disable connect_timeout=2", support.free_port(), db))
 	local extra = {}
 	for _, case in ipairs(BAD) do extra[#extra + 1] = format("VirtualHost %q\n%s\n", case[1], case[2]) end
 	TestTwoNodes.a = offline.start { host = host_config(format("%q",
@@ -102,7 +88,7 @@ function TestTwoNodes:test_limit_holds_across_nodes()
 	for i = 1, 2 do dave:send(chat("carol@localhost", "b" .. i, "from B")) end
 	local back = messages(dave:ping())
 	lu.assertEquals(ids(back), { "b2" }, "the fourth message is over the limit of 3")
-	lu.assertEquals(error_of(back[1]), { etype = "wait", condition = "resource-constraint", text = policy.LIMIT_TEXT })
+	lu.assertEquals(error_of(back[1]), { type = "error", etype = "wait", code = "500", condition = "resource-constraint", text = policy.LIMIT_TEXT })
 	-- prosodyctl on either node sees the shared queue
 	local ok, out = a:prosodyctl("mod_offline", "count", "carol@localhost")
 	lu.assertTrue(ok, out)
@@ -140,7 +126,7 @@ function TestTwoNodes:test_outage_fails_the_store_then_recovers()
 		alice:send(chat("bob@localhost", "lost", "while PostgreSQL is down"))
 		local back = messages(alice:ping())
 		lu.assertEquals(ids(back), { "lost" })
-		lu.assertEquals(error_of(back[1]), { etype = "wait", condition = "internal-server-error", text = policy.FAILURE_TEXT })
+		lu.assertEquals(error_of(back[1]), { type = "error", etype = "wait", code = "500", condition = "internal-server-error", text = policy.FAILURE_TEXT })
 		lu.assertStrContains(a:log(), "PostgreSQL is unreachable")
 	end)
 	pg:start()

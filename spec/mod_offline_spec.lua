@@ -8,19 +8,11 @@ local st = require "util.stanza"
 local datetime = require "util.datetime"
 local socket = require "socket"
 
-local NS_DELAY, NS_STANZAS = offline.NS_DELAY, "urn:ietf:params:xml:ns:xmpp-stanzas"
+local NS_DELAY = offline.NS_DELAY
 local start, login, online, chat = offline.start, offline.login, offline.online, offline.chat
 local messages, ids, delays, collect_offline = offline.messages, offline.ids, offline.delays, offline.collect_offline
 
-local function error_of(s)
-	local e = s:get_child("error")
-	local cond
-	for _, c in ipairs(e.tags) do
-		if c.attr.xmlns == NS_STANZAS and c.name ~= "text" then cond = c.name end
-	end
-	return { type = s.attr.type, etype = e.attr.type, code = e.attr.code, condition = cond,
-		text = e:get_child_text("text", NS_STANZAS) }
-end
+local error_of = offline.error_of
 
 -- A spec class that owns one server, started on first use.
 local function with_server(opts_fn)

@@ -16,14 +16,6 @@ local PW = offline.PW
 local UNLIMITED = 'access = { max_user_offline_messages = { { acl = "all", value = "infinity" } } }'
 local NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
-local function error_condition(s)
-	local e = s:get_child("error")
-	if not e then return nil end
-	for _, c in ipairs(e.tags) do
-		if c.attr.xmlns == NS_STANZAS and c.name ~= "text" then return c.name end
-	end
-end
-
 -- Writes account files directly (Prosody 0.12 internal_plain), for many users at once.
 local function make_accounts(srv, names)
 	local dir = srv.dir .. "/data/localhost/accounts"
@@ -191,7 +183,7 @@ local function offer(a, id, body)
 	lu.assertEquals(#back, 1)
 	lu.assertEquals(back[1].attr.id, id)
 	lu.assertEquals(back[1].attr.type, "error")
-	return error_condition(back[1]), back[1]
+	return offline.error_of(back[1]).condition, back[1]
 end
 
 local function shell_count(srv, jid)

@@ -87,6 +87,18 @@ function M.collect_offline(srv, user, seconds, priority, expect)
 	return got
 end
 
+-- The parts of an error reply that the specs check.
+function M.error_of(s)
+	local NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+	local e = s:get_child("error")
+	local cond
+	for _, c in ipairs(e.tags) do
+		if c.attr.xmlns == NS_STANZAS and c.name ~= "text" then cond = c.name end
+	end
+	return { type = s.attr.type, etype = e.attr.type, code = e.attr.code, condition = cond,
+		text = e:get_child_text("text", NS_STANZAS) }
+end
+
 -- Runs sqlite3 on the server's default offline store file.
 function M.sql(srv, query)
 	local ok, out = support.sh("sqlite3 " .. support.quote(srv.dir .. "/data/offline.sqlite") .. " " .. support.quote(query))

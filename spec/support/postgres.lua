@@ -37,12 +37,7 @@ function M.skipping()
 	return v ~= nil and v ~= "0"
 end
 
-local function free_port()
-	local s = assert(socket.bind("127.0.0.1", 0))
-	local _, port = s:getsockname()
-	s:close()
-	return tonumber(port)
-end
+local free_port = support.free_port
 
 -- The directory with initdb, pg_ctl and psql: $PG_BIN, pg_config's, or the newest installed.
 local function bindir()

@@ -57,12 +57,7 @@ local function write_file(path, data)
 	assert(f:close())
 end
 
-local function free_port()
-	local srv = assert(socket.bind("127.0.0.1", 0))
-	local _, port = srv:getsockname()
-	srv:close()
-	return tonumber(port)
-end
+local free_port = require "support.util".free_port
 
 local function port_open(port)
 	local c = socket.tcp()

@@ -36,6 +36,14 @@ function M.rmrf(path)
 	M.exec("rm -rf " .. M.quote(path))
 end
 
+-- A TCP port on 127.0.0.1 that nothing listens on right now.
+function M.free_port()
+	local s = assert(require "socket".bind("127.0.0.1", 0))
+	local _, port = s:getsockname()
+	s:close()
+	return tonumber(port)
+end
+
 function M.read(path)
 	local f = io.open(path, "rb")
 	if not f then return nil end
