@@ -1,0 +1,1044 @@
+-- bench/e2e.lua: end-to-end benchmark of offline storage inside a real Prosody 0.12,
+-- driven over XMPP, against Prosody's own mod_offline, in one run on one machine.
+--
+--   make bench-e2e                       the comparison (N=20000, 3 runs, medians) + the scale run
+--   lua5.4 bench/e2e.lua                 the same
+--   lua5.4 bench/e2e.lua --quick         N=2000, R=20, one run, every variant (< 1 min)
+--   lua5.4 bench/e2e.lua --no-scale      the comparison only
+--   lua5.4 bench/e2e.lua --scale-only    the scale run only
+--   lua5.4 bench/e2e.lua --variants ours,stub -N 50000 -R 500 --runs 1 --no-scale
+--                                        chosen variants with chosen parameters
+--
+-- Options: -N messages, -R recipients, -B body bytes, -S senders, -C concurrent logins,
+--   --runs K (medians over K), --variants a,b (of stub,internal,sql,ours,memory),
+--   --scale-N, --scale-R, --scale-variants a,b (default: stub,ours,memory),
+--   --log-level info|warn|debug (Prosody's, default info as in Debian's config),
+--   --keep (keep each server's directory), --raw FILE (append one TSV line per variant run),
+--   --base FILE (take the comparison from an earlier --raw file: with --scale-only, for the
+--   scale targets), --scale-from FILE (print the scale table from a --raw file, run nothing).
+-- Trying a patch: --ours-lua DIR runs "ours" and "memory" from the plugin directory DIR (a
+--   patched copy of lua/, its core.so at DIR/../build/offline_store/core.so as in a
+--   checkout); or add variants "ours@DIR" / "memory@DIR" next to the originals in one run.
+-- Profiling one phase (store or pop; figures of a profiled run are not for comparison):
+--   --profile PHASE    Lua-level sampling (bench/e2e/mod_e2e_profile.lua), folded stacks in
+--                      build/e2e/profile-*.folded; summarise with lua5.4 bench/e2e/fold.lua FILE
+--   --perf PHASE       perf record -g on the prosody process, build/e2e/perf-*.data
+--   --callgrind PHASE  (or store,pop) Prosody under callgrind, instrumented during the phase
+--                      only; prints kIr per message (repeatable, unlike CPU time here);
+--                      dumps in build/e2e/callgrind.PID.out.N for callgrind_annotate
+--   --perf and --callgrind run Prosody on a symbolised interpreter built from
+--   bench/e2e/lua_sym.c and liblua5.4.a (Debian's lua5.4 is stripped).
+--
+-- The variants, each a fresh Prosody (spec/support/prosody.lua) with fresh data:
+--   stub      the floor: modules_disabled = { "offline" }, mod_offline_stub accepts and drops
+--   internal  Prosody's bundled mod_offline, storage = "internal"
+--   sql       bundled mod_offline, its "offline" store on mod_storage_sql / SQLite3 (LuaDBI);
+--             every other store (accounts, roster) stays internal in every variant, so the
+--             variants differ in the offline store only
+--   ours      lua/mod_offline.lua, sqlite backend, default durability (synchronous = normal)
+--   memory    lua/mod_offline.lua, memory backend
+-- Ours runs with access = { max_user_offline_messages = { { acl = "all", value = "infinity" } } }
+-- (printed with the parameters); the bundled archives keep storage_archive_item_limit = 10000.
+--
+-- The load: S senders log in (SASL PLAIN, no TLS, loopback), then each pipelines its share
+-- of N chat messages (B-byte bodies, unique ids "<sender>-<seq>") and a final ping; sender
+-- s's k-th message goes to recipient k mod R, so every recipient gets N/R messages from
+-- every sender. The store phase ends when every sender's ping is answered (a stream is
+-- handled in order). Then the R recipients log in, at most C at a time, each sending
+-- initial presence and a ping in one write; a recipient is done when its ping is
+-- answered (delivery happens inside the presence handler, before the ping), and is then
+-- checked and disconnected. The pop phase ends when the last recipient is done.
+-- Checks: lost, duplicated, out of order (per sender), missing delay, misrouted, and error
+-- stanzas received; all must be 0.
+--
+-- Measured per phase: wall seconds, messages/s, server CPU seconds per 1000 messages
+-- (utime+stime of the prosody process from /proc/<pid>/stat), server RSS (VmRSS) at the
+-- end of the phase, the generator's own CPU; after the store phase, bytes on disk under
+-- data_path (accounts excluded) per stored message, and that over the stanza bytes (the
+-- stored stanza as delivered, without the delay, measured in the pop phase).
+
+local function script_dir()
+	local src = debug.getinfo(1, "S").source:sub(2)
+	return src:match("^(.*)/[^/]*$") or "."
+end
+local ROOT = assert(io.popen("cd '" .. script_dir() .. "/..' && pwd")):read("l")
+package.path = ROOT .. "/spec/?.lua;" .. package.path
+
+-- --perf and --callgrind need an interpreter with symbols (Debian's lua5.4 is stripped):
+-- build bench/e2e/lua_sym.c against liblua5.4.a and run again with PROSODY_BIN pointing
+-- at a wrapper that starts Prosody with it.
+do
+	local want_sym = false
+	for _, a in ipairs(arg) do if a == "--perf" or a == "--callgrind" then want_sym = true end end
+	if want_sym and not os.getenv("PROSODY_BIN") then
+		local out = ROOT .. "/build/e2e"
+		local lua_sym, wrapper = out .. "/lua5.4-sym", out .. "/prosody-sym"
+		local function q(x) return "'" .. tostring(x):gsub("'", "'\\''") .. "'" end
+		assert(os.execute(("mkdir -p %s && cc -O2 -g -I/usr/include/lua5.4 -o %s %s/bench/e2e/lua_sym.c"
+			.. " /usr/lib/x86_64-linux-gnu/liblua5.4.a -lm -ldl -Wl,-E"):format(q(out), q(lua_sym), q(ROOT))),
+			"building the symbolised interpreter failed (needs liblua5.4-dev)")
+		local callgrind = false
+		for _, a in ipairs(arg) do if a == "--callgrind" then callgrind = true end end
+		if callgrind then
+			wrapper = out .. "/prosody-callgrind"
+			assert(os.execute(("cc -O2 -shared -fPIC -I/usr/include/lua5.4 -o %s/e2e_cg.so %s/bench/e2e/cg.c"):format(q(out), q(ROOT))),
+				"building bench/e2e/cg.c failed (needs valgrind's headers)")
+		end
+		local f = assert(io.open(wrapper, "w"))
+		f:write("#!/bin/sh\nexec ", callgrind and ("valgrind -q --tool=callgrind --instr-atstart=no --callgrind-out-file="
+			.. q(out .. "/callgrind.%p.out") .. " ") or "", q(lua_sym), " /usr/bin/prosody \"$@\"\n")
+		f:close()
+		assert(os.execute("chmod +x " .. q(wrapper)))
+		local cmd = { "PROSODY_BIN=" .. q(wrapper), "lua5.4", q(ROOT .. "/bench/e2e.lua") }
+		for _, a in ipairs(arg) do cmd[#cmd + 1] = q(a) end
+		local ok, _, code = os.execute(table.concat(cmd, " "))
+		os.exit(ok and 0 or code or 1)
+	end
+end
+
+local server = require "support.prosody"
+local socket = require "socket"
+local b64 = require "mime".b64
+
+local find, sub, match, byte, format, rep = string.find, string.sub, string.match, string.byte, string.format, string.rep
+local concat, sort = table.concat, table.sort
+local gettime, select_ = socket.gettime, socket.select
+local floor, huge = math.floor, math.huge
+
+local START = gettime()
+local function log(fmt, ...)
+	io.stderr:write(("[%7.1fs] "):format(gettime() - START) .. fmt:format(...) .. "\n")
+	io.stderr:flush()
+end
+
+---------------------------------------------------------------------------------------------------
+-- Options
+
+local opt = {
+	N = 20000, R = 200, B = 100, S = 4, C = 20, runs = 3,
+	variants = { "stub", "internal", "sql", "ours", "memory" },
+	scale = true, compare = true,
+	scale_N = 1000000, scale_R = 10000,
+	scale_variants = { "stub", "ours", "memory" },
+	log_level = "info", keep = false, raw = nil,
+	profile = nil, perf = nil, callgrind = nil, -- "store" or "pop"
+	ours_lua = ROOT .. "/lua", -- the plugin directory of "ours" and "memory" (to try a patch)
+}
+local function split(s) local t = {} for w in s:gmatch("[^,%s]+") do t[#t + 1] = w end return t end
+do
+	local i, quick = 1, false
+	local function val() i = i + 1; return (assert(arg[i], "missing value after " .. arg[i - 1])) end
+	local function num() local v = tonumber(val()); assert(v and v >= 0 and v == floor(v), "bad number"); return floor(v) end
+	while arg[i] do
+		local a = arg[i]
+		if a == "-N" then opt.N = num()
+		elseif a == "-R" then opt.R = num()
+		elseif a == "-B" then opt.B = num()
+		elseif a == "-S" then opt.S = num()
+		elseif a == "-C" then opt.C = num()
+		elseif a == "--runs" then opt.runs = num()
+		elseif a == "--variants" then opt.variants = split(val()); opt.scale_variants = opt.variants
+		elseif a == "--scale-variants" then opt.scale_variants = split(val())
+		elseif a == "--scale-N" then opt.scale_N = num()
+		elseif a == "--scale-R" then opt.scale_R = num()
+		elseif a == "--no-scale" then opt.scale = false
+		elseif a == "--scale-only" then opt.compare = false; opt.scale = true
+		elseif a == "--quick" then quick = true
+		elseif a == "--log-level" then opt.log_level = val()
+		elseif a == "--keep" then opt.keep = true
+		elseif a == "--raw" then opt.raw = val()
+		elseif a == "--base" then opt.base = val()
+		elseif a == "--scale-from" then opt.scale_from = val(); opt.compare = false
+		elseif a == "--ours-lua" then opt.ours_lua = val()
+		elseif a == "--profile" then opt.profile = val()
+		elseif a == "--perf" then opt.perf = val()
+		elseif a == "--callgrind" then opt.callgrind = val()
+		else
+			io.stderr:write("usage: lua5.4 bench/e2e.lua [--quick] [--no-scale|--scale-only] [-N n] [-R n] [-B n] [-S n]"
+				.. " [-C n] [--runs k] [--variants a,b] [--scale-N n] [--scale-R n] [--scale-variants a,b]"
+				.. " [--log-level lvl] [--keep] [--raw file] [--profile store|pop] [--perf store|pop] [--ours-lua dir]\n")
+			os.exit(2)
+		end
+		i = i + 1
+	end
+	if quick then
+		opt.N, opt.R, opt.runs, opt.scale = math.min(opt.N, 2000), math.min(opt.R, 20), 1, false
+	end
+	assert(opt.S >= 1 and opt.R >= 1 and opt.C >= 1 and opt.runs >= 1, "S, R, C and runs must be >= 1")
+end
+
+---------------------------------------------------------------------------------------------------
+-- Variants
+
+local LIMIT_RULE = 'access = { max_user_offline_messages = { { acl = "all", value = "infinity" } } }'
+
+local VARIANTS = {
+	stub = { label = "floor: mod_offline_stub", drops = true,
+		plugin_paths = { ROOT .. "/lua" }, modules_enabled = { "offline_stub" }, modules_disabled = { "offline" } },
+	internal = { label = "bundled, internal", global = 'storage = "internal"' },
+	sql = { label = "bundled, sql (SQLite3)", global =
+		'storage = { offline = "sql" }\nsql = { driver = "SQLite3", database = "prosody.sqlite" }' },
+	ours = { label = "ours, sqlite", plugin_paths = { opt.ours_lua },
+		host = 'offline_backend = "sqlite"\n' .. LIMIT_RULE },
+	memory = { label = "ours, memory", plugin_paths = { opt.ours_lua },
+		host = 'offline_backend = "memory"\n' .. LIMIT_RULE },
+}
+local ORDER = { "stub", "internal", "sql", "ours", "memory" }
+-- "ours@DIR" / "memory@DIR": the same variant with the plugin directory DIR (a patched copy
+-- of lua/, with its core.so at DIR/../build/ as in a checkout), to measure a patch in the
+-- same run as the original.
+for _, list in ipairs { opt.variants, opt.scale_variants } do
+	for _, v in ipairs(list) do
+		local base, dir = v:match("^(%w+)@(.+)$")
+		if base and (base == "ours" or base == "memory") and not VARIANTS[v] then
+			local V = {}
+			for k, x in pairs(VARIANTS[base]) do V[k] = x end
+			V.plugin_paths = { dir }
+			V.label = VARIANTS[base].label .. " @" .. (dir:match("([^/]+)/lua/?$") or dir)
+			VARIANTS[v] = V
+		end
+		assert(VARIANTS[v], "unknown variant " .. v .. " (stub, internal, sql, ours, memory, ours@DIR, memory@DIR)")
+	end
+end
+
+---------------------------------------------------------------------------------------------------
+-- /proc
+
+local function read_file(path)
+	local f = io.open(path, "rb")
+	if not f then return nil end
+	local s = f:read("a")
+	f:close()
+	return s
+end
+
+local CLK_TCK = tonumber(assert(io.popen("getconf CLK_TCK")):read("l")) or 100
+
+-- utime + stime of pid, in seconds.
+local function proc_cpu(pid)
+	local stat = assert(read_file("/proc/" .. pid .. "/stat"), "no such process " .. tostring(pid))
+	local rest = stat:match("%) (.*)$")
+	local f = {}
+	for w in rest:gmatch("%S+") do f[#f + 1] = w end
+	-- fields after the comm: state(3) ... utime(14) stime(15) -> indexes 12, 13
+	local u, k = tonumber(f[12]) / CLK_TCK, tonumber(f[13]) / CLK_TCK
+	return u + k, u, k
+end
+
+local function proc_rss_mb(pid)
+	local status = read_file("/proc/" .. pid .. "/status") or ""
+	return (tonumber(status:match("VmRSS:%s*(%d+)")) or 0) / 1024, (tonumber(status:match("VmHWM:%s*(%d+)")) or 0) / 1024
+end
+
+local function self_cpu() return os.clock() end
+
+-- Bytes of every file under dir, except the accounts.
+local function disk_bytes(dir)
+	local p = assert(io.popen(format("find '%s' -type f -not -path '*/accounts/*' -printf '%%s\\n'", dir)))
+	local total = 0
+	for line in p:lines() do total = total + (tonumber(line) or 0) end
+	p:close()
+	return total
+end
+
+---------------------------------------------------------------------------------------------------
+-- The load generator: non-blocking LuaSocket connections over socket.select, and a lean
+-- scanner for the server's output (Prosody serialises with single quotes and escapes
+-- '<' and '>' in attribute values, so the first '>' ends a start tag; top-level elements
+-- here never nest an element of their own name).
+
+local HOST = "localhost"
+local NS_STREAM = "http://etherx.jabber.org/streams"
+local STREAM_OPEN = format("<?xml version='1.0'?><stream:stream to='%s' xmlns='jabber:client'"
+	.. " xmlns:stream='%s' version='1.0'>", HOST, NS_STREAM)
+local PASSWORD = "pw"
+local STALL = 600 -- seconds without any I/O progress before a phase is declared stuck
+
+local function sender_name(s) return "s" .. s end
+local function recipient_name(r) return "r" .. r end
+
+local conns = {}   -- socket -> connection
+local nconns = 0
+
+local Conn = {}
+Conn.__index = Conn
+
+local function connect(port, user, handler)
+	local sock = assert(socket.tcp())
+	sock:settimeout(5)
+	local ok, err = sock:connect("127.0.0.1", port)
+	if not ok then error("connect: " .. tostring(err)) end
+	sock:setoption("tcp-nodelay", true)
+	sock:settimeout(0)
+	local c = setmetatable({ sock = sock, user = user, buf = "", out = nil, outpos = 1,
+		state = "features1", handler = handler }, Conn)
+	conns[sock] = c
+	nconns = nconns + 1
+	c:send(STREAM_OPEN)
+	return c
+end
+
+function Conn:send(data)
+	if self.out then
+		self.out = sub(self.out, self.outpos) .. data
+	else
+		self.out = data
+	end
+	self.outpos = 1
+end
+
+function Conn:close()
+	if self.dead then return end
+	self.dead = true
+	self.sock:settimeout(0)
+	self.sock:send("</stream:stream>")
+	self.sock:close()
+	conns[self.sock] = nil
+	nconns = nconns - 1
+end
+
+-- Writes what it can; returns true on progress.
+function Conn:flush()
+	local last, err, partial = self.sock:send(self.out, self.outpos)
+	if last then
+		self.out, self.outpos = nil, 1
+		if self.drained then self:drained() end
+		return true
+	end
+	if err == "timeout" then
+		local progress = partial >= self.outpos
+		self.outpos = partial + 1
+		return progress
+	end
+	error(format("%s: send failed: %s", self.user, tostring(err)))
+end
+
+local CLOSE_TAG = setmetatable({}, { __index = function(t, name)
+	local v = "</" .. name .. ">"
+	t[name] = v
+	return v
+end })
+
+-- Feeds the complete top-level elements in the buffer to the connection's state machine.
+function Conn:scan()
+	local buf, pos = self.buf, 1
+	while true do
+		local s = find(buf, "<", pos, true)
+		if not s then pos = #buf + 1; break end
+		local gt = find(buf, ">", s, true)
+		if not gt then pos = s; break end
+		local b2 = byte(buf, s + 1)
+		if b2 == 63 then -- <?xml ...?>
+			pos = gt + 1
+		elseif b2 == 47 then -- </stream:stream>
+			self.server_closed = true
+			pos = gt + 1
+		else
+			local name = match(buf, "^<([^%s/>]+)", s)
+			if name == "stream:stream" then
+				pos = gt + 1
+			else
+				local e
+				if byte(buf, gt - 1) == 47 then
+					e = gt
+				else
+					local _, ee = find(buf, CLOSE_TAG[name], gt + 1, true)
+					if not ee then pos = s; break end
+					e = ee
+				end
+				self:element(name, buf, s, gt, e)
+				pos = e + 1
+				if self.dead then return end
+			end
+		end
+	end
+	self.buf = pos > #buf and "" or sub(buf, pos)
+end
+
+function Conn:read()
+	local data, err, partial = self.sock:receive(65536)
+	data = data or partial
+	local progress = false
+	if data and #data > 0 then
+		progress = true
+		self.buf = self.buf == "" and data or self.buf .. data
+		self:scan()
+	end
+	if err == "closed" and not self.dead then
+		error(format("%s: connection closed by the server (state %s)", self.user, self.state))
+	end
+	return progress
+end
+
+-- Login state machine; then hands elements to the role's handler.
+function Conn:element(name, buf, s, gt, e)
+	local state = self.state
+	if name == "stream:error" then
+		error(format("%s: stream error: %s", self.user, sub(buf, s, e)))
+	elseif state == "features1" then
+		if name == "stream:features" then
+			self:send(format("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>%s</auth>",
+				b64("\0" .. self.user .. "\0" .. PASSWORD)))
+			self.state = "auth"
+		end
+	elseif state == "auth" then
+		if name == "success" then
+			self:send(STREAM_OPEN)
+			self.state = "features2"
+		elseif name == "failure" then
+			error(format("%s: SASL failure: %s", self.user, sub(buf, s, e)))
+		end
+	elseif state == "features2" then
+		if name == "stream:features" then
+			self:send("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+				.. "<resource>bench</resource></bind></iq>")
+			self.state = "bind"
+		end
+	elseif state == "bind" then
+		if name == "iq" and find(sub(buf, s, gt), "id='bind'", 1, true) then
+			if not find(sub(buf, s, gt), "type='result'", 1, true) then
+				error(format("%s: bind failed: %s", self.user, sub(buf, s, e)))
+			end
+			self.state = "ready"
+			self.handler.ready(self)
+		end
+	else
+		self.handler.element(self, name, buf, s, gt, e)
+	end
+end
+
+-- Runs the loop until done() is true. Raises when no I/O progress happens for STALL seconds.
+local function run_until(done)
+	local last_progress = gettime()
+	local rl, wl = {}, {}
+	while not done() do
+		local nr, nw = 0, 0
+		for sock, c in pairs(conns) do
+			nr = nr + 1; rl[nr] = sock
+			if c.out then nw = nw + 1; wl[nw] = sock end
+		end
+		for i = nr + 1, #rl do rl[i] = nil end
+		for i = nw + 1, #wl do wl[i] = nil end
+		if nr == 0 then error("no connection left and the phase is not done") end
+		local r, w = select_(rl, wl, 1)
+		local progress = false
+		for _, sock in ipairs(w) do
+			local c = conns[sock]
+			if c and c.out and c:flush() then progress = true end
+		end
+		for _, sock in ipairs(r) do
+			local c = conns[sock]
+			if c and c:read() then progress = true end
+		end
+		local now = gettime()
+		if progress then
+			last_progress = now
+		elseif now - last_progress > STALL then
+			error(format("no progress for %d s", STALL))
+		end
+	end
+end
+
+---------------------------------------------------------------------------------------------------
+-- One variant, one set of parameters: a fresh server, the two phases, the checks.
+
+local function count_for(M_s, R, r0)
+	-- how many k in [0, M_s) with k % R == r0
+	if r0 >= M_s then return 0 end
+	return (M_s - 1 - r0) // R + 1
+end
+
+local function write_accounts(dir, names)
+	local adir = dir .. "/data/" .. HOST .. "/accounts"
+	assert(os.execute("mkdir -p '" .. adir .. "'"))
+	local body = format("return {\n\t[\"password\"] = %q;\n};\n", PASSWORD)
+	for _, name in ipairs(names) do
+		local f = assert(io.open(adir .. "/" .. name .. ".dat", "wb"))
+		f:write(body)
+		f:close()
+	end
+end
+
+-- Profiling of one phase (--profile: Lua-level, through bench/e2e/mod_e2e_profile.lua;
+-- --perf: perf record -g on the prosody process). Outputs go to build/e2e/.
+local OUTDIR = ROOT .. "/build/e2e"
+local function sh(cmd) return os.execute(cmd) end
+
+local function profile_start(phase, vname, pid, tag)
+	local handle = {}
+	if opt.profile == phase then
+		sh(format("kill -USR1 %d", pid))
+		socket.sleep(0.2)
+		handle.lua = true
+	end
+	if opt.callgrind and opt.callgrind:find(phase, 1, true) then
+		handle.callgrind_before = gettime()
+		sh(format("kill -USR1 %d", pid))
+		socket.sleep(1.0)
+		handle.callgrind = true
+	end
+	if opt.perf == phase then
+		local out = format("%s/perf-%s-%s-%s.data", OUTDIR, (vname:gsub("[^%w]+", "_")), phase, tag)
+		local p = assert(io.popen(format("perf record -q -F 1999 -g -p %d -o '%s' >/dev/null 2>&1 & echo $!", pid, out)))
+		handle.perf_pid = tonumber(p:read("l"))
+		p:close()
+		handle.perf_out = out
+		socket.sleep(1.0) -- let perf attach
+	end
+	return handle
+end
+
+-- Total instructions (Ir) of the newest callgrind dump (callgrind.PID.out.N).
+local function callgrind_total()
+	local p = assert(io.popen(format("ls -t '%s'/callgrind.*.out.* 2>/dev/null | head -1", OUTDIR)))
+	local file = p:read("l")
+	p:close()
+	local text = file and read_file(file) or ""
+	return tonumber(text:match("\ntotals: (%d+)") or text:match("\nsummary: (%d+)")), file
+end
+
+local function profile_stop(handle, pid, profile_out)
+	if handle.callgrind then
+		local _, before = callgrind_total()
+		sh(format("kill -USR2 %d", pid))
+		local ir, file
+		local deadline = gettime() + 120
+		repeat
+			socket.sleep(0.5)
+			ir, file = callgrind_total()
+		until (file and file ~= before and ir) or gettime() > deadline
+		handle.ir = ir
+		log("  callgrind: %s Ir (%s)", tostring(ir), tostring(file))
+	end
+	if handle.lua then
+		os.remove(profile_out)
+		sh(format("kill -USR2 %d", pid))
+		local deadline = gettime() + 30
+		while not read_file(profile_out) and gettime() < deadline do socket.sleep(0.1) end
+		log("  Lua profile: %s", profile_out)
+	end
+	if handle.perf_pid then
+		sh(format("kill -INT %d", handle.perf_pid))
+		local deadline = gettime() + 60
+		while read_file("/proc/" .. handle.perf_pid .. "/stat") and gettime() < deadline do socket.sleep(0.1) end
+		log("  perf data: %s", handle.perf_out)
+	end
+end
+
+local function run_variant(vname, P)
+	local V = VARIANTS[vname]
+	local N, R, B, S, C = P.N, P.R, P.B, P.S, P.C
+	local logfile = os.tmpname()
+	local global = concat({
+		format("log = { %s = ENV_E2E_LOG; error = ENV_E2E_LOG }", opt.log_level),
+		"c2s_stanza_size_limit = 1024 * 1024",
+		V.global or "",
+	}, "\n")
+	local plugin_paths, modules_enabled = {}, {}
+	for _, p in ipairs(V.plugin_paths or {}) do plugin_paths[#plugin_paths + 1] = p end
+	for _, m in ipairs(V.modules_enabled or {}) do modules_enabled[#modules_enabled + 1] = m end
+	local tag = format("N%d-%s", N, os.date("%H%M%S"))
+	local profile_out = format("%s/profile-%s-%s-%s.folded", OUTDIR, (vname:gsub("[^%w]+", "_")), opt.profile or "", tag)
+	local env = { E2E_LOG = logfile, E2E_PROFILE_OUT = profile_out }
+	if opt.callgrind then
+		env.E2E_CALLGRIND = OUTDIR .. "/e2e_cg.so"
+		env.E2E_CALLGRIND_PHASE = vname
+	end
+	if opt.profile or opt.perf or opt.callgrind then
+		sh("mkdir -p '" .. OUTDIR .. "'")
+		-- a directory of its own, so the bundled variants still get Prosody's mod_offline
+		plugin_paths[#plugin_paths + 1] = ROOT .. "/bench/e2e"
+		modules_enabled[#modules_enabled + 1] = "e2e_profile"
+	end
+	local srv = server.start {
+		plugin_paths = plugin_paths, modules_enabled = modules_enabled,
+		modules_disabled = V.modules_disabled, global = global, host = V.host,
+		env = env,
+	}
+	local ok, result = pcall(function()
+		local pid = assert(srv:pid(), "no prosody pid")
+		local names = {}
+		for s = 1, S do names[#names + 1] = sender_name(s) end
+		for r = 1, R do names[#names + 1] = recipient_name(r) end
+		write_accounts(srv.dir, names)
+
+		local res = { variant = vname, N = N, R = R, B = B, S = S, C = C,
+			lost = 0, dup = 0, order = 0, nodelay = 0, misrouted = 0, errors = 0 }
+		local body = rep("x", B)
+
+		-- Messages per sender.
+		local M = {}
+		for s = 1, S do M[s] = N // S + ((s - 1) < N % S and 1 or 0) end
+
+		-- Store phase: senders log in first, then pipeline.
+		local senders_ready, senders_done = 0, 0
+		local sent_bytes = 0
+		local BATCH = 256
+		local sender_handler = {}
+		function sender_handler.ready(c)
+			senders_ready = senders_ready + 1
+		end
+		function sender_handler.element(c, name, buf, s, gt, e)
+			local tag = sub(buf, s, gt)
+			if name == "iq" and find(tag, "id='end'", 1, true) then
+				senders_done = senders_done + 1
+				c.done = true
+			elseif find(tag, "type='error'", 1, true) then
+				res.errors = res.errors + 1
+				if res.errors <= 3 then log("%s: error stanza: %s", c.user, sub(buf, s, math.min(e, s + 400))) end
+			end
+		end
+		local function sender_drained(c)
+			local k0 = c.next_k
+			if k0 >= c.total then
+				if not c.pinged then
+					c.pinged = true
+					c:send("<iq type='get' id='end' to='" .. HOST .. "'><ping xmlns='urn:xmpp:ping'/></iq>")
+				end
+				return
+			end
+			local parts, n = {}, 0
+			local k1 = math.min(c.total, k0 + BATCH) - 1
+			for k = k0, k1 do
+				n = n + 1
+				parts[n] = format("<message to='r%d@%s' id='%d-%d' type='chat'><body>%s</body></message>",
+					k % R + 1, HOST, c.index, k, body)
+			end
+			c.next_k = k1 + 1
+			local data = concat(parts)
+			sent_bytes = sent_bytes + #data
+			c:send(data)
+		end
+
+		local senders = {}
+		for s = 1, S do
+			local c = connect(srv.c2s_port, sender_name(s), sender_handler)
+			c.index, c.total, c.next_k = s - 1, M[s], 0
+			senders[s] = c
+		end
+		run_until(function() return senders_ready == S end)
+
+		local prof = profile_start("store", vname, pid, tag)
+		local cpu0, u0, k0 = proc_cpu(pid)
+		local gen0, t0 = self_cpu(), gettime()
+		for _, c in ipairs(senders) do
+			c.drained = sender_drained
+			sender_drained(c)
+		end
+		run_until(function() return senders_done == S end)
+		local t1 = gettime()
+		local cpu1, u1, k1 = proc_cpu(pid)
+		local gen1 = self_cpu()
+		res.store_utime, res.store_stime = u1 - u0, k1 - k0
+		profile_stop(prof, pid, profile_out)
+		res.store_ir = prof.ir
+		res.store_wall = t1 - t0
+		res.store_cpu = cpu1 - cpu0
+		res.store_gen = gen1 - gen0
+		res.store_rss, res.store_hwm = proc_rss_mb(pid)
+		res.sent_stanza_bytes = sent_bytes / math.max(N, 1)
+		for _, c in ipairs(senders) do c:close() end
+		res.disk = disk_bytes(srv.dir .. "/data")
+		log("  %-8s store: %d msgs in %.2f s, server CPU %.2f s (user %.2f, sys %.2f), generator CPU %.2f s",
+			vname, N, res.store_wall, res.store_cpu, res.store_utime, res.store_stime, res.store_gen)
+
+		-- Pop phase: recipients log in, C at a time.
+		local next_r, active, finished = 1, 0, 0
+		local received, stanza_bytes = 0, 0
+		local recipient_handler = {}
+		local start_recipient
+		function recipient_handler.ready(c)
+			c:send("<presence/><iq type='get' id='end' to='" .. HOST .. "'><ping xmlns='urn:xmpp:ping'/></iq>")
+		end
+		local function finish(c)
+			-- checks for this recipient
+			local unique = 0
+			for _ in pairs(c.seen) do unique = unique + 1 end
+			local expected = 0
+			if not V.drops then
+				for s = 1, S do expected = expected + count_for(M[s], R, c.r0) end
+			end
+			if unique < expected then res.lost = res.lost + (expected - unique) end
+			finished = finished + 1
+			active = active - 1
+			c:close()
+			start_recipient()
+		end
+		function recipient_handler.element(c, name, buf, s, gt, e)
+			if name == "message" then
+				local tag = sub(buf, s, gt)
+				if find(tag, "type='error'", 1, true) then
+					res.errors = res.errors + 1
+					if res.errors <= 3 then log("%s: error stanza: %s", c.user, sub(buf, s, math.min(e, s + 400))) end
+					return
+				end
+				received = received + 1
+				local id = match(tag, " id='([^']*)'")
+				local si, k = match(id or "", "^(%d+)-(%d+)$")
+				si, k = tonumber(si), tonumber(k)
+				if not si or si >= S or k % R ~= c.r0 then
+					res.misrouted = res.misrouted + 1
+				elseif c.seen[id] then
+					res.dup = res.dup + 1
+				else
+					c.seen[id] = true
+					local last = c.last[si]
+					if last and k < last then res.order = res.order + 1 end
+					c.last[si] = k
+				end
+				local d = find(buf, "<delay", gt, true)
+				local size = e - s + 1
+				if d and d < e then
+					local dgt = find(buf, ">", d, true)
+					if find(sub(buf, d, dgt), "urn:xmpp:delay", 1, true) then
+						local _, de = find(buf, "</delay>", d, true)
+						if byte(buf, dgt - 1) == 47 then de = dgt end
+						size = size - (de - d + 1)
+					else
+						res.nodelay = res.nodelay + 1
+					end
+				else
+					res.nodelay = res.nodelay + 1
+				end
+				stanza_bytes = stanza_bytes + size
+			elseif name == "iq" then
+				if find(sub(buf, s, gt), "id='end'", 1, true) then finish(c) end
+			end
+		end
+		function start_recipient()
+			while active < C and next_r <= R do
+				local r = next_r
+				next_r = next_r + 1
+				active = active + 1
+				local c = connect(srv.c2s_port, recipient_name(r), recipient_handler)
+				c.r0, c.seen, c.last = r - 1, {}, {}
+			end
+		end
+
+		prof = profile_start("pop", vname, pid, tag)
+		local pcpu0, pu0, pk0 = proc_cpu(pid)
+		local pgen0, p0 = self_cpu(), gettime()
+		start_recipient()
+		run_until(function() return finished == R end)
+		local p1 = gettime()
+		local pcpu1, pu1, pk1 = proc_cpu(pid)
+		local pgen1 = self_cpu()
+		res.pop_utime, res.pop_stime = pu1 - pu0, pk1 - pk0
+		profile_stop(prof, pid, profile_out)
+		res.pop_ir = prof.ir
+		res.pop_wall = p1 - p0
+		res.pop_cpu = pcpu1 - pcpu0
+		res.pop_gen = pgen1 - pgen0
+		res.pop_rss, res.pop_hwm = proc_rss_mb(pid)
+		res.received = received
+		res.stanza_bytes = received > 0 and stanza_bytes / received or nil
+		log("  %-8s pop:   %d msgs to %d users in %.2f s, server CPU %.2f s (user %.2f, sys %.2f), generator CPU %.2f s",
+			vname, received, R, res.pop_wall, res.pop_cpu, res.pop_utime, res.pop_stime, res.pop_gen)
+
+		-- Errors Prosody logged.
+		local text = read_file(logfile) or ""
+		local nerr = 0
+		for line in text:gmatch("[^\n]+") do
+			if line:find("\terror\t", 1, true) then
+				nerr = nerr + 1
+				if nerr <= 3 then log("  prosody error: %s", line:sub(1, 300)) end
+			end
+		end
+		res.log_errors = nerr
+		return res
+	end)
+	for _, c in pairs(conns) do pcall(c.close, c) end
+	conns, nconns = {}, 0
+	if opt.keep then
+		os.execute("cp '" .. logfile .. "' '" .. srv.dir .. "/bench.log'")
+		io.stderr:write("kept " .. srv.dir .. "\n")
+		srv:stop()
+	else
+		srv:cleanup()
+	end
+	os.remove(logfile)
+	if not ok then error(format("variant %s failed: %s", vname, tostring(result)), 0) end
+	return result
+end
+
+---------------------------------------------------------------------------------------------------
+-- Reporting
+
+local function median(list)
+	local t = {}
+	for i, v in ipairs(list) do t[i] = v end
+	sort(t)
+	local n = #t
+	if n == 0 then return nil end
+	if n % 2 == 1 then return t[(n + 1) // 2] end
+	return (t[n // 2] + t[n // 2 + 1]) / 2
+end
+
+-- Derived metrics of one result.
+local function derive(r)
+	local k = r.N / 1000
+	return {
+		store_wall = r.store_wall,
+		store_rate = r.N / r.store_wall,
+		store_cpu_k = r.store_cpu / k,
+		store_rss = r.store_rss,
+		store_gen = r.store_gen / math.max(r.store_cpu, 1e-9),
+		disk_msg = r.disk / r.N,
+		pop_wall = r.pop_wall,
+		pop_rate = r.N / r.pop_wall,
+		pop_cpu_k = r.pop_cpu / k,
+		pop_cpu_user = r.pop_cpu / r.R * 1000, -- ms per recipient
+		pop_rss = r.pop_rss,
+		pop_hwm = r.pop_hwm,
+		pop_gen = r.pop_gen / math.max(r.pop_cpu, 1e-9),
+		stanza_bytes = r.stanza_bytes,
+		store_kir = r.store_ir and r.store_ir / r.N / 1000,
+		pop_kir = r.pop_ir and r.pop_ir / r.N / 1000,
+	}
+end
+
+local METRICS = { "store_wall", "store_rate", "store_cpu_k", "store_rss", "store_gen", "disk_msg",
+	"pop_wall", "pop_rate", "pop_cpu_k", "pop_cpu_user", "pop_rss", "pop_hwm", "pop_gen", "stanza_bytes",
+	"store_kir", "pop_kir" }
+
+local function summarise(results)
+	-- results: list of raw results of one variant
+	local out, lists = {}, {}
+	for _, m in ipairs(METRICS) do lists[m] = {} end
+	local checks = { lost = 0, dup = 0, order = 0, nodelay = 0, misrouted = 0, errors = 0, log_errors = 0 }
+	for _, r in ipairs(results) do
+		local d = derive(r)
+		for _, m in ipairs(METRICS) do if d[m] then lists[m][#lists[m] + 1] = d[m] end end
+		for c in pairs(checks) do checks[c] = checks[c] + (r[c] or 0) end
+	end
+	for _, m in ipairs(METRICS) do out[m] = median(lists[m]) end
+	out.checks, out.runs = checks, #results
+	out.spread = {}
+	for _, m in ipairs { "store_cpu_k", "pop_cpu_k", "store_rate", "pop_rate" } do
+		local l = lists[m]
+		if #l > 1 and out[m] and out[m] > 0 then
+			local lo, hi = huge, -huge
+			for _, v in ipairs(l) do lo = math.min(lo, v); hi = math.max(hi, v) end
+			out.spread[m] = (hi - lo) / 2 / out[m]
+		end
+	end
+	return out
+end
+
+local function fmt_num(v, digits)
+	if v == nil then return "-" end
+	if digits then return format("%." .. digits .. "f", v) end
+	if v >= 1000 then return format("%.0f", v) end
+	if v >= 100 then return format("%.0f", v) end
+	if v >= 10 then return format("%.1f", v) end
+	return format("%.2f", v)
+end
+
+local function print_table(title, P, summaries, variants, stanza_ref)
+	print()
+	print(title)
+	print(format("  N=%d messages, R=%d recipients (%d messages each), B=%d-byte bodies, S=%d senders, C=%d concurrent logins;"
+		.. " medians of %d run(s)", P.N, P.R, P.N // P.R, P.B, P.S, P.C, P.runs))
+	if opt.ours_lua ~= ROOT .. "/lua" then print("  ours: plugin directory " .. opt.ours_lua) end
+	print("  ours: " .. LIMIT_RULE .. "; bundled: storage_archive_item_limit = 10000; Prosody log level " .. opt.log_level)
+	print()
+	local hdr = { "variant", "store s", "store msg/s", "CPU s/1k", "RSS MB", "disk B/msg", "disk/stanza",
+		"pop s", "pop msg/s", "CPU s/1k", "ms/user", "RSS MB", "gen CPU %", "lost", "dup", "order", "nodelay", "err" }
+	local widths = { 24, 8, 11, 9, 7, 10, 11, 7, 10, 9, 8, 7, 10, 5, 4, 6, 8, 4 }
+	local function row(cells)
+		local t = {}
+		for i, c in ipairs(cells) do
+			t[i] = i == 1 and format("%-" .. widths[i] .. "s", c) or format("%" .. widths[i] .. "s", c)
+		end
+		print("  " .. concat(t, " "))
+	end
+	row(hdr)
+	for _, v in ipairs(variants) do
+		local s = summaries[v]
+		if s then
+			local ch = s.checks
+			local stanza = stanza_ref or s.stanza_bytes
+			row { VARIANTS[v].label,
+				fmt_num(s.store_wall), fmt_num(s.store_rate), fmt_num(s.store_cpu_k, 3), fmt_num(s.store_rss, 1),
+				fmt_num(s.disk_msg, 0), stanza and fmt_num(s.disk_msg / stanza, 2) or "-",
+				fmt_num(s.pop_wall), fmt_num(s.pop_rate), fmt_num(s.pop_cpu_k, 3), fmt_num(s.pop_cpu_user, 2),
+				fmt_num(s.pop_rss, 1),
+				format("%.0f/%.0f", 100 * s.store_gen, 100 * s.pop_gen),
+				tostring(ch.lost), tostring(ch.dup), tostring(ch.order), tostring(ch.nodelay),
+				tostring(ch.errors + ch.misrouted) }
+		end
+	end
+	-- ratios
+	local ours = summaries.ours
+	if ours then
+		print()
+		local function ratio_row(label, other)
+			if not other then return end
+			local function r(m) return (ours[m] and other[m] and other[m] > 0) and format("%.2f", ours[m] / other[m]) or "-" end
+			row { label, r("store_wall"), r("store_rate"), r("store_cpu_k"), r("store_rss"), r("disk_msg"), "",
+				r("pop_wall"), r("pop_rate"), r("pop_cpu_k"), r("pop_cpu_user"), r("pop_rss"), "", "", "", "", "", "" }
+		end
+		ratio_row("ours/bundled-internal", summaries.internal)
+		ratio_row("ours/bundled-sql", summaries.sql)
+		ratio_row("ours/floor", summaries.stub)
+		ratio_row("ours/memory", summaries.memory)
+	end
+	-- callgrind instruction counts, when measured
+	for _, v in ipairs(variants) do
+		local s = summaries[v]
+		if s and (s.store_kir or s.pop_kir) then
+			local floor_s = summaries.stub
+			print(format("  callgrind %-24s store %s kIr/msg%s   pop %s kIr/msg%s", VARIANTS[v].label,
+				s.store_kir and format("%.1f", s.store_kir) or "-",
+				(floor_s and floor_s.store_kir and s.store_kir) and format(" (%.2fx floor)", s.store_kir / floor_s.store_kir) or "",
+				s.pop_kir and format("%.1f", s.pop_kir) or "-",
+				(summaries.internal and summaries.internal.pop_kir and s.pop_kir) and format(" (%.2fx bundled-internal)", s.pop_kir / summaries.internal.pop_kir) or ""))
+		end
+	end
+	-- spreads
+	local sp = {}
+	for _, v in ipairs(variants) do
+		local s = summaries[v]
+		if s and next(s.spread) then
+			sp[#sp + 1] = format("%s: store CPU ±%.0f%%, pop CPU ±%.0f%%, store msg/s ±%.0f%%", v,
+				100 * (s.spread.store_cpu_k or 0), 100 * (s.spread.pop_cpu_k or 0), 100 * (s.spread.store_rate or 0))
+		end
+	end
+	if #sp > 0 then print("  spread (half of max-min over median): " .. concat(sp, "; ")) end
+	print("  CPU s/1k = server utime+stime per 1000 messages; ms/user = pop-phase server CPU per recipient"
+		.. " (login included); gen CPU % = generator CPU / server CPU (store/pop); err = error stanzas + misrouted")
+end
+
+local RAW_FIELDS = { "variant", "N", "R", "B", "S", "C", "store_wall", "store_cpu", "store_utime", "store_stime", "store_gen", "store_rss", "store_hwm",
+	"disk", "sent_stanza_bytes", "pop_wall", "pop_cpu", "pop_utime", "pop_stime", "pop_gen", "pop_rss", "pop_hwm", "received", "stanza_bytes",
+	"lost", "dup", "order", "nodelay", "misrouted", "errors", "log_errors", "store_ir", "pop_ir" }
+
+local function raw_line(r)
+	if not opt.raw then return end
+	local f = assert(io.open(opt.raw, "a"))
+	local t = {}
+	for i, k in ipairs(RAW_FIELDS) do t[i] = tostring(r[k]) end
+	f:write(os.date("!%Y-%m-%dT%H:%M:%SZ"), "\t", concat(t, "\t"), "\n")
+	f:close()
+end
+
+-- Runs `variants`, interleaved, `runs` times; returns summaries by variant.
+local function campaign(P, variants)
+	local raw = {}
+	for _, v in ipairs(variants) do raw[v] = {} end
+	for run = 1, P.runs do
+		for _, v in ipairs(variants) do
+			log("run %d/%d: %s (N=%d, R=%d)", run, P.runs, v, P.N, P.R)
+			local r = run_variant(v, P)
+			raw_line(r)
+			raw[v][#raw[v] + 1] = r
+		end
+	end
+	local summaries = {}
+	for _, v in ipairs(variants) do summaries[v] = summarise(raw[v]) end
+	return summaries
+end
+
+local function ordered(list)
+	local set, out = {}, {}
+	for _, v in ipairs(list) do set[v] = true end
+	for _, v in ipairs(ORDER) do if set[v] then out[#out + 1] = v; set[v] = nil end end
+	for _, v in ipairs(list) do if set[v] then out[#out + 1] = v; set[v] = nil end end
+	return out
+end
+
+---------------------------------------------------------------------------------------------------
+-- Main
+
+local failures = 0
+local function check_clean(summaries)
+	for _, s in pairs(summaries) do
+		local ch = s.checks
+		failures = failures + ch.lost + ch.dup + ch.order + ch.nodelay + ch.misrouted + ch.errors
+	end
+end
+
+local function target(ok, text)
+	print(format("  [%s] %s", ok == nil and " ? " or ok and "met" or "MISSED", text))
+end
+
+-- Results of earlier runs, from a --raw file: for the scale targets of a --scale-only run.
+local function load_raw(file, N, R)
+	local raw, variants = {}, {}
+	for line in io.lines(file) do
+		local cells = {}
+		for c in (line .. "\t"):gmatch("(.-)\t") do cells[#cells + 1] = c end
+		local r = {}
+		for i, k in ipairs(RAW_FIELDS) do
+			local v = cells[i + 1]
+			r[k] = (k == "variant") and v or tonumber(v)
+		end
+		if r.N == N and r.R == R and VARIANTS[r.variant] then
+			if not raw[r.variant] then raw[r.variant] = {}; variants[#variants + 1] = r.variant end
+			table.insert(raw[r.variant], r)
+		end
+	end
+	local summaries = {}
+	local runs = 0
+	for v, list in pairs(raw) do summaries[v] = summarise(list); runs = math.max(runs, #list) end
+	return summaries, ordered(variants), runs
+end
+
+local base, scale
+local P = { N = opt.N, R = opt.R, B = opt.B, S = opt.S, C = opt.C, runs = opt.runs }
+if opt.base then
+	local variants
+	base, variants, P.runs = load_raw(opt.base, opt.N, opt.R)
+	print_table("End-to-end, Prosody 0.12 (comparison, from " .. opt.base .. ")", P, base, variants)
+end
+if opt.compare then
+	base = campaign(P, ordered(opt.variants))
+	check_clean(base)
+	print_table("End-to-end, Prosody 0.12 (" .. (opt.N == 20000 and "comparison" or "custom") .. ")",
+		P, base, ordered(opt.variants))
+end
+local PS = { N = opt.scale_N, R = opt.scale_R, B = opt.B, S = opt.S, C = opt.C, runs = 1 }
+if opt.scale_from then
+	local variants
+	scale, variants = load_raw(opt.scale_from, opt.scale_N, opt.scale_R)
+	check_clean(scale)
+	print_table("Scale run (from " .. opt.scale_from .. ")", PS, scale, variants)
+elseif opt.scale then
+	scale = campaign(PS, ordered(opt.scale_variants))
+	check_clean(scale)
+	print_table("Scale run", PS, scale, ordered(opt.scale_variants))
+end
+
+-- Targets (issue 6), from this run's medians.
+local function r(a, b, m) return a and b and a[m] and b[m] and b[m] > 0 and a[m] / b[m] or nil end
+print()
+print("Targets")
+if base and base.ours then
+	local o = base.ours
+	local x = r(o, base.stub, "store_cpu_k")
+	target(x and x <= 1.25, format("store CPU/1k ours sqlite within 25%% of the floor: ours/floor = %s", x and format("%.2f", x) or "-"))
+	x = r(o, base.sql, "store_rate")
+	target(x and x >= 10, format("store msg/s >= 10x bundled/sql: %s", x and format("%.1fx", x) or "-"))
+	x = r(o, base.internal, "store_rate")
+	target(x and x > 1, format("store msg/s > bundled/internal: %s", x and format("%.2fx", x) or "-"))
+	x = r(o, base.internal, "pop_cpu_k")
+	target(x and x <= 1, format("pop CPU/1k <= bundled/internal: ours/internal = %s", x and format("%.2f", x) or "-"))
+end
+if scale and scale.ours then
+	local o = scale.ours
+	if base and base.ours then
+		local x = r(o, base.ours, "store_rate")
+		target(x and x >= 0.8, format("scale: store msg/s within 20%% of the N=%d rate: %s (CPU/1k ratio %.2f)",
+			opt.N, x and format("%.2f", x) or "-", r(o, base.ours, "store_cpu_k") or 0))
+		x = r(o, base.ours, "pop_cpu_user")
+		target(x and x <= 1.2, format("scale: pop per user unchanged: CPU ms/user ratio %s", x and format("%.2f", x) or "-"))
+		x = r(o, base.ours, "store_rss")
+		target(x and x <= 1.2, format("scale: server RSS after the store phase not growing with stored messages:"
+			.. " %.1f MB at N=%d vs %.1f MB at N=%d (ratio %.2f)", o.store_rss, opt.scale_N, base.ours.store_rss, opt.N, x or 0))
+	end
+	local d = o.stanza_bytes and o.disk_msg / o.stanza_bytes
+	target(d and d <= 1.5, format("scale: disk <= 1.5x the stanza bytes: %.0f B/msg over %.0f B stanza = %.2f",
+		o.disk_msg, o.stanza_bytes or 0, d or 0))
+end
+target(failures == 0, format("0 lost, 0 duplicated, 0 out of order, 0 missing delay, 0 errors in every run (total %d)", failures))
+os.exit(failures == 0 and 0 or 1)
