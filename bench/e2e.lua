@@ -204,13 +204,7 @@ end
 ---------------------------------------------------------------------------------------------------
 -- /proc
 
-local function read_file(path)
-	local f = io.open(path, "rb")
-	if not f then return nil end
-	local s = f:read("a")
-	f:close()
-	return s
-end
+local read_file = require "support.util".read
 
 local CLK_TCK = tonumber(assert(io.popen("getconf CLK_TCK")):read("l")) or 100
 

@@ -91,18 +91,25 @@ end
 -- those). Returns the XML to store (without any delay), the timestamp (µs) and
 -- the expiry (µs or nil).
 function M.prepare(stanza, now_us, trusted)
-	local ts
+	local ts, has_delay
 	for _, child in ipairs(stanza.tags) do
-		if not ts and is_delay(child) and trusted[child.attr.from or ""] then
-			local secs = parse_stamp(child)
-			if secs then ts = floor(secs) * 1000000 end
+		if is_delay(child) then
+			has_delay = true
+			if not ts and trusted[child.attr.from or ""] then
+				local secs = parse_stamp(child)
+				if secs then ts = floor(secs) * 1000000 end
+			end
 		end
 	end
-	local copy = st.clone(stanza)
-	copy:maptags(function(child)
-		if is_delay(child) then return nil end
-		return child
-	end)
+	-- Most messages carry no delay: serialise them as they are, without a copy.
+	local copy = stanza
+	if has_delay then
+		copy = st.clone(stanza)
+		copy:maptags(function(child)
+			if is_delay(child) then return nil end
+			return child
+		end)
+	end
 	ts = ts or now_us
 	local expire
 	local x = stanza:get_child("x", NS_EXPIRE)
