@@ -10,6 +10,7 @@
 #include <lua.h>
 
 #include "backend.h"
+#include "xml.h"
 
 #define STORE_MT "offline_store.db"
 
@@ -344,6 +345,7 @@ static const luaL_Reg functions[] = {
 	{"open_sqlite", l_open_sqlite},
 	{"open_memory", l_open_memory},
 	{"open_postgres", l_open_postgres},
+	{"serialize", os_xml_serialize},
 	{NULL, NULL},
 };
 

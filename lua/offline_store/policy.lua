@@ -86,6 +86,19 @@ local function parse_stamp(child)
 	return datetime.parse(stamp)
 end
 
+-- The stored XML: byte for byte what tostring gives, without the top-level
+-- delays. core.serialize does it in C without a copy; a tree too deep for it
+-- takes the Lua way.
+local serialize = require "offline_store.core".serialize
+local function strip_and_serialize(stanza)
+	local copy = st.clone(stanza)
+	copy:maptags(function(child)
+		if is_delay(child) then return nil end
+		return child
+	end)
+	return tostring(copy)
+end
+
 -- Prepares a message for storage. `trusted` is a set of JIDs whose delay stamps
 -- are believed (this host, the recipient's bare JID: mod_smacks re-queues with
 -- those). Returns the XML to store (without any delay), the timestamp (µs) and
@@ -101,15 +114,6 @@ function M.prepare(stanza, now_us, trusted)
 			end
 		end
 	end
-	-- Most messages carry no delay: serialise them as they are, without a copy.
-	local copy = stanza
-	if has_delay then
-		copy = st.clone(stanza)
-		copy:maptags(function(child)
-			if is_delay(child) then return nil end
-			return child
-		end)
-	end
 	ts = ts or now_us
 	local expire
 	local x = stanza:get_child("x", NS_EXPIRE)
@@ -118,7 +122,7 @@ function M.prepare(stanza, now_us, trusted)
 		seconds = tonumber(seconds)
 		if seconds > 0 then expire = ts + seconds * 1000000 end
 	end
-	return tostring(copy), ts, expire
+	return serialize(stanza, has_delay) or strip_and_serialize(stanza), ts, expire
 end
 
 -- Turns a stored item back into a stanza ready to send: exactly one delay,
