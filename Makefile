@@ -32,7 +32,7 @@ DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks 
 
 SPECS ?= spec/*_spec.lua
 
-.PHONY: all deps test test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e
+.PHONY: all deps test test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml
 
 all: $(CORE)
 
@@ -86,6 +86,9 @@ valgrind: $(CORE)
 
 bench: $(CORE) build/bench_core
 	$(LUA) bench/core.lua
+
+bench-xml: $(CORE)
+	$(LUA) bench/xml.lua
 
 # Per-call latency of postgres (its own throwaway server on loopback) next to sqlite.
 bench-postgres: $(CORE)

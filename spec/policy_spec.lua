@@ -154,6 +154,39 @@ function TestDelivery:test_exactly_one_delay_from_host_with_stored_time()
 	lu.assertEquals(out:get_child_text("body"), "b")
 end
 
+-- Rows in core.parse's subset (what core.serialize writes) and rows outside it (read
+-- by util.xml.parse) give the stanza util.xml.parse gave before core.parse existed.
+function TestDelivery:test_same_stanza_with_or_without_core_parse()
+	local parse = require "offline_store.core".parse
+	local mt = getmetatable(st.stanza("x"))
+	local stored = policy.prepare(msg(nil, function(x)
+		x:tag("body"):text("it's <b> & é"):up()
+		x:tag("active", { xmlns = "http://jabber.org/protocol/chatstates" }):up()
+		x:tag("origin-id", { xmlns = "urn:xmpp:sid:0", id = "o1" }):up()
+	end), NOW, trusted)
+	local rows = {
+		{ stored, true },
+		{ stored:gsub("'", '"'), false }, -- double quotes: util.xml reads it
+		{ stored:gsub("<body>", "<!-- --><body>"), false }, -- util.xml refuses comments: no stanza
+	}
+	for i, row in ipairs(rows) do
+		local xml, in_subset = row[1], row[2]
+		lu.assertEquals(parse(xml, mt) ~= nil, in_subset, "row " .. i)
+		local item = { xml = xml, ts = NOW + 1500000 }
+		local before, before_err = xml_parse(xml)
+		if before then
+			before:tag("delay", { xmlns = "urn:xmpp:delay", from = HOST, stamp = "2023-11-14T22:13:21Z" })
+				:text(policy.DELAY_TEXT):up()
+			lu.assertEquals(tostring(policy.delivery(item, HOST)), tostring(before), "row " .. i)
+		else
+			local out, err = policy.delivery(item, HOST)
+			lu.assertNil(out, "row " .. i)
+			lu.assertEquals(err, before_err, "row " .. i)
+		end
+	end
+	lu.assertStrContains(tostring(policy.delivery({ xml = stored, ts = NOW }, HOST)), "it&apos;s &lt;b&gt; &amp; é")
+end
+
 function TestDelivery:test_unparsable_row()
 	local out, err = policy.delivery({ xml = "<message><body>", ts = NOW }, HOST)
 	lu.assertNil(out)

@@ -346,6 +346,7 @@ static const luaL_Reg functions[] = {
 	{"open_memory", l_open_memory},
 	{"open_postgres", l_open_postgres},
 	{"serialize", os_xml_serialize},
+	{"parse", os_xml_parse},
 	{NULL, NULL},
 };
 

@@ -8,7 +8,7 @@ local xml_parse = require "util.xml".parse
 local datetime = require "util.datetime"
 local jid_split = require "util.jid".split
 
-local tonumber, floor, tostring, ipairs = tonumber, math.floor, tostring, ipairs
+local tonumber, floor, tostring, ipairs, getmetatable = tonumber, math.floor, tostring, ipairs, getmetatable
 
 local M = {}
 
@@ -125,12 +125,23 @@ function M.prepare(stanza, now_us, trusted)
 	return serialize(stanza, has_delay) or strip_and_serialize(stanza), ts, expire
 end
 
+-- The stored XML is what core.serialize wrote: core.parse reads that subset in
+-- C, into the tree util.xml.parse would give; it returns nil for anything else
+-- (rows from other writers, trees too deep for C, namespaced attributes, tabs or
+-- newlines in attribute values), which util.xml.parse then reads.
+local parse = require "offline_store.core".parse
+local stanza_mt = getmetatable(st.stanza("x"))
+
 -- Turns a stored item back into a stanza ready to send: exactly one delay,
 -- from the host, stamped with the storage time. Returns nil, error if the
 -- stored XML no longer parses.
 function M.delivery(item, host)
-	local stanza, err = xml_parse(item.xml)
-	if not stanza then return nil, err end
+	local stanza = parse(item.xml, stanza_mt)
+	if not stanza then
+		local err
+		stanza, err = xml_parse(item.xml)
+		if not stanza then return nil, err end
+	end
 	stanza:tag("delay", { xmlns = NS_DELAY, from = host, stamp = datetime.datetime(item.ts // 1000000) })
 		:text(M.DELAY_TEXT):up()
 	return stanza
