@@ -241,22 +241,85 @@ local m_failed = module:metric("counter", "failed", "", "Offline store calls tha
 local db
 local handed_over = false
 
--- Every host's open store, for the live shell's commands.
+-- Every host's open store, for the live shell's commands (each a stand-in that
+-- commits the host's open batch before any call).
 local stores = module:shared("/*/offline/stores")
 
 local function now_us() return floor(time_now() * 1000000) end
 
+--- Group commit (offline_store.batch): messages stored while handling what has
+--- arrived share one transaction, committed before anything leaves the server.
+--- A reply, a stream management ack or a delivery can therefore never tell
+--- anyone about a message that a crash could still lose; and one commit (one
+--- WAL write and sync) serves many messages. Backends without transactions
+--- (memory) store each message at once.
+local batch = require "offline_store.batch"
+local filters = require "util.filters"
+local BATCH_MAX = 256
+
+-- Process-wide: the batches open on any host, and one "stanzas/out" filter on
+-- every session that commits them before the stanza is written. Installed by the
+-- first host that loads the module, kept for the life of the process (it costs a
+-- next() on an empty table when nothing is open).
+local group = module:shared("/*/offline/group_commit")
+group.open = group.open or {}
+if not group.filter then
+	local open = group.open
+	function group.filter(stanza)
+		if next(open) ~= nil then
+			for b in pairs(open) do b:flush() end
+		end
+		return stanza
+	end
+	local function add(session) filters.add_filter(session, "stanzas/out", group.filter, 1000) end
+	filters.add_filter_hook(add)
+	-- sessions that were there before this module (loaded into a running server)
+	for _, session in pairs(prosody.full_sessions) do add(session) end
+	for session in pairs(prosody.incoming_s2s) do add(session) end
+	for _, h in pairs(prosody.hosts) do
+		for _, session in pairs(h.s2sout or {}) do add(session) end
+	end
+end
+
+local b, guarded -- the batch over db, and the stand-in for db that flushes it first
+
+local function tell_sender(stanza, reply)
+	if stanza.attr.from then module:send(reply) end
+end
+
+local function attach(new_db)
+	db = new_db
+	local this
+	this = batch.new(db, {
+		max = BATCH_MAX,
+		on_open = function()
+			group.open[this] = true
+			module:add_timer(0, function() this:flush() end) -- at the latest, the next loop turn
+		end,
+		on_close = function() group.open[this] = nil end,
+		on_commit = function(n) m_stored:add(n) end,
+		on_lost = function(lost, err, code)
+			m_failed:with_labels("write"):add(#lost)
+			module:log("error", "Committing %d offline messages failed: %s (code %s); their senders are told",
+				#lost, err, tostring(code))
+			for _, stanza in ipairs(lost) do tell_sender(stanza, policy.failure_error(stanza)) end
+		end,
+	})
+	b, guarded = this, this:guarded()
+	stores[host] = guarded
+end
+
 function module.load()
 	if not db then -- (else: restored from a reload)
-		local err
-		db, err = open_store(host, settings)
-		if not db then refuse(err) end
+		local new_db, err = open_store(host, settings)
+		if not new_db then refuse(err) end
+		attach(new_db)
 	end
-	stores[host] = db
 	module:log("debug", "Offline store open: %s", tostring(db))
 end
 
 function module.save()
+	if b then b:flush() end
 	if settings.store.backend == "memory" then
 		handed_over = true
 		return { db = db }
@@ -266,18 +329,24 @@ end
 function module.restore(data)
 	if data.db and settings.store.backend == "memory" then
 		if db then db:close() end
-		db = data.db
-		stores[host] = db
+		attach(data.db)
 	elseif data.db then
 		data.db:close()
 	end
 end
 
 function module.unload()
-	if stores[host] == db then stores[host] = nil end
+	if b then
+		b:flush()
+		group.open[b] = nil
+		if stores[host] == guarded then stores[host] = nil end
+	end
 	if db and not handed_over then db:close() end
-	db = nil
+	db, b, guarded = nil, nil, nil
 end
+
+-- Nothing handled before shutdown stays uncommitted.
+module:hook_global("server-stopping", function() if b then b:flush() end end)
 
 module:add_feature("msgoffline")
 
@@ -289,11 +358,6 @@ local function from_recipient(origin, username)
 	return origin ~= nil and origin.username == username and origin.host == host
 end
 
--- Sends an error about `stanza` to its sender, unless there is nobody to tell.
-local function tell_sender(stanza, reply)
-	if stanza.attr.from then module:send(reply) end
-end
-
 local NO_ONE = {}
 
 local function store_message(origin, stanza, username)
@@ -303,10 +367,16 @@ local function store_message(origin, stanza, username)
 	local trusted = from_recipient(origin, username) and { [host] = true, [bare] = true } or NO_ONE
 	local xml, ts, expire = policy.prepare(stanza, now_us(), trusted)
 	local started = time_now()
-	local count, why, current = db:store(host, username, stanza.attr.from or "", xml, ts, expire, limit_for(bare))
+	local count, why, current
+	if trusted == NO_ONE then
+		count, why, current = b:store(stanza, host, username, stanza.attr.from or "", xml, ts, expire, limit_for(bare))
+	else -- mod_smacks waits for the answer: commit it now
+		count, why, current = b:idle():store(host, username, stanza.attr.from or "", xml, ts, expire, limit_for(bare))
+		if count then m_stored:add(1) end
+	end
 	m_write:sample(time_now() - started)
 	if count then
-		m_stored:add(1)
+		if b.unbatched and trusted == NO_ONE then m_stored:add(1) end -- (else counted at the commit)
 		module:log("debug", "Stored offline message for %s (%d queued)", bare, count)
 		return true
 	end
@@ -372,7 +442,7 @@ module:hook("message/offline/broadcast", function(event)
 	local origin = event.origin
 	local username = origin.username
 	local started = time_now()
-	local items, err, code = db:pop(host, username, now_us())
+	local items, err, code = b:idle():pop(host, username, now_us())
 	m_pop:sample(time_now() - started)
 	if not items then
 		m_failed:with_labels("pop"):add(1)
@@ -389,7 +459,7 @@ module:hook("message/offline/broadcast", function(event)
 		else
 			module:log("error", "Offline message %d for %s@%s no longer parses (%s); kept aside under %q",
 				item.id, username, host, perr, QUARANTINE)
-			db:store(QUARANTINE, username, item.from, item.xml, item.ts, nil, nil, nil, item.meta)
+			b:idle():store(QUARANTINE, username, item.from, item.xml, item.ts, nil, nil, nil, item.meta)
 		end
 	end
 	if sent > 0 then
@@ -406,7 +476,7 @@ local usermanager = require "core.usermanager"
 
 module:hook_global("user-deleted", function(event)
 	if event.host ~= host or not db then return end
-	local n, err = db:remove_user(host, event.username)
+	local n, err = b:idle():remove_user(host, event.username)
 	if n then
 		module:log("debug", "Removed %d offline messages of deleted user %s@%s", n, event.username, host)
 	else
@@ -416,9 +486,9 @@ module:hook_global("user-deleted", function(event)
 end)
 
 local function sweep()
-	local ok, msg = admin.expire(db, now_us())
+	local ok, msg = admin.expire(b:idle(), now_us())
 	module:log(ok and "info" or "error", "Expiry sweep: %s", msg)
-	local ok2, msg2, queues = admin.orphans(db, host, usermanager.user_exists)
+	local ok2, msg2, queues = admin.orphans(b:idle(), host, usermanager.user_exists)
 	module:log(ok2 and "info" or "error", "Orphaned queues: %s%s", msg2, queues and (" from " .. queues .. " deleted accounts") or "")
 end
 

@@ -257,6 +257,54 @@ local function contract(open, finish)
 		self.db = open() -- for tearDown
 	end
 
+	-- Group commit: begin() opens a batch (true) on backends that have one, or says
+	-- false and every store stays its own transaction. Either way the caller sees
+	-- the same queue.
+	function T:test_batch_stores_count_and_commit()
+		local db = self.db
+		local last = fill(db, 2, H, U, "before")[2]
+		local batched = db:begin()
+		lu.assertIsBoolean(batched)
+		for i = 1, 5 do
+			local count, id = db:store(H, U, FROM, "in" .. i, T0 + i, nil, 7)
+			lu.assertEquals(count, 2 + i, "stores in a batch count what the batch stored")
+			lu.assertTrue(id > last, "ids stay monotonic")
+			last = id
+		end
+		lu.assertEquals(db:store(H, U, FROM, "last", T0, nil, 8), 8)
+		lu.assertEquals({ db:store(H, U, FROM, "refused", T0, nil, 8) }, { false, "limit", 8 },
+			"the limit sees the batch's own stores")
+		if batched then
+			lu.assertErrorMsgContains("a batch is open", db.count, db, H, U)
+			lu.assertErrorMsgContains("a batch is open", db.pop, db, H, U, T0)
+			lu.assertErrorMsgContains("a batch is open", db.begin, db)
+		end
+		lu.assertEquals(db:store(H, "carol", FROM, "other queue", T0), 1, "a refusal does not end the batch")
+		lu.assertTrue(db:commit())
+		lu.assertTrue(db:commit(), "commit with nothing open does nothing")
+		lu.assertEquals(xmls(db:pop(H, U, T0)), { "before1", "before2", "in1", "in2", "in3", "in4", "in5", "last" })
+		lu.assertEquals(xmls(db:pop(H, "carol", T0)), { "other queue" })
+	end
+
+	function T:test_batch_rollback()
+		local db = self.db
+		fill(db, 1, H, U, "kept")
+		if not db:begin() then
+			lu.assertTrue(db:rollback(), "rollback with nothing open does nothing")
+			return
+		end
+		fill(db, 3, H, U, "dropped")
+		fill(db, 2, H, "carol", "dropped")
+		lu.assertTrue(db:rollback())
+		lu.assertEquals({ db:count(H, U) }, { 1, 5 }, "the counters are rolled back with the rows")
+		lu.assertEquals({ db:count(H, "carol") }, { 0, 0 })
+		assert_counter(db, H, U)
+		local count, id = db:store(H, U, FROM, "after", T0)
+		lu.assertEquals(count, 2)
+		lu.assertTrue(id > 0)
+		lu.assertEquals(xmls(db:pop(H, U, T0)), { "kept1", "after" })
+	end
+
 	function T:test_to_be_closed_and_gc()
 		local escaped
 		do

@@ -76,6 +76,54 @@ function TestSqlite:test_read_only_file_is_refused()
 	db:close()
 end
 
+-- Group commit: what a batch stores is invisible to other connections until the
+-- commit, and close() commits an open batch rather than dropping it.
+function TestSqlite:test_batch_is_one_transaction()
+	local db = assert(core.open_sqlite(self.file))
+	local other = assert(core.open_sqlite(self.file, false, 50))
+	lu.assertTrue(db:begin())
+	for i = 1, 3 do db:store(H, U, FROM, "b" .. i, T0) end
+	lu.assertEquals({ other:count(H, U) }, { 0, 0 }, "not visible before the commit")
+	lu.assertNil(other:store(H, U, FROM, "x", T0), "the batch holds the write lock")
+	lu.assertTrue(db:commit())
+	lu.assertEquals(other:count(H, U), 3)
+	lu.assertTrue(db:begin())
+	db:store(H, U, FROM, "b4", T0)
+	db:close()
+	lu.assertEquals(other:count(H, U), 4, "close committed the open batch")
+	other:close()
+end
+
+-- A store that fails inside a batch (here: the disk is full) takes the whole batch
+-- with it, says so, and leaves the store usable and its counters right.
+function TestSqlite:test_failed_store_ends_the_batch()
+	local mnt = self.dir .. "/small"
+	support.exec("mkdir -p " .. support.quote(mnt))
+	local ok, out = support.sh("mount -t tmpfs -o size=512k tmpfs " .. support.quote(mnt))
+	assert(ok, "this spec mounts a small tmpfs (run as root): " .. out)
+	local db = assert(core.open_sqlite(mnt .. "/db.sqlite"))
+	local fine, bad = pcall(function()
+		lu.assertEquals(db:store(H, U, FROM, "kept", T0), 1)
+		lu.assertTrue(db:begin())
+		local big, n, count, msg, code = string.rep("x", 4000), 0, nil, nil, nil
+		repeat
+			n = n + 1
+			count, msg, code = db:store(H, U, FROM, big, T0)
+		until not count or n > 1000
+		lu.assertNil(count, "the disk filled up")
+		lu.assertIsString(msg)
+		lu.assertIsNumber(code)
+		lu.assertTrue(n > 2, "some stores went into the batch first")
+		lu.assertTrue(db:commit(), "the failed store ended the batch: nothing left to commit")
+		lu.assertEquals({ db:count(H, U) }, { 1, 4 }, "nothing of the batch stayed")
+		lu.assertEquals(#db:list(H, U), 1)
+		lu.assertEquals(db:store(H, U, FROM, "after", T0), 2, "the store works on")
+	end)
+	db:close()
+	support.sh("umount " .. support.quote(mnt))
+	if not fine then error(bad, 0) end
+end
+
 function TestSqlite:test_busy_writer_gives_fail_triple_and_loses_nothing()
 	local db = assert(core.open_sqlite(self.file, false, 50))
 	lu.assertEquals(db:store(H, U, FROM, "first", T0), 1)

@@ -62,12 +62,21 @@ typedef struct {
 	int (*delete_older_than)(os_store *, int64_t cutoff, int64_t *touched);
 	int (*users)(os_store *, os_str host, os_emit_user, void *ud);
 	void (*close)(os_store *);
+	/* Group commit; NULL where the backend has none (every store is then its
+	 * own transaction). batch_begin opens a transaction that the following
+	 * stores join instead of committing each; batch_end commits it (commit = 1)
+	 * or rolls it back (0). A store that fails inside a batch rolls the whole
+	 * batch back and clears s->in_batch. core.c sets in_batch and keeps every
+	 * other operation out while it is set. */
+	int (*batch_begin)(os_store *);
+	int (*batch_end)(os_store *, int commit);
 } os_backend;
 
 /* The userdata behind every open store. */
 struct os_store {
 	const os_backend *be; /* NULL once closed */
 	void *impl;
+	int in_batch;         /* a batch is open (see batch_begin) */
 	int errcode;          /* backend's raw code of the last failure */
 	char errmsg[256];     /* its text */
 };

@@ -368,6 +368,7 @@ static void mem_close(os_store *s) {
 static const os_backend memory_backend = {
 	"memory", mem_store, mem_pop, mem_count, mem_list, mem_remove, mem_remove_user,
 	mem_remove_host, mem_delete_expired, mem_delete_older_than, mem_users, mem_close,
+	NULL, NULL, /* no group commit */
 };
 
 int os_memory_open(os_store *s) {

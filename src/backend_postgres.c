@@ -746,6 +746,7 @@ static void pg_close(os_store *s) {
 static const os_backend postgres_backend = {
 	"postgres", pg_store, pg_pop, pg_count, pg_list, pg_remove, pg_remove_user,
 	pg_remove_host, pg_delete_expired, pg_delete_older_than, pg_users, pg_close,
+	NULL, NULL, /* no group commit */
 };
 
 /* Runs one text-mode query of the schema check; NULL (and s records why) on failure. */

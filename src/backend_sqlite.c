@@ -177,26 +177,36 @@ static int queue_sub(sq *q, const os_key *k, int64_t count, int64_t bytes) {
 	return run(st);
 }
 
+/* A failed store rolls back its transaction: inside a batch, the whole batch. */
+static int store_abort(os_store *s, sq *q) {
+	s->in_batch = 0;
+	return abort_tx(s, q);
+}
+
+/* In a batch (s->in_batch) the store joins the open transaction: it neither
+ * begins nor commits, and a refusal by the limit leaves the batch as it was
+ * (the refusal is decided before anything is written). */
 static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
                     int64_t *count, int64_t *id) {
 	sq *q = s->impl;
 	sqlite3_stmt *st;
 	int64_t bytes;
-	if (begin(s, q) != OS_OK)
+	if (!s->in_batch && begin(s, q) != OS_OK)
 		return OS_FAIL;
 	if (queue_get(q, k, count, &bytes) != SQLITE_DONE)
-		return abort_tx(s, q);
+		return store_abort(s, q);
 	if ((lim->max_count != OS_NONE && *count + 1 > lim->max_count) ||
 	    (lim->max_bytes != OS_NONE && bytes + (int64_t)m->xml.n > lim->max_bytes)) {
-		run(stmt(q, ST_ROLLBACK));
+		if (!s->in_batch)
+			run(stmt(q, ST_ROLLBACK));
 		return OS_LIMIT;
 	}
 	if (run(stmt(q, ST_ID_BUMP)) != SQLITE_DONE)
-		return abort_tx(s, q);
+		return store_abort(s, q);
 	st = stmt(q, ST_ID_GET);
 	if (sqlite3_step(st) != SQLITE_ROW) {
 		sqlite3_reset(st);
-		return abort_tx(s, q);
+		return store_abort(s, q);
 	}
 	*id = sqlite3_column_int64(st, 0);
 	sqlite3_reset(st);
@@ -215,13 +225,13 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 	else
 		sqlite3_bind_null(st, 8);
 	if (run(st) != SQLITE_DONE)
-		return abort_tx(s, q);
+		return store_abort(s, q);
 	st = stmt(q, ST_QUEUE_ADD);
 	bind_key(st, k);
 	sqlite3_bind_int64(st, 3, (int64_t)m->xml.n);
 	if (run(st) != SQLITE_DONE)
-		return abort_tx(s, q);
-	if (commit(s, q) != OS_OK)
+		return store_abort(s, q);
+	if (!s->in_batch && commit(s, q) != OS_OK)
 		return OS_FAIL;
 	*count += 1;
 	return OS_OK;
@@ -457,9 +467,26 @@ static void sq_close(os_store *s) {
 	s->impl = NULL;
 }
 
+/* One BEGIN IMMEDIATE for many stores, one COMMIT (and one WAL sync) for all. */
+static int sq_batch_begin(os_store *s) {
+	return begin(s, s->impl);
+}
+
+static int sq_batch_end(os_store *s, int do_commit) {
+	sq *q = s->impl;
+	if (sqlite3_get_autocommit(q->db)) /* the transaction is gone: sqlite rolled it back */
+		return do_commit ? os_fail(s, SQLITE_ABORT, "the batch was rolled back") : OS_OK;
+	if (do_commit)
+		return commit(s, q);
+	if (run(stmt(q, ST_ROLLBACK)) != SQLITE_DONE)
+		return sqfail(s, q->db);
+	return OS_OK;
+}
+
 static const os_backend sqlite_backend = {
 	"sqlite", sq_store, sq_pop, sq_count, sq_list, sq_remove, sq_remove_user,
 	sq_remove_host, sq_delete_expired, sq_delete_older_than, sq_users, sq_close,
+	sq_batch_begin, sq_batch_end,
 };
 
 /* Reads one integer pragma; SQLITE_OK or the error. */

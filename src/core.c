@@ -30,6 +30,14 @@ static os_store *check_open(lua_State *L) {
 	return s;
 }
 
+/* An open store with no batch open: every method but store and the batch's own. */
+static os_store *check_idle(lua_State *L) {
+	os_store *s = check_open(L);
+	if (s->in_batch)
+		luaL_error(L, "a batch is open on this offline store: commit or roll it back first");
+	return s;
+}
+
 static os_str check_str(lua_State *L, int arg) {
 	os_str r;
 	r.p = luaL_checklstring(L, arg, &r.n);
@@ -163,7 +171,7 @@ static void collect_item(void *ud, const os_item *it) {
 
 /* db:pop(host, user, now [, max]) -> items, expired | fail, msg, code */
 static int l_pop(lua_State *L) {
-	os_store *s = check_open(L);
+	os_store *s = check_idle(L);
 	os_key k = check_key(L);
 	int64_t now = (int64_t)luaL_checkinteger(L, 4), max = opt_int(L, 5, 0), expired = 0;
 	collector c;
@@ -178,7 +186,7 @@ static int l_pop(lua_State *L) {
 
 /* db:count(host, user) -> count, bytes | fail, msg, code */
 static int l_count(lua_State *L) {
-	os_store *s = check_open(L);
+	os_store *s = check_idle(L);
 	os_key k = check_key(L);
 	int64_t count, bytes;
 	if (s->be->count(s, &k, &count, &bytes) != OS_OK)
@@ -190,7 +198,7 @@ static int l_count(lua_State *L) {
 
 /* db:list(host, user [, after_id [, max]]) -> items | fail, msg, code */
 static int l_list(lua_State *L) {
-	os_store *s = check_open(L);
+	os_store *s = check_idle(L);
 	os_key k = check_key(L);
 	int64_t after = (int64_t)luaL_optinteger(L, 4, 0), max = opt_int(L, 5, 0);
 	collector c;
@@ -211,7 +219,7 @@ static int push_touched(lua_State *L, os_store *s, int rc, int64_t touched) {
 
 /* db:remove(host, user, {id, ...}) -> n | fail, msg, code */
 static int l_remove(lua_State *L) {
-	os_store *s = check_open(L);
+	os_store *s = check_idle(L);
 	os_key k = check_key(L);
 	int64_t *ids, touched = 0;
 	lua_Integer i, n;
@@ -233,7 +241,7 @@ static int l_remove(lua_State *L) {
 
 /* db:remove_user(host, user) -> n | fail, msg, code */
 static int l_remove_user(lua_State *L) {
-	os_store *s = check_open(L);
+	os_store *s = check_idle(L);
 	os_key k = check_key(L);
 	int64_t touched = 0;
 	int rc = s->be->remove_user(s, &k, &touched);
@@ -242,7 +250,7 @@ static int l_remove_user(lua_State *L) {
 
 /* db:remove_host(host) -> n | fail, msg, code */
 static int l_remove_host(lua_State *L) {
-	os_store *s = check_open(L);
+	os_store *s = check_idle(L);
 	os_str host = check_str(L, 2);
 	int64_t touched = 0;
 	int rc = s->be->remove_host(s, host, &touched);
@@ -251,7 +259,7 @@ static int l_remove_host(lua_State *L) {
 
 /* db:delete_expired(now) -> n | fail, msg, code */
 static int l_delete_expired(lua_State *L) {
-	os_store *s = check_open(L);
+	os_store *s = check_idle(L);
 	int64_t now = (int64_t)luaL_checkinteger(L, 2), touched = 0;
 	int rc = s->be->delete_expired(s, now, &touched);
 	return push_touched(L, s, rc, touched);
@@ -259,7 +267,7 @@ static int l_delete_expired(lua_State *L) {
 
 /* db:delete_older_than(cutoff) -> n | fail, msg, code */
 static int l_delete_older_than(lua_State *L) {
-	os_store *s = check_open(L);
+	os_store *s = check_idle(L);
 	int64_t cutoff = (int64_t)luaL_checkinteger(L, 2), touched = 0;
 	int rc = s->be->delete_older_than(s, cutoff, &touched);
 	return push_touched(L, s, rc, touched);
@@ -280,7 +288,7 @@ static void collect_user(void *ud, os_str user, int64_t count, int64_t bytes) {
 
 /* db:users(host) -> {{user=, count=, bytes=}, ...} | fail, msg, code */
 static int l_users(lua_State *L) {
-	os_store *s = check_open(L);
+	os_store *s = check_idle(L);
 	os_str host = check_str(L, 2);
 	collector c;
 	c.L = L;
@@ -291,6 +299,46 @@ static int l_users(lua_State *L) {
 	return 1;
 }
 
+/* db:begin() -> true | false (this backend has no group commit) | fail, msg, code
+ * Opens a batch: the stores that follow join one transaction, made durable by
+ * db:commit(). Only store, commit, rollback and close are allowed meanwhile. A
+ * store that fails inside the batch ends it: nothing stored since begin stays. */
+static int l_begin(lua_State *L) {
+	os_store *s = check_idle(L);
+	if (!s->be->batch_begin) {
+		lua_pushboolean(L, 0);
+		return 1;
+	}
+	if (s->be->batch_begin(s) != OS_OK)
+		return push_fail(L, s);
+	s->in_batch = 1;
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+/* db:commit() and db:rollback() -> true | fail, msg, code (nothing of the batch stored).
+ * With no batch open (none begun, or a failed store ended it) they do nothing. */
+static int end_batch(lua_State *L, int do_commit) {
+	os_store *s = check_open(L);
+	if (!s->in_batch) {
+		lua_pushboolean(L, 1);
+		return 1;
+	}
+	s->in_batch = 0;
+	if (s->be->batch_end(s, do_commit) != OS_OK)
+		return push_fail(L, s);
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+static int l_commit(lua_State *L) {
+	return end_batch(L, 1);
+}
+
+static int l_rollback(lua_State *L) {
+	return end_batch(L, 0);
+}
+
 /* db:backend() -> "sqlite" | "memory" | "postgres" */
 static int l_backend(lua_State *L) {
 	os_store *s = check_open(L);
@@ -298,11 +346,16 @@ static int l_backend(lua_State *L) {
 	return 1;
 }
 
-/* db:close(); also __close and __gc. Idempotent. */
+/* db:close(); also __close and __gc. Idempotent. An open batch is committed
+ * first (the caller commits itself to learn the outcome). */
 static int l_close(lua_State *L) {
 	os_store *s = luaL_checkudata(L, 1, STORE_MT);
 	if (s->be) {
 		const os_backend *be = s->be;
+		if (s->in_batch) {
+			s->in_batch = 0;
+			be->batch_end(s, 1);
+		}
 		s->be = NULL;
 		be->close(s);
 	}
@@ -329,6 +382,9 @@ static const luaL_Reg methods[] = {
 	{"delete_expired", l_delete_expired},
 	{"delete_older_than", l_delete_older_than},
 	{"users", l_users},
+	{"begin", l_begin},
+	{"commit", l_commit},
+	{"rollback", l_rollback},
 	{"backend", l_backend},
 	{"close", l_close},
 	{NULL, NULL},

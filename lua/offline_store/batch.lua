@@ -1,0 +1,103 @@
+-- offline_store.batch: group commit for the plugin. Stores join one open
+-- transaction (db:begin) and become durable together at flush(); the plugin
+-- flushes before anything leaves the server (so no reply, ack or delivery can
+-- overtake the commit of a message handled before it), at the end of the event
+-- loop turn, and when `max` stores are pending. Host-agnostic: the server side
+-- (filters, timers, error stanzas) is the caller's, through three callbacks.
+--
+--   local b = batch.new(db, { max = 256, on_open = f(), on_close = f(),
+--                             on_commit = f(n), on_lost = f(tokens, err, code) })
+--   b:store(token, <db:store arguments>)  -> what db:store returns
+--   b:flush()                              -> true | nil, err, code
+--   b:idle()                               -> the db, after a flush (for every other call)
+--
+-- `token` is whatever the caller needs to tell a sender that its message was
+-- lost after all: on_lost gets the tokens of every store of a batch that did not
+-- commit, in order. A store's own failure is returned to the caller as before;
+-- the tokens passed to on_lost are those of the earlier stores it took with it.
+
+local M = {}
+local mt = { __index = {} }
+local methods = mt.__index
+
+local function noop() end
+
+function M.new(db, opts)
+	opts = opts or {}
+	return setmetatable({
+		db = db,
+		max = opts.max or 256,
+		on_open = opts.on_open or noop,
+		on_close = opts.on_close or noop,
+		on_commit = opts.on_commit or noop,
+		on_lost = opts.on_lost or noop,
+		open = false,      -- a batch is open on db
+		unbatched = false, -- db has no group commit: every store commits itself
+		tokens = {},
+		n = 0,
+	}, mt)
+end
+
+local function take(self)
+	local tokens, n = self.tokens, self.n
+	self.open, self.tokens, self.n = false, {}, 0
+	self.on_close()
+	return tokens, n
+end
+
+function methods:store(token, ...)
+	local db = self.db
+	if not self.open and not self.unbatched then
+		local ok, err, code = db:begin()
+		if ok == nil then return nil, err, code end -- cannot even start: like a failed store
+		if ok then
+			self.open = true
+			self.on_open()
+		else
+			self.unbatched = true
+		end
+	end
+	local count, why, current = db:store(...)
+	if not self.open then return count, why, current end
+	if count then
+		local n = self.n + 1
+		self.n, self.tokens[n] = n, token
+		if n >= self.max then self:flush() end
+	elseif count == nil then
+		-- the failed store rolled back the whole batch
+		local tokens, n = take(self)
+		if n > 0 then self.on_lost(tokens, why, current) end
+	end
+	return count, why, current
+end
+
+function methods:flush()
+	if not self.open then return true end
+	local tokens, n = take(self)
+	local ok, err, code = self.db:commit()
+	if ok then
+		self.on_commit(n)
+		return true
+	end
+	if n > 0 then self.on_lost(tokens, err, code) end
+	return nil, err, code
+end
+
+-- The db with no batch open, for any call other than store.
+function methods:idle()
+	self:flush()
+	return self.db
+end
+
+-- A stand-in for the db whose every method flushes first (for code that takes a
+-- db, such as offline_store.admin and the shell commands).
+function methods:guarded()
+	local b = self
+	return setmetatable({}, { __index = function(_, name)
+		local f = b.db[name]
+		if type(f) ~= "function" then return f end
+		return function(_, ...) return f(b:idle(), ...) end
+	end })
+end
+
+return M

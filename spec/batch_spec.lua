@@ -1,0 +1,133 @@
+-- offline_store.batch without a server: group commit over the real core (sqlite,
+-- memory), and what the callbacks are told when a batch does not make it.
+
+local lu = require "luaunit"
+local support = require "support.util"
+local core = require "offline_store.core"
+local batch = require "offline_store.batch"
+
+local H, FROM, T0 = "example.org", "alice@example.org/phone", 1700000000 * 1000000
+
+-- A batch whose callbacks record what they were told.
+local function recorded(db, max)
+	local log = { opened = 0, closed = 0, committed = {}, lost = {} }
+	local b = batch.new(db, {
+		max = max,
+		on_open = function() log.opened = log.opened + 1 end,
+		on_close = function() log.closed = log.closed + 1 end,
+		on_commit = function(n) log.committed[#log.committed + 1] = n end,
+		on_lost = function(tokens, err, code) log.lost[#log.lost + 1] = { tokens = tokens, err = err, code = code } end,
+	})
+	return b, log
+end
+
+TestBatch = {}
+
+function TestBatch:setUp()
+	self.dir = support.tmpdir()
+	self.db = assert(core.open_sqlite(self.dir .. "/b.sqlite"))
+end
+
+function TestBatch:tearDown()
+	self.db:close()
+	support.rmrf(self.dir)
+end
+
+function TestBatch:test_stores_share_one_commit()
+	local b, log = recorded(self.db)
+	for i = 1, 10 do lu.assertEquals(b:store("t" .. i, H, "bob", FROM, "m" .. i, T0), i) end
+	lu.assertEquals(log.opened, 1, "one batch for ten stores")
+	lu.assertTrue(b.open)
+	lu.assertTrue(b:flush())
+	lu.assertEquals(log.committed, { 10 })
+	lu.assertEquals(log.closed, 1)
+	lu.assertTrue(b:flush(), "nothing open: nothing to do")
+	lu.assertEquals(log.committed, { 10 })
+	lu.assertEquals(#b:idle():pop(H, "bob", T0), 10)
+end
+
+function TestBatch:test_max_commits_on_its_own()
+	local b, log = recorded(self.db, 4)
+	for i = 1, 10 do b:store(i, H, "bob", FROM, "m" .. i, T0) end
+	lu.assertEquals(log.committed, { 4, 4 }, "every 4th store commits")
+	lu.assertEquals(b.n, 2)
+	b:flush()
+	lu.assertEquals(log.committed, { 4, 4, 2 })
+end
+
+function TestBatch:test_limit_refusal_keeps_the_batch()
+	local b, log = recorded(self.db)
+	lu.assertEquals(b:store(1, H, "bob", FROM, "a", T0, nil, 1), 1)
+	lu.assertEquals({ b:store(2, H, "bob", FROM, "b", T0, nil, 1) }, { false, "limit", 1 })
+	lu.assertTrue(b.open)
+	b:flush()
+	lu.assertEquals(log.committed, { 1 }, "the refused one is not counted")
+	lu.assertEquals(#log.lost, 0)
+end
+
+function TestBatch:test_guarded_commits_before_other_calls()
+	local b, log = recorded(self.db)
+	local g = b:guarded()
+	b:store(1, H, "bob", FROM, "a", T0)
+	lu.assertEquals(g:count(H, "bob"), 1, "count through the stand-in commits first")
+	lu.assertEquals(log.committed, { 1 })
+	lu.assertEquals(g:backend(), "sqlite")
+	-- and it is the same data another connection sees
+	local other = assert(core.open_sqlite(self.dir .. "/b.sqlite"))
+	lu.assertEquals(other:count(H, "bob"), 1)
+	other:close()
+end
+
+function TestBatch:test_memory_backend_stores_at_once()
+	local mem = core.open_memory()
+	local b, log = recorded(mem)
+	lu.assertEquals(b:store(1, H, "bob", FROM, "a", T0), 1)
+	lu.assertTrue(b.unbatched)
+	lu.assertFalse(b.open)
+	lu.assertEquals(log.opened, 0)
+	lu.assertEquals(mem:count(H, "bob"), 1, "no batch is open: the db answers directly")
+	lu.assertTrue(b:flush())
+	mem:close()
+end
+
+-- A db whose commit (or n-th store) fails, around a real one: what the callers learn.
+local function failing(db, how)
+	local stores = 0
+	return setmetatable({}, { __index = function(_, k)
+		if k == "commit" and how.commit then
+			return function() db:rollback(); return nil, "disk I/O error", 10 end
+		elseif k == "store" and how.store_at then
+			return function(_, ...)
+				stores = stores + 1
+				if stores == how.store_at then db:rollback(); return nil, "database or disk is full", 13 end
+				return db:store(...)
+			end
+		end
+		local f = db[k]
+		return function(_, ...) return f(db, ...) end
+	end })
+end
+
+function TestBatch:test_failed_commit_tells_every_token()
+	local b, log = recorded(failing(self.db, { commit = true }))
+	for i = 1, 3 do b:store("t" .. i, H, "bob", FROM, "m" .. i, T0) end
+	lu.assertEquals({ b:flush() }, { nil, "disk I/O error", 10 })
+	lu.assertEquals(log.lost, { { tokens = { "t1", "t2", "t3" }, err = "disk I/O error", code = 10 } })
+	lu.assertEquals(log.committed, {})
+	lu.assertFalse(b.open)
+	lu.assertEquals(self.db:count(H, "bob"), 0, "nothing of the batch stored")
+end
+
+function TestBatch:test_failed_store_takes_the_earlier_tokens()
+	local b, log = recorded(failing(self.db, { store_at = 3 }))
+	b:store("t1", H, "bob", FROM, "m1", T0)
+	b:store("t2", H, "bob", FROM, "m2", T0)
+	lu.assertEquals({ b:store("t3", H, "bob", FROM, "m3", T0) }, { nil, "database or disk is full", 13 },
+		"the failing store answers for itself")
+	lu.assertEquals(log.lost, { { tokens = { "t1", "t2" }, err = "database or disk is full", code = 13 } },
+		"the others are told through on_lost")
+	lu.assertFalse(b.open)
+	lu.assertEquals(b:store("t4", H, "bob", FROM, "m4", T0), 1, "the next store opens a new batch")
+	b:flush()
+	lu.assertEquals(log.committed, { 1 })
+end
