@@ -39,9 +39,9 @@ static const char *const sql_text[ST__COUNT] = {
 	[ST_QUEUE_DROP] = "DELETE FROM queue WHERE host = ?1 AND user = ?2",
 	[ST_QUEUE_DROP_IF_EMPTY] = "DELETE FROM queue WHERE host = ?1 AND user = ?2 AND count <= 0",
 	[ST_QUEUE_DROP_EMPTY] = "DELETE FROM queue WHERE count <= 0",
-	/* Two statements, not UPDATE ... RETURNING: RETURNING opens a statement
-	 * journal whose page bitmap is allocated and freed on every store. */
-	[ST_ID_BUMP] = "UPDATE sequence SET value = value + 1 WHERE name = 'message'",
+	/* Read once per transaction and written back once before its commit
+	 * (see next_id): a batch of stores costs two statements, not two each. */
+	[ST_ID_BUMP] = "UPDATE sequence SET value = ?1 WHERE name = 'message'",
 	[ST_ID_GET] = "SELECT value FROM sequence WHERE name = 'message'",
 	[ST_MSG_INSERT] =
 		"INSERT INTO message(host, user, id, ts, expire, sender, stanza, meta) "
@@ -94,6 +94,10 @@ static const char *const migrations[SCHEMA_VERSION] = {
 typedef struct {
 	sqlite3 *db;
 	sqlite3_stmt *st[ST__COUNT];
+	/* The message id sequence inside the open write transaction: last id given
+	 * out, valid while id_read; id_dirty when it must be written back. */
+	int64_t last_id;
+	int id_read, id_dirty;
 } sq;
 
 static int sqfail(os_store *s, sqlite3 *db) {
@@ -123,6 +127,7 @@ static int run(sqlite3_stmt *st) {
 /* Starts a write transaction, first rolling back one left open by a call
  * that was abandoned (an emit callback raised). */
 static int begin(os_store *s, sq *q) {
+	q->id_read = q->id_dirty = 0;
 	if (!sqlite3_get_autocommit(q->db))
 		run(stmt(q, ST_ROLLBACK));
 	if (run(stmt(q, ST_BEGIN)) != SQLITE_DONE)
@@ -139,9 +144,35 @@ static int abort_tx(os_store *s, sq *q) {
 }
 
 static int commit(os_store *s, sq *q) {
+	if (q->id_dirty) {
+		sqlite3_stmt *st = stmt(q, ST_ID_BUMP);
+		sqlite3_bind_int64(st, 1, q->last_id);
+		if (run(st) != SQLITE_DONE)
+			return abort_tx(s, q);
+	}
+	q->id_read = q->id_dirty = 0;
 	if (run(stmt(q, ST_COMMIT)) != SQLITE_DONE)
 		return abort_tx(s, q);
 	return OS_OK;
+}
+
+/* The next message id, inside the open write transaction (which holds the
+ * lock on the sequence row until commit() writes the last one back). */
+static int next_id(sq *q, int64_t *id) {
+	if (!q->id_read) {
+		sqlite3_stmt *st = stmt(q, ST_ID_GET);
+		int rc = sqlite3_step(st);
+		if (rc != SQLITE_ROW) {
+			sqlite3_reset(st);
+			return rc == SQLITE_DONE ? SQLITE_CORRUPT : rc;
+		}
+		q->last_id = sqlite3_column_int64(st, 0);
+		sqlite3_reset(st);
+		q->id_read = 1;
+	}
+	*id = ++q->last_id;
+	q->id_dirty = 1;
+	return SQLITE_OK;
 }
 
 /* Reads the counter row; a missing row is an empty queue. */
@@ -201,15 +232,8 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 			run(stmt(q, ST_ROLLBACK));
 		return OS_LIMIT;
 	}
-	if (run(stmt(q, ST_ID_BUMP)) != SQLITE_DONE)
+	if (next_id(q, id) != SQLITE_OK)
 		return store_abort(s, q);
-	st = stmt(q, ST_ID_GET);
-	if (sqlite3_step(st) != SQLITE_ROW) {
-		sqlite3_reset(st);
-		return store_abort(s, q);
-	}
-	*id = sqlite3_column_int64(st, 0);
-	sqlite3_reset(st);
 	st = stmt(q, ST_MSG_INSERT);
 	bind_key(st, k);
 	sqlite3_bind_int64(st, 3, *id);
