@@ -260,6 +260,33 @@ local function contract(open, finish)
 	-- Group commit: begin() opens a batch (true) on backends that have one, or says
 	-- false and every store stays its own transaction. Either way the caller sees
 	-- the same queue.
+	-- The sender comes back as given, whatever the stanza says (sqlite keeps a sender
+	-- equal to the stanza's own from attribute only once).
+	function T:test_sender_round_trips()
+		local cases = {
+			{ "alice@example.org/phone", "<message from='alice@example.org/phone' to='bob@example.org'/>" },
+			{ "alice@example.org/phone", [[<message to='bob@example.org' from="alice@example.org/phone"><body/></message>]] },
+			{ "alice@example.org/phone", "<message from='mallory@example.org/x'/>" },
+			{ "a'b@example.org/r&s", "<message from='a&apos;b@example.org/r&amp;s'/>" },
+			{ "", "<message from='alice@example.org/phone'/>" },
+			{ "alice@example.org", "<message to='bob@example.org'/>" },
+			{ "alice@example.org", "<message ns1:from='alice@example.org' xmlns:ns1='urn:x'/>" },
+			{ "alice@example.org", "<message from='alice@example.org" },
+			{ "alice@example.org", "not xml at all" },
+			{ "x", "<from from='y' />" },
+			{ "\0nul", "<message from='\0nul'/>" },
+		}
+		for i, c in ipairs(cases) do
+			lu.assertEquals(self.db:store(H, U, c[1], c[2], T0 + i), i)
+		end
+		for i, it in ipairs(self.db:list(H, U)) do
+			lu.assertEquals({ it.from, it.xml }, cases[i], "case " .. i)
+		end
+		for i, it in ipairs(self.db:pop(H, U, T0)) do
+			lu.assertEquals({ it.from, it.xml }, cases[i], "popped, case " .. i)
+		end
+	end
+
 	function T:test_batch_stores_count_and_commit()
 		local db = self.db
 		local last = fill(db, 2, H, U, "before")[2]

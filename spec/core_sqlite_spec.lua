@@ -76,6 +76,22 @@ function TestSqlite:test_read_only_file_is_refused()
 	db:close()
 end
 
+-- A sender equal to the stanza's own from='...' is not stored twice.
+function TestSqlite:test_sender_from_the_stanza_is_not_stored_twice()
+	local db = assert(core.open_sqlite(self.file))
+	db:store(H, U, "alice@example.org/phone", "<message from='alice@example.org/phone'/>", T0)
+	db:store(H, U, "alice@example.org/phone", "<message from='someone@else.org'/>", T0)
+	db:store(H, U, "a&b@example.org", "<message from='a&amp;b@example.org'/>", T0)
+	db:close()
+	local ok, out = support.sh("sqlite3 " .. support.quote(self.file)
+		.. " \"SELECT typeof(sender) || ':' || length(sender) FROM message ORDER BY id\"")
+	assert(ok, out)
+	lu.assertEquals(out, "blob:0\ntext:23\ntext:15\n", "elided only when equal and free of entities")
+	db = assert(core.open_sqlite(self.file))
+	lu.assertEquals(db:list(H, U)[1].from, "alice@example.org/phone")
+	db:close()
+end
+
 -- Group commit: what a batch stores is invisible to other connections until the
 -- commit, and close() commits an open batch rather than dropping it.
 function TestSqlite:test_batch_is_one_transaction()
