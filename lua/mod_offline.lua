@@ -217,8 +217,22 @@ local function is_admin(bare)
 end
 module:hook_global("config-reloaded", function() admin_cache = new_cache(4096) end)
 
-local limit_for, limit_err = limits.compile(settings.rule_name, module:get_option("access"), module:get_option("acl"), is_admin)
-if not limit_for then refuse(limit_err) end
+local limit_uncached, limit_err = limits.compile(settings.rule_name, module:get_option("access"), module:get_option("acl"), is_admin)
+if not limit_uncached then refuse(limit_err) end
+-- Every store asks for the recipient's limit: remembered per recipient (false
+-- for "infinity") until the config is reloaded, in a table that starts afresh
+-- past 10,000 recipients rather than growing without end.
+local limits_seen, limits_n = {}, 0
+local function limit_for(username)
+	local v = limits_seen[username]
+	if v == nil then
+		if limits_n >= 10000 then limits_seen, limits_n = {}, 0 end
+		v = limit_uncached(username .. "@" .. host) or false
+		limits_seen[username], limits_n = v, limits_n + 1
+	end
+	return v or nil
+end
+module:hook_global("config-reloaded", function() limits_seen, limits_n = {}, 0 end)
 
 --- Metrics (SPEC §8): the seed's histograms, timing each backend call, and counters.
 --- No-ops unless the global `statistics` option is set.
@@ -297,7 +311,10 @@ local function attach(new_db)
 			module:add_timer(0, function() this:flush() end) -- at the latest, the next loop turn
 		end,
 		on_close = function() group.open[this] = nil end,
-		on_commit = function(n) m_stored:add(n) end,
+		on_commit = function(n)
+			m_stored:add(n)
+			module:log("debug", "Committed %d offline messages", n)
+		end,
 		on_lost = function(lost, err, code)
 			m_failed:with_labels("write"):add(#lost)
 			module:log("error", "Committing %d offline messages failed: %s (code %s); their senders are told",
@@ -361,34 +378,33 @@ end
 local NO_ONE = {}
 
 local function store_message(origin, stanza, username)
-	local bare = username .. "@" .. host
 	-- Delay stamps are believed only on messages the server re-queues from the
 	-- recipient's own session (mod_smacks): a sender can forge any `from`.
-	local trusted = from_recipient(origin, username) and { [host] = true, [bare] = true } or NO_ONE
+	local trusted = from_recipient(origin, username) and { [host] = true, [username .. "@" .. host] = true } or NO_ONE
 	local xml, ts, expire = policy.prepare(stanza, now_us(), trusted)
 	local started = time_now()
 	local count, why, current
 	if trusted == NO_ONE then
-		count, why, current = b:store(stanza, host, username, stanza.attr.from or "", xml, ts, expire, limit_for(bare))
+		count, why, current = b:store(stanza, host, username, stanza.attr.from or "", xml, ts, expire, limit_for(username))
 	else -- mod_smacks waits for the answer: commit it now
-		count, why, current = b:idle():store(host, username, stanza.attr.from or "", xml, ts, expire, limit_for(bare))
+		count, why, current = b:idle():store(host, username, stanza.attr.from or "", xml, ts, expire, limit_for(username))
 		if count then m_stored:add(1) end
 	end
 	m_write:sample(time_now() - started)
 	if count then
 		if b.unbatched and trusted == NO_ONE then m_stored:add(1) end -- (else counted at the commit)
-		module:log("debug", "Stored offline message for %s (%d queued)", bare, count)
+		module:log("debug", "Stored offline message for %s@%s (%d queued)", username, host, count)
 		return true
 	end
 	if count == false then
 		m_rejected:add(1)
-		module:log("debug", "Offline queue of %s is full (%d messages); rejected", bare, current)
+		module:log("debug", "Offline queue of %s@%s is full (%d messages); rejected", username, host, current)
 		if from_recipient(origin, username) then return nil end
 		tell_sender(stanza, policy.limit_error(stanza))
 		return true
 	end
 	m_failed:with_labels("write"):add(1)
-	module:log("error", "Storing an offline message for %s failed: %s (code %s)", bare, why, tostring(current))
+	module:log("error", "Storing an offline message for %s@%s failed: %s (code %s)", username, host, why, tostring(current))
 	if from_recipient(origin, username) then return nil end
 	tell_sender(stanza, policy.failure_error(stanza))
 	return true
