@@ -311,6 +311,14 @@ local function attach(new_db)
 			module:add_timer(0, function() this:flush() end) -- at the latest, the next loop turn
 		end,
 		on_close = function() group.open[this] = nil end,
+		-- other hosts may share the file: their open batches hold its write lock
+		before_write = function()
+			if next(group.open) ~= nil then
+				for other in pairs(group.open) do
+					if other ~= this then other:flush() end
+				end
+			end
+		end,
 		on_commit = function(n)
 			m_stored:add(n)
 			module:log("debug", "Committed %d offline messages", n)
@@ -502,9 +510,10 @@ module:hook_global("user-deleted", function(event)
 end)
 
 local function sweep()
-	local ok, msg = admin.expire(b:idle(), now_us())
+	-- (through the stand-in: user_exists may wait, and stores may come meanwhile)
+	local ok, msg = admin.expire(guarded, now_us())
 	module:log(ok and "info" or "error", "Expiry sweep: %s", msg)
-	local ok2, msg2, queues = admin.orphans(b:idle(), host, usermanager.user_exists)
+	local ok2, msg2, queues = admin.orphans(guarded, host, usermanager.user_exists)
 	module:log(ok2 and "info" or "error", "Orphaned queues: %s%s", msg2, queues and (" from " .. queues .. " deleted accounts") or "")
 end
 

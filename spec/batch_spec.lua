@@ -131,3 +131,28 @@ function TestBatch:test_failed_store_takes_the_earlier_tokens()
 	b:flush()
 	lu.assertEquals(log.committed, { 1 })
 end
+
+-- Two hosts on one sqlite file: each has its own connection and batch, and only
+-- one connection can hold the write lock. before_write lets a batch commit the
+-- other's first; without it the second begin waits out the busy timeout and fails.
+function TestBatch:test_before_write_frees_the_file_for_another_batch()
+	local file = self.dir .. "/b.sqlite"
+	local db2 = assert(core.open_sqlite(file, false, 50))
+	local a, log_a = recorded(self.db)
+	local b = batch.new(db2, { before_write = function() a:flush() end })
+	lu.assertEquals(a:store(1, "a.example", "x", FROM, "to x", T0), 1)
+	lu.assertTrue(a.open)
+	lu.assertEquals(b:store(2, "b.example", "y", FROM, "to y", T0), 1, "b's store waited for nothing")
+	lu.assertEquals(log_a.committed, { 1 }, "a's batch was committed first")
+	b:flush()
+	lu.assertEquals(#b:idle():pop("a.example", "x", T0), 1)
+	lu.assertEquals(#b:idle():pop("b.example", "y", T0), 1)
+	-- and without it, what the fix prevents
+	local c = batch.new(db2)
+	a:store(3, "a.example", "x", FROM, "again", T0)
+	local count, err = c:store(4, "b.example", "y", FROM, "blocked", T0)
+	lu.assertNil(count)
+	lu.assertStrContains(err, "locked")
+	a:flush()
+	db2:close()
+end

@@ -266,6 +266,43 @@ end
 
 ---------------------------------------------------------------------------------------------------
 -- 8. restart between store and login (sqlite); reloading the module keeps the data
+-- Two hosts on the default sqlite file: one write with a message to each host's
+-- offline user and a ping. Each host has its own batch on its own connection; the
+-- second must commit the first before it writes, or it waits out the busy timeout
+-- (2 s, the whole server frozen) and fails.
+TestTwoHosts = with_server(function() return { host = 'VirtualHost "b.localhost"' } end)
+
+function TestTwoHosts:test_one_file_two_batches()
+	local srv = self:server()
+	local ok, out = srv:prosodyctl("register", "yuki", "b.localhost", offline.PW)
+	lu.assertTrue(ok, out)
+	local a = online(srv, "alice")
+	local burst = {}
+	for i = 1, 3 do
+		burst[#burst + 1] = tostring(chat("bob@localhost", "a" .. i, "to host a"))
+		burst[#burst + 1] = tostring(chat("yuki@b.localhost", "b" .. i, "to host b"))
+	end
+	a:send(table.concat(burst))
+	local started = socket.gettime()
+	local back = messages(a:ping(10))
+	local waited = socket.gettime() - started
+	lu.assertEquals(#back, 0, "no errors: " .. (back[1] and tostring(back[1]) or ""))
+	lu.assertTrue(waited < 1, ("the ping waited %.2f s"):format(waited))
+	lu.assertEquals(ids(collect_offline(srv, "bob", 5, nil, 3)), { "a1", "a2", "a3" })
+	local y = assert(require("support.xmpp").connect { port = srv.c2s_port, host = "b.localhost",
+		user = "yuki", password = offline.PW, resource = "r" })
+	y:presence()
+	local got = {}
+	while #got < 3 do
+		local s = y:receive(5)
+		if not s then break end
+		if s.name == "message" then got[#got + 1] = s.attr.id end
+	end
+	lu.assertEquals(got, { "b1", "b2", "b3" })
+	y:close()
+	a:close()
+end
+
 TestRestart = with_server(function() return {} end)
 
 function TestRestart:test_restart_and_reload_keep_messages()

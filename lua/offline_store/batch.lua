@@ -6,7 +6,12 @@
 -- (filters, timers, error stanzas) is the caller's, through three callbacks.
 --
 --   local b = batch.new(db, { max = 256, on_open = f(), on_close = f(),
---                             on_commit = f(n), on_lost = f(tokens, err, code) })
+--                             on_commit = f(n), on_lost = f(tokens, err, code),
+--                             before_write = f() })
+--
+-- before_write runs before this batch takes the database for anything (begin,
+-- or any call through idle/guarded): the caller commits other batches there that
+-- may hold the same file's write lock (several hosts on one sqlite file).
 --   b:store(token, <db:store arguments>)  -> what db:store returns
 --   b:flush()                              -> true | nil, err, code
 --   b:idle()                               -> the db, after a flush (for every other call)
@@ -28,6 +33,7 @@ function M.new(db, opts)
 		db = db,
 		max = opts.max or 256,
 		on_open = opts.on_open or noop,
+		before_write = opts.before_write or noop,
 		on_close = opts.on_close or noop,
 		on_commit = opts.on_commit or noop,
 		on_lost = opts.on_lost or noop,
@@ -48,6 +54,7 @@ end
 function methods:store(token, ...)
 	local db = self.db
 	if not self.open and not self.unbatched then
+		self.before_write()
 		local ok, err, code = db:begin()
 		if ok == nil then return nil, err, code end -- cannot even start: like a failed store
 		if ok then
@@ -86,6 +93,7 @@ end
 -- The db with no batch open, for any call other than store.
 function methods:idle()
 	self:flush()
+	self.before_write()
 	return self.db
 end
 
