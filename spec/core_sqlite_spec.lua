@@ -209,7 +209,7 @@ function TestSqlite:test_file_is_wal_and_versioned()
 	local ok, out = support.sh("sqlite3 " .. support.quote(self.file)
 		.. " 'PRAGMA journal_mode; PRAGMA user_version; PRAGMA application_id'")
 	lu.assertTrue(ok, out)
-	lu.assertEquals(out, "wal\n1\n" .. 0x4f464c53 .. "\n")
+	lu.assertEquals(out, "wal\n2\n" .. 0x4f464c53 .. "\n")
 end
 
 function TestSqlite:test_bad_open_arguments_raise()

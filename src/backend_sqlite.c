@@ -13,7 +13,7 @@
 
 #include "backend.h"
 
-#define SCHEMA_VERSION 1
+#define SCHEMA_VERSION 2
 #define APPLICATION_ID 0x4f464c53 /* "OFLS" */
 
 enum {
@@ -86,9 +86,15 @@ static const char schema_v1[] =
 	"CREATE TABLE sequence (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;"
 	"INSERT INTO sequence VALUES ('message', 0);";
 
+/* Version 2 changes no table: a row's sender may be a zero-length BLOB, meaning
+ * the stanza's own from attribute (see from_in_xml), which version 1 code would
+ * read as an empty sender; the version keeps such code off the file. */
+static const char schema_v2[] = "";
+
 /* Schema migrations: migrations[v] takes a file from version v to v + 1. */
 static const char *const migrations[SCHEMA_VERSION] = {
 	[0] = schema_v1,
+	[1] = schema_v2,
 };
 
 typedef struct {
