@@ -13,6 +13,7 @@
 --   --runs K (medians over K), --variants a,b (of stub,internal,sql,ours,memory),
 --   --scale-N, --scale-R, --scale-variants a,b (default: stub,ours,memory),
 --   --log-level info|warn|debug (Prosody's, default info as in Debian's config),
+--   --config 'LINES' (extra global Prosody config for every variant, e.g. 'c2s_timeout = 5'),
 --   --keep (keep each server's directory), --raw FILE (append one TSV line per variant run),
 --   --base FILE (take the comparison from an earlier --raw file: with --scale-only, for the
 --   scale targets), --scale-from FILE (print the scale table from a --raw file, run nothing).
@@ -145,6 +146,7 @@ do
 		elseif a == "--scale-only" then opt.compare = false; opt.scale = true
 		elseif a == "--quick" then quick = true
 		elseif a == "--log-level" then opt.log_level = val()
+		elseif a == "--config" then opt.config = val()
 		elseif a == "--keep" then opt.keep = true
 		elseif a == "--raw" then opt.raw = val()
 		elseif a == "--base" then opt.base = val()
@@ -156,7 +158,7 @@ do
 		else
 			io.stderr:write("usage: lua5.4 bench/e2e.lua [--quick] [--no-scale|--scale-only] [-N n] [-R n] [-B n] [-S n]"
 				.. " [-C n] [--runs k] [--variants a,b] [--scale-N n] [--scale-R n] [--scale-variants a,b]"
-				.. " [--log-level lvl] [--keep] [--raw file] [--profile store|pop] [--perf store|pop] [--ours-lua dir]\n")
+				.. " [--log-level lvl] [--config 'lines'] [--keep] [--raw file] [--profile store|pop] [--perf store|pop] [--ours-lua dir]\n")
 			os.exit(2)
 		end
 		i = i + 1
@@ -526,6 +528,7 @@ local function run_variant(vname, P)
 	local global = concat({
 		format("log = { %s = ENV_E2E_LOG; error = ENV_E2E_LOG }", opt.log_level),
 		"c2s_stanza_size_limit = 1024 * 1024",
+		opt.config or "",
 		V.global or "",
 	}, "\n")
 	local plugin_paths, modules_enabled = {}, {}
@@ -834,7 +837,8 @@ local function print_table(title, P, summaries, variants, stanza_ref)
 	print(format("  N=%d messages, R=%d recipients (%d messages each), B=%d-byte bodies, S=%d senders, C=%d concurrent logins;"
 		.. " medians of %d run(s)", P.N, P.R, P.N // P.R, P.B, P.S, P.C, P.runs))
 	if opt.ours_lua ~= ROOT .. "/lua" then print("  ours: plugin directory " .. opt.ours_lua) end
-	print("  ours: " .. LIMIT_RULE .. "; bundled: storage_archive_item_limit = 10000; Prosody log level " .. opt.log_level)
+	print("  ours: " .. LIMIT_RULE .. "; bundled: storage_archive_item_limit = 10000; Prosody log level " .. opt.log_level
+		.. (opt.config and ("; extra config: " .. opt.config) or ""))
 	print()
 	local hdr = { "variant", "store s", "store msg/s", "CPU s/1k", "RSS MB", "disk B/msg", "disk/stanza",
 		"pop s", "pop msg/s", "CPU s/1k", "ms/user", "RSS MB", "gen CPU %", "lost", "dup", "order", "nodelay", "err" }
