@@ -703,12 +703,15 @@ local ok, err = xpcall(function()
 		end
 		log("sqlite repetition %d of %d done", rep, REPS)
 	end
-	for _, s in ipairs(stores) do
-		if s.backend == "sqlite" then
-			limit_reps(s)
-			log("sqlite %5s limit check done", size_label(s.size))
+	local function limit_checks(backend)
+		for _, s in ipairs(stores) do
+			if s.backend == backend then
+				limit_reps(s)
+				log("%s %5s limit check done", backend, size_label(s.size))
+			end
 		end
 	end
+	limit_checks("sqlite")
 
 	-- memory, apart: the kernel's writeback of the sqlite files' pages
 	-- takes CPU time on this machine's other core, which is noise here.
@@ -719,12 +722,7 @@ local ok, err = xpcall(function()
 		end
 	end
 	log("memory repetitions done")
-	for _, s in ipairs(stores) do
-		if s.backend == "memory" then
-			limit_reps(s)
-			log("memory %5s limit check done", size_label(s.size))
-		end
-	end
+	limit_checks("memory")
 
 	local V, B = { sqlite = {}, memory = {} }, {}
 	for _, s in ipairs(stores) do

@@ -521,6 +521,26 @@ local function profile_stop(handle, pid, profile_out)
 	end
 end
 
+-- One measured phase: start() sets the load going, the phase lasts until done();
+-- fills res.<phase>_wall, _cpu, _utime, _stime, _gen (the generator's CPU), _ir
+-- (from the profile, if any), _rss and _hwm.
+local function measure_phase(res, phase, pid, prof, profile_out, start, done)
+	local cpu0, u0, k0 = proc_cpu(pid)
+	local gen0, t0 = self_cpu(), gettime()
+	start()
+	run_until(done)
+	local t1 = gettime()
+	local cpu1, u1, k1 = proc_cpu(pid)
+	local gen1 = self_cpu()
+	res[phase .. "_utime"], res[phase .. "_stime"] = u1 - u0, k1 - k0
+	profile_stop(prof, pid, profile_out)
+	res[phase .. "_ir"] = prof.ir
+	res[phase .. "_wall"] = t1 - t0
+	res[phase .. "_cpu"] = cpu1 - cpu0
+	res[phase .. "_gen"] = gen1 - gen0
+	res[phase .. "_rss"], res[phase .. "_hwm"] = proc_rss_mb(pid)
+end
+
 local function run_variant(vname, P)
 	local V = VARIANTS[vname]
 	local N, R, B, S, C = P.N, P.R, P.B, P.S, P.C
@@ -615,24 +635,12 @@ local function run_variant(vname, P)
 		end
 		run_until(function() return senders_ready == S end)
 
-		local prof = profile_start("store", vname, pid, tag)
-		local cpu0, u0, k0 = proc_cpu(pid)
-		local gen0, t0 = self_cpu(), gettime()
-		for _, c in ipairs(senders) do
-			c.drained = sender_drained
-			sender_drained(c)
-		end
-		run_until(function() return senders_done == S end)
-		local t1 = gettime()
-		local cpu1, u1, k1 = proc_cpu(pid)
-		local gen1 = self_cpu()
-		res.store_utime, res.store_stime = u1 - u0, k1 - k0
-		profile_stop(prof, pid, profile_out)
-		res.store_ir = prof.ir
-		res.store_wall = t1 - t0
-		res.store_cpu = cpu1 - cpu0
-		res.store_gen = gen1 - gen0
-		res.store_rss, res.store_hwm = proc_rss_mb(pid)
+		measure_phase(res, "store", pid, profile_start("store", vname, pid, tag), profile_out, function()
+			for _, c in ipairs(senders) do
+				c.drained = sender_drained
+				sender_drained(c)
+			end
+		end, function() return senders_done == S end)
 		res.sent_stanza_bytes = sent_bytes / math.max(N, 1)
 		for _, c in ipairs(senders) do c:close() end
 		res.disk = disk_bytes(srv.dir .. "/data")
@@ -712,21 +720,8 @@ local function run_variant(vname, P)
 			end
 		end
 
-		prof = profile_start("pop", vname, pid, tag)
-		local pcpu0, pu0, pk0 = proc_cpu(pid)
-		local pgen0, p0 = self_cpu(), gettime()
-		start_recipient()
-		run_until(function() return finished == R end)
-		local p1 = gettime()
-		local pcpu1, pu1, pk1 = proc_cpu(pid)
-		local pgen1 = self_cpu()
-		res.pop_utime, res.pop_stime = pu1 - pu0, pk1 - pk0
-		profile_stop(prof, pid, profile_out)
-		res.pop_ir = prof.ir
-		res.pop_wall = p1 - p0
-		res.pop_cpu = pcpu1 - pcpu0
-		res.pop_gen = pgen1 - pgen0
-		res.pop_rss, res.pop_hwm = proc_rss_mb(pid)
+		measure_phase(res, "pop", pid, profile_start("pop", vname, pid, tag), profile_out, start_recipient,
+			function() return finished == R end)
 		res.received = received
 		res.stanza_bytes = received > 0 and stanza_bytes / received or nil
 		log("  %-8s pop:   %d msgs to %d users in %.2f s, server CPU %.2f s (user %.2f, sys %.2f), generator CPU %.2f s",
