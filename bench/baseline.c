@@ -257,15 +257,16 @@ static int cmd_prefill(int argc, char **argv) {
 	if (app != CORE_APPLICATION_ID)
 		die("%s: not a database created by offline_store.core", path);
 	bulk_begin(db);
-	/* The core's table is keyed by (host, user, id) and takes its ids from
-	 * `sequence`: fill a rowid table the same way as the baseline, then copy. */
+	/* The core's table takes its ids from `sequence`: fill a rowid table the
+	 * same way as the baseline, then copy in id order, as stores would write it
+	 * (users interleaved, so a user's messages are spread over the table). */
 	exec(db, "CREATE TEMP TABLE fill(host, user, ts, expire, sender, stanza, meta)");
 	ins = prepare(db, "INSERT INTO fill(host, user, ts, expire, sender, stanza, meta) "
 	                  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
 	fill(db, ins, p, rows, per_user, 1700000000000000LL);
 	sqlite3_finalize(ins);
 	exec(db, "INSERT INTO message(host, user, id, ts, expire, sender, stanza, meta) "
-	         "SELECT host, user, rowid, ts, expire, sender, stanza, meta FROM fill ORDER BY host, user, rowid;"
+	         "SELECT host, user, rowid, ts, expire, sender, stanza, meta FROM fill ORDER BY rowid;"
 	         "UPDATE sequence SET value = (SELECT coalesce(max(rowid), 0) FROM fill) WHERE name = 'message';"
 	         "DROP TABLE fill;");
 	/* The per-user counters the core keeps in step with `message`. */

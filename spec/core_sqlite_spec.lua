@@ -209,7 +209,89 @@ function TestSqlite:test_file_is_wal_and_versioned()
 	local ok, out = support.sh("sqlite3 " .. support.quote(self.file)
 		.. " 'PRAGMA journal_mode; PRAGMA user_version; PRAGMA application_id'")
 	lu.assertTrue(ok, out)
-	lu.assertEquals(out, "wal\n2\n" .. 0x4f464c53 .. "\n")
+	lu.assertEquals(out, "wal\n3\n" .. 0x4f464c53 .. "\n")
+end
+
+-- A version 2 file as that release wrote it: messages clustered by (host, user, id),
+-- one of them with its sender elided (zero-length BLOB: the stanza's own from).
+local V2_SCHEMA = [[
+PRAGMA journal_mode = WAL;
+CREATE TABLE message (host TEXT NOT NULL, user TEXT NOT NULL, id INTEGER NOT NULL,
+ ts INTEGER NOT NULL, expire INTEGER, sender TEXT NOT NULL, stanza BLOB NOT NULL, meta BLOB,
+ PRIMARY KEY (host, user, id)) WITHOUT ROWID;
+CREATE INDEX message_expire ON message(expire) WHERE expire IS NOT NULL;
+CREATE TABLE queue (host TEXT NOT NULL, user TEXT NOT NULL, count INTEGER NOT NULL,
+ bytes INTEGER NOT NULL, PRIMARY KEY (host, user)) WITHOUT ROWID;
+CREATE TABLE sequence (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+PRAGMA user_version = 2; PRAGMA application_id = 1330007123;
+]]
+
+local function write_v2(file, rows, seq)
+	local sql = { V2_SCHEMA, ("INSERT INTO sequence VALUES ('message', %d);"):format(seq) }
+	local queues, order = {}, {}
+	for _, r in ipairs(rows) do
+		sql[#sql + 1] = ("INSERT INTO message VALUES ('%s', '%s', %d, %d, %s, %s, '%s', NULL);"):format(
+			r.host, r.user, r.id, r.ts, r.expire or "NULL", r.sender and ("'" .. r.sender .. "'") or "x''", (r.xml:gsub("'", "''")))
+		local key = r.host .. "\0" .. r.user
+		if not queues[key] then queues[key] = { r.host, r.user, 0, 0 }; order[#order + 1] = key end
+		queues[key][3], queues[key][4] = queues[key][3] + 1, queues[key][4] + #r.xml
+	end
+	for _, key in ipairs(order) do
+		local q = queues[key]
+		sql[#sql + 1] = ("INSERT INTO queue VALUES ('%s', '%s', %d, %d);"):format(q[1], q[2], q[3], q[4])
+	end
+	local script = file .. ".sql"
+	support.write(script, table.concat(sql, "\n"))
+	assert(support.sh("sqlite3 " .. support.quote(file) .. " < " .. support.quote(script)))
+end
+
+local function sqlite3(file, sql)
+	local ok, out = support.sh("sqlite3 " .. support.quote(file) .. " " .. support.quote(sql))
+	assert(ok, out)
+	return out
+end
+
+function TestSqlite:test_version_2_file_is_migrated_losing_nothing()
+	local own = "<message from='alice@example.org/x' to='bob@example.org'><body>own</body></message>"
+	write_v2(self.file, {
+		{ host = H, user = U, id = 3, ts = T0 + 3, sender = FROM, xml = "<m>3</m>" },
+		{ host = H, user = "carol", id = 4, ts = T0 + 4, sender = FROM, xml = "<m>c</m>" },
+		{ host = H, user = U, id = 7, ts = T0 + 7, expire = T0 + 100, xml = own },
+		{ host = H, user = U, id = 9, ts = T0 + 9, sender = FROM, xml = "<m>9</m>" },
+	}, 9)
+	local db = assert(core.open_sqlite(self.file))
+	lu.assertEquals({ db:count(H, U) }, { 3, 8 + #own + 8 })
+	lu.assertEquals(select(2, db:store(H, U, FROM, "<m>new</m>", T0 + 10)), 10, "the sequence goes on")
+	local got = {}
+	for _, it in ipairs(db:pop(H, U, T0)) do got[#got + 1] = { it.id, it.ts, it.expire, it.from, it.xml } end
+	lu.assertEquals(got, {
+		{ 3, T0 + 3, nil, FROM, "<m>3</m>" },
+		{ 7, T0 + 7, T0 + 100, "alice@example.org/x", own },
+		{ 9, T0 + 9, nil, FROM, "<m>9</m>" },
+		{ 10, T0 + 10, nil, FROM, "<m>new</m>" },
+	})
+	lu.assertEquals(#db:pop(H, "carol", T0), 1)
+	db:close()
+	lu.assertEquals(sqlite3(self.file, "PRAGMA user_version"), "3\n")
+	lu.assertStrContains(sqlite3(self.file, "SELECT sql FROM sqlite_schema WHERE name = 'message'"),
+		"id INTEGER PRIMARY KEY")
+	lu.assertEquals(sqlite3(self.file, "SELECT name FROM sqlite_schema WHERE tbl_name = 'message' ORDER BY name"),
+		"message\nmessage_expire\nmessage_queue\n")
+end
+
+function TestSqlite:test_failed_migration_is_rolled_back()
+	-- the same id under two users: possible under version 2's key, not as a rowid
+	write_v2(self.file, {
+		{ host = H, user = U, id = 5, ts = T0, sender = FROM, xml = "<m>u</m>" },
+		{ host = H, user = "carol", id = 5, ts = T0, sender = FROM, xml = "<m>c</m>" },
+	}, 5)
+	local before = sqlite3(self.file, ".dump")
+	local db, msg = core.open_sqlite(self.file)
+	lu.assertNil(db)
+	lu.assertStrContains(msg, "migrating schema to version 3")
+	lu.assertStrContains(msg, "UNIQUE constraint failed")
+	lu.assertEquals(sqlite3(self.file, ".dump"), before, "still the version 2 file, every row in it")
+	lu.assertEquals(sqlite3(self.file, "PRAGMA user_version"), "2\n")
 end
 
 function TestSqlite:test_bad_open_arguments_raise()
