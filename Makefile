@@ -32,7 +32,7 @@ DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks 
 
 SPECS ?= spec/*_spec.lua
 
-.PHONY: all deps test test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml
+.PHONY: all deps test test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml bench-batch
 
 all: $(CORE)
 
@@ -89,6 +89,9 @@ bench: $(CORE) build/bench_core
 
 bench-xml: $(CORE)
 	$(LUA) bench/xml.lua
+
+bench-batch: $(CORE)
+	$(LUA) bench/batch.lua
 
 # Per-call latency of postgres (its own throwaway server on loopback) next to sqlite.
 bench-postgres: $(CORE)

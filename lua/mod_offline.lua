@@ -383,24 +383,38 @@ local function from_recipient(origin, username)
 	return origin ~= nil and origin.username == username and origin.host == host
 end
 
-local NO_ONE = {}
+-- Stores through the batch, or at once (and counted) when `now` is set.
+-- db:store takes the stanza and writes its XML in C; a tree too deep for that
+-- comes back as false, "too deep", and is stored as a string the Lua way.
+local function store_stanza(now, stanza, username, ts, expire)
+	local from, limit = stanza.attr.from or "", limit_for(username)
+	local count, why, current
+	if not now then
+		count, why, current = b:store(stanza, host, username, from, stanza, ts, expire, limit)
+		if count == false and why == "too deep" then
+			count, why, current = b:store(stanza, host, username, from, policy.stored_xml(stanza), ts, expire, limit)
+		end
+	else
+		count, why, current = b:idle():store(host, username, from, stanza, ts, expire, limit)
+		if count == false and why == "too deep" then
+			count, why, current = b:idle():store(host, username, from, policy.stored_xml(stanza), ts, expire, limit)
+		end
+		if count then m_stored:add(1) end
+	end
+	return count, why, current
+end
 
 local function store_message(origin, stanza, username)
 	-- Delay stamps are believed only on messages the server re-queues from the
 	-- recipient's own session (mod_smacks): a sender can forge any `from`.
-	local trusted = from_recipient(origin, username) and { [host] = true, [username .. "@" .. host] = true } or NO_ONE
-	local xml, ts, expire = policy.prepare(stanza, now_us(), trusted)
+	local requeued = from_recipient(origin, username)
+	local ts, expire = policy.times(stanza, now_us(), requeued and { [host] = true, [username .. "@" .. host] = true } or nil)
 	local started = time_now()
-	local count, why, current
-	if trusted == NO_ONE then
-		count, why, current = b:store(stanza, host, username, stanza.attr.from or "", xml, ts, expire, limit_for(username))
-	else -- mod_smacks waits for the answer: commit it now
-		count, why, current = b:idle():store(host, username, stanza.attr.from or "", xml, ts, expire, limit_for(username))
-		if count then m_stored:add(1) end
-	end
+	-- mod_smacks waits for the answer to a re-queue: that one is committed at once
+	local count, why, current = store_stanza(requeued, stanza, username, ts, expire)
 	m_write:sample(time_now() - started)
 	if count then
-		if b.unbatched and trusted == NO_ONE then m_stored:add(1) end -- (else counted at the commit)
+		if b.unbatched and not requeued then m_stored:add(1) end -- (else counted at the commit)
 		module:log("debug", "Stored offline message for %s@%s (%d queued)", username, host, count)
 		return true
 	end

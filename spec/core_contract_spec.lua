@@ -287,6 +287,42 @@ local function contract(open, finish)
 		end
 	end
 
+	-- db:store also takes a util.stanza tree: stored as core.serialize(tree, true)
+	-- writes it, without the top element's delays, with no Lua string in between.
+	-- A tree deeper than the C serializer goes is refused (false, "too deep") and
+	-- nothing is stored; a malformed one raises. (Trees built by hand, in the shape
+	-- util.stanza gives them: name, attr, children at 1..n.)
+	function T:test_store_takes_a_stanza()
+		local function el(name, attr, ...) return { name = name, attr = attr or {}, ... } end
+		local db = self.db
+		local m = el("message", { from = FROM },
+			el("delay", { xmlns = "urn:xmpp:delay" }),
+			el("body", nil, "x < y & z"),
+			el("x", { xmlns = "jabber:x:delay" }),
+			el("forwarded", { xmlns = "urn:xmpp:forward:0" }, el("delay", { xmlns = "urn:xmpp:delay" })))
+		local want = "<message from='alice@example.org/phone'><body>x &lt; y &amp; z</body>"
+			.. "<forwarded xmlns='urn:xmpp:forward:0'><delay xmlns='urn:xmpp:delay'/></forwarded></message>"
+		lu.assertEquals(core.serialize(m, true), want)
+		lu.assertEquals(db:store(H, U, FROM, m, T0), 1)
+		local body = ("b"):rep(100000)
+		lu.assertEquals(db:store(H, U, FROM, el("message", { from = FROM }, el("body", nil, body)), T0), 2)
+		lu.assertEquals(db:store(H, U, "", m, T0), 3, "after a stanza bigger than the kept buffer")
+		local deep = el("message")
+		local tip = deep
+		for _ = 1, 300 do tip[1] = el("x"); tip = tip[1] end
+		local batched = db:begin()
+		lu.assertEquals({ db:store(H, U, FROM, deep, T0) }, { false, "too deep" })
+		lu.assertErrorMsgContains("has no attr table", db.store, db, H, U, FROM, { name = "message" }, T0)
+		lu.assertErrorMsgContains("is a boolean", db.store, db, H, U, FROM, { name = true, attr = {} }, T0)
+		lu.assertEquals(db:store(H, U, FROM, "after", T0), 4, "nothing was stored by those, the batch goes on")
+		if batched then lu.assertTrue(db:commit()) end
+		assert_counter(db, H, U)
+		local items = db:pop(H, U, T0)
+		lu.assertEquals(xmls(items), { want, "<message from='alice@example.org/phone'><body>" .. body .. "</body></message>",
+			want, "after" })
+		lu.assertEquals({ items[1].from, items[3].from }, { FROM, "" })
+	end
+
 	function T:test_batch_stores_count_and_commit()
 		local db = self.db
 		local last = fill(db, 2, H, U, "before")[2]

@@ -58,6 +58,54 @@ function TestClassify:test_store_hint_overrides_all_but_error()
 	lu.assertEquals({ policy.classify(msg({ type = "error" }, with_store)) }, { "drop", "error" })
 end
 
+-- The rule as SPEC §6 states it, one check at a time, against classify's single
+-- pass: every message type, both groupchat settings, every set of up to three of
+-- these children.
+function TestClassify:test_single_pass_matches_the_rule()
+	local HINTS, STATES = "urn:xmpp:hints", "http://jabber.org/protocol/chatstates"
+	local function rule(m, store_groupchat)
+		local t = m.attr.type
+		if t == "error" then return "drop", "error" end
+		if m:get_child("store", HINTS) then return "store" end
+		if t == "headline" then return "drop", "headline" end
+		if t == "groupchat" and not store_groupchat then return "bounce", "groupchat" end
+		local states, other = 0, false
+		for _, ch in ipairs(m.tags) do
+			if ch.attr.xmlns == STATES then states = states + 1
+			elseif not (ch.name == "thread" or ch.attr.xmlns == "urn:xmpp:sid:0") then other = true end
+		end
+		if states > 0 and not other then return "drop", "chatstate" end
+		if m:get_child("no-store", HINTS) or m:get_child("no-permanent-store", HINTS) then return "drop", "no-store" end
+		return "store"
+	end
+	local kids = {
+		{ "body" }, { "thread" }, { "origin-id", "urn:xmpp:sid:0" }, { "composing", STATES },
+		{ "active", STATES }, { "store", HINTS }, { "no-store", HINTS }, { "no-permanent-store", HINTS },
+		{ "store", "urn:other" }, { "x", "jabber:x:expire" },
+	}
+	local n = 0
+	local function check(set)
+		for _, t in ipairs({ "chat", "normal", "headline", "groupchat", "error", false }) do
+			for _, sg in ipairs({ false, true }) do
+				local m = msg({ type = t or nil }, function(x)
+					for _, k in ipairs(set) do x:tag(k[1], { xmlns = k[2] }):up() end
+				end)
+				lu.assertEquals({ policy.classify(m, sg) }, { rule(m, sg) }, tostring(m))
+				n = n + 1
+			end
+		end
+	end
+	check({})
+	for i = 1, #kids do
+		check({ kids[i] })
+		for j = i, #kids do
+			check({ kids[i], kids[j] })
+			for k = j, #kids do check({ kids[i], kids[j], kids[k] }) end
+		end
+	end
+	lu.assertEquals(n, 12 * (1 + 10 + 55 + 220))
+end
+
 TestRecipient = {}
 
 function TestRecipient:test_order_of_sources()
@@ -109,6 +157,8 @@ function TestPrepare:test_smacks_and_host_delays_are_trusted()
 		end)
 		local _, ts = policy.prepare(m, NOW + 999 * 1000000, trusted)
 		lu.assertEquals(ts, datetime.parse(stamp) * 1000000, from)
+		lu.assertEquals(policy.times(m, NOW + 999 * 1000000, nil), NOW + 999 * 1000000,
+			"no trusted set (a message from anyone else): no stamp is believed, " .. from)
 	end
 	local legacy = msg(nil, function(x)
 		x:tag("x", { xmlns = "jabber:x:delay", from = HOST, stamp = "20231114T22:13:20" }):up()

@@ -108,16 +108,20 @@ static int l_open_postgres(lua_State *L) {
 }
 
 /* db:store(host, user, from, xml, ts [, expire [, max_count [, max_bytes [, meta]]]])
- *   -> count, id | false, "limit", count | fail, msg, code */
+ *   -> count, id | false, "limit", count | false, "too deep" | fail, msg, code
+ * xml is a string, or a util.stanza tree, stored as core.serialize(xml, true)
+ * writes it (without the top element's delays) with no Lua string in between;
+ * a tree deeper than the serializer goes gives false, "too deep", storing nothing. */
 static int l_store(lua_State *L) {
 	os_store *s = check_open(L);
 	os_key k = check_key(L);
 	os_item m;
 	os_limit lim;
 	int64_t count = 0, id = 0;
-	int rc;
+	int rc, tree = lua_type(L, 5) == LUA_TTABLE;
 	m.from = check_str(L, 4);
-	m.xml = check_str(L, 5);
+	if (!tree)
+		m.xml = check_str(L, 5);
 	m.ts = (int64_t)luaL_checkinteger(L, 6);
 	m.expire = opt_int(L, 7, INT64_MIN + 1);
 	lim.max_count = opt_int(L, 8, 0);
@@ -126,6 +130,11 @@ static int l_store(lua_State *L) {
 		m.meta.p = NULL, m.meta.n = 0;
 	else
 		m.meta = check_str(L, 10);
+	if (tree && os_xml_write(L, 5, 1, &m.xml.p, &m.xml.n) != 0) {
+		lua_pushboolean(L, 0);
+		lua_pushliteral(L, "too deep");
+		return 2;
+	}
 	rc = s->be->store(s, &k, &m, &lim, &count, &id);
 	if (rc == OS_FAIL)
 		return push_fail(L, s);

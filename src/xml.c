@@ -1,6 +1,8 @@
 /* The XML of util.stanza trees, in C: core.serialize writes what the store keeps.
  * It works on the Lua tables util.stanza builds (name, attr, children at 1..n) and
- * never calls back into Lua, so a store makes no garbage but the result string. */
+ * never calls back into Lua. It writes into one buffer kept per Lua state, so
+ * db:store given a stanza (core.c) makes no garbage at all, and core.serialize
+ * only the result string. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -185,31 +187,60 @@ static int sbuf_gc(lua_State *L) {
 	return 0;
 }
 
+/* A buffer grown past this by a big stanza is given back at the next call. */
+#define KEEP_BUFFER 65536
+
+static const char buf_key = 0; /* its address keys the buffer in the registry */
+
+/* One output buffer per Lua state, kept between calls: serializing allocates
+ * nothing once the buffer has grown to the stanza's size. A userdata in the
+ * registry, so the state frees it when it closes. */
+static sbuf *state_buf(lua_State *L) {
+	sbuf *b;
+	if (lua_rawgetp(L, LUA_REGISTRYINDEX, &buf_key) == LUA_TUSERDATA) {
+		b = lua_touserdata(L, -1);
+		lua_pop(L, 1);
+		return b;
+	}
+	lua_pop(L, 1);
+	b = lua_newuserdatauv(L, sizeof *b, 0);
+	memset(b, 0, sizeof *b);
+	lua_createtable(L, 0, 1);
+	lua_pushcfunction(L, sbuf_gc);
+	lua_setfield(L, -2, "__gc");
+	lua_setmetatable(L, -2);
+	lua_rawsetp(L, LUA_REGISTRYINDEX, &buf_key);
+	return b;
+}
+
+int os_xml_write(lua_State *L, int idx, int skip_delays, const char **p, size_t *n) {
+	sbuf *b = state_buf(L);
+	int top = lua_gettop(L), rc;
+	if (b->cap > KEEP_BUFFER) { /* left by a big stanza last time */
+		free(b->p);
+		b->p = NULL, b->cap = 0;
+	}
+	b->n = 0, b->oom = 0;
+	rc = ser_el(L, b, lua_absindex(L, idx), 0, skip_delays, 0);
+	lua_settop(L, top);
+	if (b->oom)
+		return luaL_error(L, "serialize: out of memory");
+	*p = b->p ? b->p : "";
+	*n = b->n;
+	return rc;
+}
+
 /* core.serialize(stanza [, skip_delays]) -> string, or nil when deeper than MAX_DEPTH.
  * Byte for byte what tostring(stanza) gives. With skip_delays, the top element's
  * XEP-0203 and XEP-0091 delay children are left out (what a stored copy drops). */
 int os_xml_serialize(lua_State *L) {
-	sbuf *b;
-	int skip = lua_toboolean(L, 2), rc;
+	const char *p;
+	size_t n;
 	luaL_checktype(L, 1, LUA_TTABLE);
-	lua_settop(L, 1);
-	/* The buffer lives in a userdata, so an error on the way still frees it. */
-	b = lua_newuserdatauv(L, sizeof *b, 0);
-	memset(b, 0, sizeof *b);
-	if (luaL_newmetatable(L, "offline_store.xmlbuf")) {
-		lua_pushcfunction(L, sbuf_gc);
-		lua_setfield(L, -2, "__gc");
-	}
-	lua_setmetatable(L, -2);
-	rc = ser_el(L, b, 1, 0, skip, 0);
-	if (b->oom)
-		return luaL_error(L, "serialize: out of memory");
-	if (rc != 0)
+	if (os_xml_write(L, 1, lua_toboolean(L, 2), &p, &n) != 0)
 		lua_pushnil(L);
 	else
-		lua_pushlstring(L, b->p, b->n);
-	free(b->p);
-	b->p = NULL;
+		lua_pushlstring(L, p, n);
 	return 1;
 }
 

@@ -27,34 +27,36 @@ M.DELAY_TEXT = "Offline Storage"
 -- (stanza:childtags() without a namespace yields only children in the parent's
 -- namespace, so the loops below walk stanza.tags.)
 
--- True when the message carries nothing but chat state (XEP-0085), optionally a
+-- Decides what to do with a message offered for offline storage.
+-- Returns "store", or "drop", reason (no reply), or "bounce", reason (503 to the sender).
+-- One pass over the children (this runs for every message): the XEP-0334 hints, and
+-- whether the message carries nothing but chat state (XEP-0085), optionally a
 -- <thread/>, and ids that carry no content (XEP-0359 stanza-id/origin-id, which
 -- servers and clients add to every message).
-local function is_chat_state_only(stanza)
-	local states = 0
+function M.classify(stanza, store_groupchat)
+	local t = stanza.attr.type
+	if t == "error" then return "drop", "error" end
+	local store_hint, no_store, states, content = false, false, 0, false
 	for _, child in ipairs(stanza.tags) do
 		local ns, name = child.attr.xmlns, child.name
 		if ns == NS_CHATSTATES then
 			states = states + 1
-		elseif not (name == "thread" or ns == NS_SID) then
-			return false
+		else
+			if ns == NS_HINTS then
+				if name == "store" then
+					store_hint = true
+				elseif name == "no-store" or name == "no-permanent-store" then
+					no_store = true
+				end
+			end
+			if not (name == "thread" or ns == NS_SID) then content = true end
 		end
 	end
-	return states > 0
-end
-
--- Decides what to do with a message offered for offline storage.
--- Returns "store", or "drop", reason (no reply), or "bounce", reason (503 to the sender).
-function M.classify(stanza, store_groupchat)
-	local t = stanza.attr.type
-	if t == "error" then return "drop", "error" end
-	if stanza:get_child("store", NS_HINTS) then return "store" end
+	if store_hint then return "store" end
 	if t == "headline" then return "drop", "headline" end
 	if t == "groupchat" and not store_groupchat then return "bounce", "groupchat" end
-	if is_chat_state_only(stanza) then return "drop", "chatstate" end
-	if stanza:get_child("no-store", NS_HINTS) or stanza:get_child("no-permanent-store", NS_HINTS) then
-		return "drop", "no-store"
-	end
+	if states > 0 and not content then return "drop", "chatstate" end
+	if no_store then return "drop", "no-store" end
 	return "store"
 end
 
@@ -86,9 +88,8 @@ local function parse_stamp(child)
 	return datetime.parse(stamp)
 end
 
--- The stored XML: byte for byte what tostring gives, without the top-level
--- delays. core.serialize does it in C without a copy; a tree too deep for it
--- takes the Lua way.
+-- core.serialize writes the stored XML in C without a copy; a tree too deep
+-- for it takes the Lua way, a stripped copy through tostring.
 local serialize = require "offline_store.core".serialize
 local function strip_and_serialize(stanza)
 	local copy = st.clone(stanza)
@@ -99,18 +100,24 @@ local function strip_and_serialize(stanza)
 	return tostring(copy)
 end
 
--- Prepares a message for storage. `trusted` is a set of JIDs whose delay stamps
--- are believed (this host, the recipient's bare JID: mod_smacks re-queues with
--- those). Returns the XML to store (without any delay), the timestamp (µs) and
--- the expiry (µs or nil).
-function M.prepare(stanza, now_us, trusted)
-	local ts, has_delay
-	for _, child in ipairs(stanza.tags) do
-		if is_delay(child) then
-			has_delay = true
-			if not ts and trusted[child.attr.from or ""] then
+-- The XML to store for a message: byte for byte what tostring gives, without
+-- the top-level delays. (db:store takes the stanza itself and writes the same in
+-- C; this is for what it cannot write, a tree too deep, and for tests.)
+function M.stored_xml(stanza)
+	return serialize(stanza, true) or strip_and_serialize(stanza)
+end
+
+-- The timestamp (µs) and expiry (µs or nil) of a message offered for storage.
+-- `trusted` is a set of JIDs whose delay stamps are believed (this host, the
+-- recipient's bare JID: mod_smacks re-queues with those), or nil for none: a
+-- sender can forge any stamp.
+function M.times(stanza, now_us, trusted)
+	local ts
+	if trusted then
+		for _, child in ipairs(stanza.tags) do
+			if is_delay(child) and trusted[child.attr.from or ""] then
 				local secs = parse_stamp(child)
-				if secs then ts = floor(secs) * 1000000 end
+				if secs then ts = floor(secs) * 1000000; break end
 			end
 		end
 	end
@@ -122,7 +129,13 @@ function M.prepare(stanza, now_us, trusted)
 		seconds = tonumber(seconds)
 		if seconds > 0 then expire = ts + seconds * 1000000 end
 	end
-	return serialize(stanza, has_delay) or strip_and_serialize(stanza), ts, expire
+	return ts, expire
+end
+
+-- Both: the XML to store, the timestamp and the expiry.
+function M.prepare(stanza, now_us, trusted)
+	local ts, expire = M.times(stanza, now_us, trusted)
+	return M.stored_xml(stanza), ts, expire
 end
 
 -- The stored XML is what core.serialize wrote: core.parse reads that subset in
