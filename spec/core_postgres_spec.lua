@@ -251,7 +251,10 @@ function TestPostgresConnection:test_restart_under_a_call_in_flight()
 		assert(socket.gettime() < deadline, "the lock holder did not start")
 		socket.sleep(0.05)
 	end
-	assert(support.exec(srv:restart_later(1.0)))
+	-- the restart comes once the store below waits for bob's row (a fixed delay was not
+	-- enough on a loaded machine: the store could start after the restart was over)
+	assert(support.exec(srv:restart_when(
+		"SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock'", 15)))
 	local started = socket.gettime()
 	local count, msg, code = db:store(H, "bob", FROM, "in flight", T0)
 	lu.assertNil(count, "the call in flight fails")

@@ -139,6 +139,18 @@ function Server:restart(mode)
 	self:start()
 end
 
+-- A shell command that, in the background, restarts the server as soon as `sql` (a query
+-- run every 50 ms) answers "t", or after `timeout` seconds anyway. For a restart that must
+-- land while a call is blocked in the server, whatever the machine's speed.
+function Server:restart_when(sql, timeout, mode)
+	local poll = format("%s/psql -X -q -A -t -h %s -p %d -U postgres -d %s -c %s", q(self.bin),
+		q(self.dir), self.port, q(self.db), q(sql))
+	return format("(i=0; while [ $i -lt %d ] && [ \"$(%s 2>/dev/null)\" != t ]; do sleep 0.05; i=$((i+1)); done; %s)"
+		.. " >/dev/null 2>&1 &", math.floor(timeout * 20), poll,
+		self:as_owner(format("%s/pg_ctl -D %s -m %s -w -t 60 restart -l %s", q(self.bin), q(self.data),
+			mode or "fast", q(self.dir .. "/server.log"))))
+end
+
 -- A shell command that restarts the server after `delay` seconds, in the background.
 function Server:restart_later(delay, mode)
 	return format("(sleep %s; %s) >/dev/null 2>&1 &", delay,
