@@ -383,24 +383,22 @@ local function from_recipient(origin, username)
 	return origin ~= nil and origin.username == username and origin.host == host
 end
 
+-- One store: through the batch, or (`now`) at once on the idle db.
+local function put(now, stanza, username, from, xml, ts, expire, limit)
+	if now then return b:idle():store(host, username, from, xml, ts, expire, limit) end
+	return b:store(stanza, host, username, from, xml, ts, expire, limit)
+end
+
 -- Stores through the batch, or at once (and counted) when `now` is set.
 -- db:store takes the stanza and writes its XML in C; a tree too deep for that
 -- comes back as false, "too deep", and is stored as a string the Lua way.
 local function store_stanza(now, stanza, username, ts, expire)
 	local from, limit = stanza.attr.from or "", limit_for(username)
-	local count, why, current
-	if not now then
-		count, why, current = b:store(stanza, host, username, from, stanza, ts, expire, limit)
-		if count == false and why == "too deep" then
-			count, why, current = b:store(stanza, host, username, from, policy.stored_xml(stanza), ts, expire, limit)
-		end
-	else
-		count, why, current = b:idle():store(host, username, from, stanza, ts, expire, limit)
-		if count == false and why == "too deep" then
-			count, why, current = b:idle():store(host, username, from, policy.stored_xml(stanza), ts, expire, limit)
-		end
-		if count then m_stored:add(1) end
+	local count, why, current = put(now, stanza, username, from, stanza, ts, expire, limit)
+	if count == false and why == "too deep" then
+		count, why, current = put(now, stanza, username, from, policy.stored_xml(stanza), ts, expire, limit)
 	end
+	if now and count then m_stored:add(1) end
 	return count, why, current
 end
 

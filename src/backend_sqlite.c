@@ -10,8 +10,8 @@
  * the end plus one small index page per user, where the version 2 layout
  * (clustered by host, user, id) wrote a full page of rows per user and split
  * pages as queues grew. A pop pays for it: a user's messages sit on as many
- * pages as were written between them. Measured by bench/e2e.lua and, per layout,
- * in README.md (Storage layout). */
+ * pages as were written between them. Measured per layout by bench/batch.lua
+ * (README.md: "The sqlite backend under group commit"). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

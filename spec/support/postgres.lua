@@ -147,15 +147,18 @@ function Server:restart_when(sql, timeout, mode)
 		q(self.dir), self.port, q(self.db), q(sql))
 	return format("(i=0; while [ $i -lt %d ] && [ \"$(%s 2>/dev/null)\" != t ]; do sleep 0.05; i=$((i+1)); done; %s)"
 		.. " >/dev/null 2>&1 &", math.floor(timeout * 20), poll,
-		self:as_owner(format("%s/pg_ctl -D %s -m %s -w -t 60 restart -l %s", q(self.bin), q(self.data),
-			mode or "fast", q(self.dir .. "/server.log"))))
+		self:restart_command(mode))
 end
 
 -- A shell command that restarts the server after `delay` seconds, in the background.
 function Server:restart_later(delay, mode)
-	return format("(sleep %s; %s) >/dev/null 2>&1 &", delay,
-		self:as_owner(format("%s/pg_ctl -D %s -m %s -w -t 60 restart -l %s", q(self.bin), q(self.data),
-			mode or "fast", q(self.dir .. "/server.log"))))
+	return format("(sleep %s; %s) >/dev/null 2>&1 &", delay, self:restart_command(mode))
+end
+
+-- The pg_ctl restart the two above run (mode as for stop).
+function Server:restart_command(mode)
+	return self:as_owner(format("%s/pg_ctl -D %s -m %s -w -t 60 restart -l %s", q(self.bin), q(self.data),
+		mode or "fast", q(self.dir .. "/server.log")))
 end
 
 function Server:cleanup()
