@@ -54,6 +54,27 @@ function TestOffline:test_store_and_deliver_with_one_delay()
 	a:close()
 end
 
+-- A message nested deeper than the C serializer goes (256 levels) is stored the Lua
+-- way (db:store says "too deep") and delivered whole.
+function TestOffline:test_deeply_nested_message_is_stored_whole()
+	local srv = self:server()
+	local a = online(srv, "alice")
+	a:send(chat("bob@localhost", "deep", "deep one", function(m)
+		m:tag("x", { xmlns = "urn:example:deep" })
+		for _ = 1, 299 do m:tag("x") end
+		m:text("bottom"):reset()
+	end))
+	lu.assertEquals(#a:ping(), 0, "no error back")
+	local got = collect_offline(srv, "bob")
+	lu.assertEquals(#got, 1)
+	local depth, el = 0, got[1]:get_child("x", "urn:example:deep")
+	while el do depth, el = depth + 1, el.tags[1] end
+	lu.assertEquals(depth, 300)
+	lu.assertEquals(got[1]:get_child_text("body"), "deep one")
+	lu.assertEquals(#delays(got[1]), 1)
+	a:close()
+end
+
 -- XEP-0203 §5: a stamp the sender supplied is never trusted; its delay is replaced
 function TestOffline:test_client_delay_replaced()
 	local srv = self:server()
