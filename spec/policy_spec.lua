@@ -237,6 +237,18 @@ function TestDelivery:test_same_stanza_with_or_without_core_parse()
 	lu.assertStrContains(tostring(policy.delivery({ xml = stored, ts = NOW }, HOST)), "it&apos;s &lt;b&gt; &amp; é")
 end
 
+-- A stamp outside what XEP-0082 writes (a row from another writer, or a forged
+-- delay believed on a re-queue) is clamped: a delivery never fails after the pop.
+function TestDelivery:test_out_of_range_times_clamped()
+	local xml = "<message><body>b</body></message>"
+	local function stamp(ts) return policy.delivery({ xml = xml, ts = ts }, HOST):get_child("delay", "urn:xmpp:delay").attr.stamp end
+	lu.assertEquals(stamp(-62135596800 * 1000000), "1970-01-01T00:00:00Z", "year 1")
+	lu.assertEquals(stamp(-1), "1970-01-01T00:00:00Z", "a microsecond before 1970")
+	lu.assertEquals(stamp(math.maxinteger), "9999-12-31T23:59:59Z")
+	lu.assertEquals(stamp(253402300799 * 1000000 + 999999), "9999-12-31T23:59:59Z")
+	lu.assertEquals(stamp(1700000001 * 1000000 + 999999), "2023-11-14T22:13:21Z", "seconds, rounded down")
+end
+
 function TestDelivery:test_unparsable_row()
 	local out, err = policy.delivery({ xml = "<message><body>", ts = NOW }, HOST)
 	lu.assertNil(out)

@@ -415,3 +415,67 @@ function TestParse:test_mutations_refused_or_read_as_util_xml()
 	-- Not vacuous: many mutations (inside text and values) keep the XML in the subset.
 	lu.assertTrue(accepted > cases // 20, ("only %d of %d accepted, seed %d"):format(accepted, cases, seed))
 end
+
+-- core.delay(stanza, from, seconds, text): the delay element delivery appends,
+-- the same tree and the same bytes as util.stanza's stanza:tag(...):text(...):up().
+TestDelay = {}
+
+local datetime = require "util.datetime"
+
+local function lua_delay(t, from, secs, text)
+	return t:tag("delay", { xmlns = "urn:xmpp:delay", from = from, stamp = datetime.datetime(secs) }):text(text):up()
+end
+
+function TestDelay:test_same_as_util_stanza()
+	local cases = {
+		{ "<message to='bob@example.org' type='chat' id='m1'><body>hi</body></message>", "example.org", 1700000001 },
+		{ "<message><body>a</body><active xmlns='http://jabber.org/protocol/chatstates'/>"
+			.. "<delay xmlns='urn:xmpp:delay' from='x' stamp='2001-01-01T00:00:00Z'/></message>", "exämple.org", 0 },
+		{ "<message/>", "localhost", 253402300799 },
+		{ "<iq type='get'>text<q/>more</iq>", "h", 86399 },
+	}
+	for i, c in ipairs(cases) do
+		local got, want = parse(c[1]), parse(c[1])
+		local children, tags = #got, #got.tags
+		lu.assertTrue(rawequal(core.delay(got, c[2], c[3], "Offline Storage"), got), "returns the stanza")
+		lua_delay(want, c[2], c[3], "Offline Storage")
+		lu.assertNil(tree_diff(got, want), "case " .. i)
+		lu.assertEquals(tostring(got), tostring(want), "case " .. i)
+		lu.assertEquals({ #got, #got.tags }, { children + 1, tags + 1 }, "one child more")
+		local d = got[#got]
+		lu.assertTrue(rawequal(d, got.tags[#got.tags]), "the last child is the last tag")
+		lu.assertEquals({ d.name, d.attr.xmlns, d.attr.from, d.attr.stamp, d[1] },
+			{ "delay", "urn:xmpp:delay", c[2], datetime.datetime(c[3]), "Offline Storage" })
+	end
+	local t = parse("<message/>")
+	core.delay(t, "h", 0, "x")
+	lu.assertEquals(t.tags[1].attr.stamp, "1970-01-01T00:00:00Z")
+	core.delay(t, "h", 253402300799, "x")
+	lu.assertEquals(t.tags[2].attr.stamp, "9999-12-31T23:59:59Z")
+end
+
+-- Bad arguments raise and leave the stanza as it was.
+function TestDelay:test_bad_arguments()
+	local t = parse("<message><body>b</body></message>")
+	local before = tostring(t)
+	local cases = {
+		{ "bad argument #1 .* %(table expected", "<message/>", "h", 1, "x" },
+		{ "bad argument #1 .*no metatable", { name = "m", attr = {}, tags = {} }, "h", 1, "x" },
+		{ "bad argument #1 .*no tags table", setmetatable({ name = "m", attr = {} }, stanza_mt), "h", 1, "x" },
+		{ "bad argument #2 .*control character", t, "a\1b", 1, "x" },
+		{ "bad argument #2 .*invalid UTF%-8", t, "\xff", 1, "x" },
+		{ "bad argument #2 .*string expected", t, nil, 1, "x" },
+		{ "bad argument #3 .*out of range", t, "h", -1, "x" },
+		{ "bad argument #3 .*out of range", t, "h", 253402300800, "x" },
+		{ "bad argument #3 .*no integer representation", t, "h", 1.5, "x" },
+		{ "bad argument #4 .*control character", t, "h", 1, "a\0b" },
+		{ "bad argument #4 .*invalid UTF%-8", t, "h", 1, "\xed\xa0\x80" }, -- a surrogate
+	}
+	for i, c in ipairs(cases) do
+		local ok, err = pcall(core.delay, c[2], c[3], c[4], c[5])
+		lu.assertFalse(ok, "case " .. i)
+		lu.assertStrMatches(err, ".*" .. c[1] .. ".*", nil, nil, "case " .. i)
+	end
+	lu.assertEquals(tostring(t), before, "nothing appended")
+	lu.assertEquals(#t.tags, 1)
+end

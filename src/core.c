@@ -412,6 +412,7 @@ static const luaL_Reg functions[] = {
 	{"open_postgres", l_open_postgres},
 	{"serialize", os_xml_serialize},
 	{"parse", os_xml_parse},
+	{"delay", os_xml_delay},
 	{NULL, NULL},
 };
 

@@ -3,9 +3,12 @@
  * never calls back into Lua. It writes into one buffer kept per Lua state, so
  * db:store given a stanza (core.c) makes no garbage at all, and core.serialize
  * only the result string. */
+#define _POSIX_C_SOURCE 200809L /* gmtime_r */
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -579,5 +582,82 @@ int os_xml_parse(lua_State *L) {
 	r.end = r.p + len;
 	if (!read_element(&r, 0, 0) || r.p != r.end)
 		lua_pushnil(L); /* the stack above 2 is dropped on return */
+	return 1;
+}
+
+/* Whether s is text util.stanza would take (check_text): well-formed UTF-8 XML
+ * characters, no control character but tab, LF and CR. */
+static int valid_text(const unsigned char *s, size_t n) {
+	const unsigned char *end = s + n;
+	while (s < end) {
+		if (*s >= 0x80) {
+			size_t k = utf8_len(s, end);
+			if (k == 0)
+				return 0;
+			s += k;
+		} else if (*s < 0x20 && *s != '\t' && *s != '\n' && *s != '\r') {
+			return 0;
+		} else {
+			s++;
+		}
+	}
+	return 1;
+}
+
+static void check_text_arg(lua_State *L, int arg) {
+	size_t n;
+	const char *s = luaL_checklstring(L, arg, &n);
+	if (!valid_text((const unsigned char *)s, n))
+		luaL_argerror(L, arg, "not XML text (control character or invalid UTF-8)");
+}
+
+/* core.delay(stanza, from, seconds, text) -> stanza, with a last child
+ * <delay xmlns='urn:xmpp:delay' from=from stamp=seconds as XEP-0082>text</delay>:
+ * the element stanza:tag("delay", { xmlns =, from =, stamp = }):text(text):up()
+ * adds, built as util.stanza builds it (the attr table filled in the same order,
+ * so tostring writes the same bytes), without util.stanza's checks and garbage
+ * on every delivered message. */
+int os_xml_delay(lua_State *L) {
+	lua_Integer secs = luaL_checkinteger(L, 3);
+	time_t t = (time_t)secs;
+	struct tm tm;
+	char stamp[64];
+	int mt, tags, el;
+	luaL_checktype(L, 1, LUA_TTABLE);
+	check_text_arg(L, 2);
+	check_text_arg(L, 4);
+	lua_settop(L, 4);
+	if (!lua_getmetatable(L, 1))
+		return luaL_argerror(L, 1, "not a stanza (no metatable)");
+	mt = lua_gettop(L);
+	if (lua_getfield(L, 1, "tags") != LUA_TTABLE)
+		return luaL_argerror(L, 1, "not a stanza (no tags table)");
+	tags = lua_gettop(L);
+	/* 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z: four-digit years, as XEP-0082 writes them */
+	if (secs < 0 || secs > 253402300799 || (lua_Integer)t != secs || !gmtime_r(&t, &tm) ||
+	    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+		return luaL_argerror(L, 3, "time out of range (1970 to 9999)");
+	lua_createtable(L, 1, 4);
+	el = lua_gettop(L);
+	lua_pushliteral(L, "delay");
+	lua_setfield(L, el, "name");
+	lua_createtable(L, 0, 3);
+	lua_pushliteral(L, "urn:xmpp:delay");
+	lua_setfield(L, -2, "xmlns");
+	lua_pushvalue(L, 2);
+	lua_setfield(L, -2, "from");
+	lua_pushstring(L, stamp);
+	lua_setfield(L, -2, "stamp");
+	lua_setfield(L, el, "attr");
+	lua_newtable(L);
+	lua_setfield(L, el, "tags");
+	lua_pushvalue(L, 4);
+	lua_rawseti(L, el, 1);
+	lua_pushvalue(L, mt);
+	lua_setmetatable(L, el);
+	lua_pushvalue(L, el);
+	lua_rawseti(L, tags, (lua_Integer)lua_rawlen(L, tags) + 1);
+	lua_rawseti(L, 1, (lua_Integer)lua_rawlen(L, 1) + 1);
+	lua_settop(L, 1);
 	return 1;
 }

@@ -1,4 +1,5 @@
-/* The XML of util.stanza trees in C (xml.c), exposed by core.c as core.serialize and core.parse. */
+/* The XML of util.stanza trees in C (xml.c), exposed by core.c as core.serialize,
+ * core.parse and core.delay. */
 #ifndef OFFLINE_STORE_XML_H
 #define OFFLINE_STORE_XML_H
 
@@ -13,5 +14,6 @@ OS_HIDDEN int os_xml_serialize(lua_State *L);
  * or out of memory. */
 OS_HIDDEN int os_xml_write(lua_State *L, int idx, int skip_delays, const char **p, size_t *n);
 OS_HIDDEN int os_xml_parse(lua_State *L);
+OS_HIDDEN int os_xml_delay(lua_State *L);
 
 #endif

@@ -142,12 +142,15 @@ end
 -- C, into the tree util.xml.parse would give; it returns nil for anything else
 -- (rows from other writers, trees too deep for C, namespaced attributes, tabs or
 -- newlines in attribute values), which util.xml.parse then reads.
-local parse = require "offline_store.core".parse
+local parse, add_delay = require "offline_store.core".parse, require "offline_store.core".delay
 local stanza_mt = getmetatable(st.stanza("x"))
+local STAMP_MAX = 253402300799 -- 9999-12-31T23:59:59Z: the last stamp with a four-digit year
 
 -- Turns a stored item back into a stanza ready to send: exactly one delay,
 -- from the host, stamped with the storage time. Returns nil, error if the
--- stored XML no longer parses.
+-- stored XML no longer parses. (core.delay adds the element stanza:tag would,
+-- without util.stanza's checks of the host, the stamp and the text on every
+-- delivered message.)
 function M.delivery(item, host)
 	local stanza = parse(item.xml, stanza_mt)
 	if not stanza then
@@ -155,9 +158,11 @@ function M.delivery(item, host)
 		stanza, err = xml_parse(item.xml)
 		if not stanza then return nil, err end
 	end
-	stanza:tag("delay", { xmlns = NS_DELAY, from = host, stamp = datetime.datetime(item.ts // 1000000) })
-		:text(M.DELAY_TEXT):up()
-	return stanza
+	-- (a stamp core.delay cannot write, from a forged or foreign row, is clamped:
+	-- a delivery must not fail after the pop)
+	local secs = item.ts // 1000000
+	if secs < 0 then secs = 0 elseif secs > STAMP_MAX then secs = STAMP_MAX end
+	return add_delay(stanza, host, secs, M.DELAY_TEXT)
 end
 
 -- An error reply that keeps the original's id and children (as MongooseIM and
