@@ -12,6 +12,9 @@
 -- Options: -N messages, -R recipients, -B body bytes, -S senders, -C concurrent logins,
 --   --runs K (medians over K), --variants a,b (of stub,internal,sql,ours,memory),
 --   --scale-N, --scale-R, --scale-variants a,b (default: stub,ours,memory),
+--   --pop-users U (only the first U recipients log in in the pop phase, the others keep
+--   their messages: with the scale run, a pop of U users from a store of scale-N messages,
+--   to compare with a run of N messages over U users, the same logins on both sides),
 --   --log-level info|warn|debug (Prosody's, default info as in Debian's config),
 --   --config 'LINES' (extra global Prosody config for every variant, e.g. 'c2s_timeout = 5'),
 --   --keep (keep each server's directory), --raw FILE (append one TSV line per variant run),
@@ -143,6 +146,7 @@ do
 		elseif a == "--scale-N" then opt.scale_N = num()
 		elseif a == "--scale-R" then opt.scale_R = num()
 		elseif a == "--no-scale" then opt.scale = false
+		elseif a == "--pop-users" then opt.pop_users = num()
 		elseif a == "--scale-only" then opt.compare = false; opt.scale = true
 		elseif a == "--quick" then quick = true
 		elseif a == "--log-level" then opt.log_level = val()
@@ -544,6 +548,7 @@ end
 local function run_variant(vname, P)
 	local V = VARIANTS[vname]
 	local N, R, B, S, C = P.N, P.R, P.B, P.S, P.C
+	local U = math.min(opt.pop_users or R, R) -- recipients that log in in the pop phase
 	local logfile = os.tmpname()
 	local global = concat({
 		format("log = { %s = ENV_E2E_LOG; error = ENV_E2E_LOG }", opt.log_level),
@@ -579,7 +584,7 @@ local function run_variant(vname, P)
 		for r = 1, R do names[#names + 1] = recipient_name(r) end
 		write_accounts(srv.dir, names)
 
-		local res = { variant = vname, N = N, R = R, B = B, S = S, C = C,
+		local res = { variant = vname, N = N, R = R, B = B, S = S, C = C, U = U,
 			lost = 0, dup = 0, order = 0, nodelay = 0, misrouted = 0, errors = 0 }
 		local body = rep("x", B)
 
@@ -711,7 +716,7 @@ local function run_variant(vname, P)
 			end
 		end
 		function start_recipient()
-			while active < C and next_r <= R do
+			while active < C and next_r <= U do
 				local r = next_r
 				next_r = next_r + 1
 				active = active + 1
@@ -721,11 +726,11 @@ local function run_variant(vname, P)
 		end
 
 		measure_phase(res, "pop", pid, profile_start("pop", vname, pid, tag), profile_out, start_recipient,
-			function() return finished == R end)
+			function() return finished == U end)
 		res.received = received
 		res.stanza_bytes = received > 0 and stanza_bytes / received or nil
 		log("  %-8s pop:   %d msgs to %d users in %.2f s, server CPU %.2f s (user %.2f, sys %.2f), generator CPU %.2f s",
-			vname, received, R, res.pop_wall, res.pop_cpu, res.pop_utime, res.pop_stime, res.pop_gen)
+			vname, received, U, res.pop_wall, res.pop_cpu, res.pop_utime, res.pop_stime, res.pop_gen)
 
 		-- Errors Prosody logged.
 		local text = read_file(logfile) or ""
@@ -769,6 +774,8 @@ end
 -- Derived metrics of one result.
 local function derive(r)
 	local k = r.N / 1000
+	local U = r.U or r.R
+	local pk = k * U / r.R -- thousands of messages popped (every recipient has N/R)
 	return {
 		store_wall = r.store_wall,
 		store_rate = r.N / r.store_wall,
@@ -777,15 +784,15 @@ local function derive(r)
 		store_gen = r.store_gen / math.max(r.store_cpu, 1e-9),
 		disk_msg = r.disk / r.N,
 		pop_wall = r.pop_wall,
-		pop_rate = r.N / r.pop_wall,
-		pop_cpu_k = r.pop_cpu / k,
-		pop_cpu_user = r.pop_cpu / r.R * 1000, -- ms per recipient
+		pop_rate = pk * 1000 / r.pop_wall,
+		pop_cpu_k = r.pop_cpu / pk,
+		pop_cpu_user = r.pop_cpu / U * 1000, -- ms per recipient
 		pop_rss = r.pop_rss,
 		pop_hwm = r.pop_hwm,
 		pop_gen = r.pop_gen / math.max(r.pop_cpu, 1e-9),
 		stanza_bytes = r.stanza_bytes,
 		store_kir = r.store_ir and r.store_ir / r.N / 1000,
-		pop_kir = r.pop_ir and r.pop_ir / r.N / 1000,
+		pop_kir = r.pop_ir and r.pop_ir / pk / 1000000,
 	}
 end
 
@@ -831,6 +838,9 @@ local function print_table(title, P, summaries, variants, stanza_ref)
 	print(title)
 	print(format("  N=%d messages, R=%d recipients (%d messages each), B=%d-byte bodies, S=%d senders, C=%d concurrent logins;"
 		.. " medians of %d run(s)", P.N, P.R, P.N // P.R, P.B, P.S, P.C, P.runs))
+	if opt.pop_users and opt.pop_users < P.R then
+		print(format("  pop phase: the first %d of the %d recipients log in; the others keep their messages", opt.pop_users, P.R))
+	end
 	if opt.ours_lua ~= ROOT .. "/lua" then print("  ours: plugin directory " .. opt.ours_lua) end
 	print("  ours: " .. LIMIT_RULE .. "; bundled: storage_archive_item_limit = 10000; Prosody log level " .. opt.log_level
 		.. (opt.config and ("; extra config: " .. opt.config) or ""))
@@ -904,7 +914,7 @@ end
 
 local RAW_FIELDS = { "variant", "N", "R", "B", "S", "C", "store_wall", "store_cpu", "store_utime", "store_stime", "store_gen", "store_rss", "store_hwm",
 	"disk", "sent_stanza_bytes", "pop_wall", "pop_cpu", "pop_utime", "pop_stime", "pop_gen", "pop_rss", "pop_hwm", "received", "stanza_bytes",
-	"lost", "dup", "order", "nodelay", "misrouted", "errors", "log_errors", "store_ir", "pop_ir" }
+	"lost", "dup", "order", "nodelay", "misrouted", "errors", "log_errors", "store_ir", "pop_ir", "U" }
 
 local function raw_line(r)
 	if not opt.raw then return end
@@ -966,7 +976,7 @@ local function load_raw(file, N, R)
 			local v = cells[i + 1]
 			r[k] = (k == "variant") and v or tonumber(v)
 		end
-		if r.N == N and r.R == R and VARIANTS[r.variant] then
+		if r.N == N and r.R == R and (r.U or r.R) == math.min(opt.pop_users or R, R) and VARIANTS[r.variant] then
 			if not raw[r.variant] then raw[r.variant] = {}; variants[#variants + 1] = r.variant end
 			table.insert(raw[r.variant], r)
 		end
@@ -993,7 +1003,7 @@ end
 local PS = { N = opt.scale_N, R = opt.scale_R, B = opt.B, S = opt.S, C = opt.C, runs = 1 }
 if opt.scale_from then
 	local variants
-	scale, variants = load_raw(opt.scale_from, opt.scale_N, opt.scale_R)
+	scale, variants, PS.runs = load_raw(opt.scale_from, opt.scale_N, opt.scale_R)
 	check_clean(scale)
 	print_table("Scale run (from " .. opt.scale_from .. ")", PS, scale, variants)
 elseif opt.scale then
