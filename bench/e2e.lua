@@ -933,6 +933,16 @@ local function raw_line(r)
 end
 
 -- Runs `variants`, interleaved, `runs` times; returns summaries by variant.
+-- The variants of list in the given order (ORDER, the tables' order, by default), any
+-- others (ours@DIR, ...) after them in list's order.
+local function ordered(list, order)
+	local set, out = {}, {}
+	for _, v in ipairs(list) do set[v] = true end
+	for _, v in ipairs(order or ORDER) do if set[v] then out[#out + 1] = v; set[v] = nil end end
+	for _, v in ipairs(list) do if set[v] then out[#out + 1] = v; set[v] = nil end end
+	return out
+end
+
 -- Per-round ratios (a round runs every variant once): ours/floor store CPU and
 -- ours/internal pop CPU, in run order; nil where a round lacks either side.
 local function paired(raw)
@@ -959,19 +969,11 @@ local function print_paired(pr)
 	if #out > 0 then print("  per round: " .. concat(out, "; ")) end
 end
 
-local function in_run_order(variants)
-	local set, out = {}, {}
-	for _, v in ipairs(variants) do set[v] = true end
-	for _, v in ipairs(RUN_ORDER) do if set[v] then out[#out + 1] = v; set[v] = nil end end
-	for _, v in ipairs(variants) do if set[v] then out[#out + 1] = v; set[v] = nil end end
-	return out
-end
-
 local function campaign(P, variants)
 	local raw = {}
 	for _, v in ipairs(variants) do raw[v] = {} end
 	for run = 1, P.runs do
-		for _, v in ipairs(in_run_order(variants)) do
+		for _, v in ipairs(ordered(variants, RUN_ORDER)) do
 			log("run %d/%d: %s (N=%d, R=%d)", run, P.runs, v, P.N, P.R)
 			local r = run_variant(v, P)
 			raw_line(r)
@@ -983,13 +985,6 @@ local function campaign(P, variants)
 	return summaries, paired(raw)
 end
 
-local function ordered(list)
-	local set, out = {}, {}
-	for _, v in ipairs(list) do set[v] = true end
-	for _, v in ipairs(ORDER) do if set[v] then out[#out + 1] = v; set[v] = nil end end
-	for _, v in ipairs(list) do if set[v] then out[#out + 1] = v; set[v] = nil end end
-	return out
-end
 
 ---------------------------------------------------------------------------------------------------
 -- Main
