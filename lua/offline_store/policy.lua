@@ -142,7 +142,8 @@ end
 -- C, into the tree util.xml.parse would give; it returns nil for anything else
 -- (rows from other writers, trees too deep for C, namespaced attributes, tabs or
 -- newlines in attribute values), which util.xml.parse then reads.
-local parse, add_delay = require "offline_store.core".parse, require "offline_store.core".delay
+local core = require "offline_store.core"
+local parse, add_delay = core.parse, core.delay
 local stanza_mt = getmetatable(st.stanza("x"))
 local STAMP_MAX = 253402300799 -- 9999-12-31T23:59:59Z: the last stamp with a four-digit year
 
