@@ -130,8 +130,13 @@ function Server:start()
 end
 
 -- mode: "fast" (default; sessions are terminated, as by a service restart) or "immediate" (a crash).
+-- Raises if the server is still running afterwards (with pg_ctl's output), so that a
+-- spec that needs it down never goes on against a live server.
 function Server:stop(mode)
-	self:run(format("%s/pg_ctl -D %s -m %s -w -t 60 stop", q(self.bin), q(self.data), mode or "fast"))
+	local ok, out = self:run(format("%s/pg_ctl -D %s -m %s -w -t 60 stop", q(self.bin), q(self.data), mode or "fast"))
+	if not ok and self:running() then
+		error(format("PostgreSQL did not stop in %s:\n%s\n--- server.log ---\n%s", self.dir, out, tail(self:log(), 20)), 0)
+	end
 end
 
 function Server:restart(mode)
@@ -146,13 +151,22 @@ function Server:restart_when(sql, timeout, mode)
 	local poll = format("%s/psql -X -q -A -t -h %s -p %d -U postgres -d %s -c %s", q(self.bin),
 		q(self.dir), self.port, q(self.db), q(sql))
 	return format("(i=0; while [ $i -lt %d ] && [ \"$(%s 2>/dev/null)\" != t ]; do sleep 0.05; i=$((i+1)); done; %s)"
-		.. " >/dev/null 2>&1 &", math.floor(timeout * 20), poll,
-		self:restart_command(mode))
+		.. " >>%s 2>&1 &", math.floor(timeout * 20), poll,
+		self:restart_command(mode), q(self.dir .. "/pg_ctl.log"))
 end
 
 -- A shell command that restarts the server after `delay` seconds, in the background.
 function Server:restart_later(delay, mode)
-	return format("(sleep %s; %s) >/dev/null 2>&1 &", delay, self:restart_command(mode))
+	return format("(sleep %s; %s) >>%s 2>&1 &", delay, self:restart_command(mode), q(self.dir .. "/pg_ctl.log"))
+end
+
+-- What the background restarts above printed (for a failing spec's message).
+function Server:restart_output()
+	local f = io.open(self.dir .. "/pg_ctl.log", "rb")
+	if not f then return "(no background restart output)" end
+	local text = f:read("a")
+	f:close()
+	return "background restart output:\n" .. tail(text, 20)
 end
 
 -- The pg_ctl restart the two above run (mode as for stop).
