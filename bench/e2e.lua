@@ -1058,18 +1058,21 @@ if base and base.ours then
 	local o = base.ours
 	-- judged on the median of the per-round ratios when there are rounds (each round's
 	-- floor and ours run seconds apart); the ratio of the medians is printed with it
-	local x = r(o, base.stub, "store_cpu_k")
-	local px = base_paired and base_paired.floor_store and median(base_paired.floor_store)
-	target((px or x) and (px or x) <= 1.25, format("store CPU/1k ours sqlite within 25%% of the floor: ours/floor = %s%s",
-		px and format("%.2f (median of per-round ratios; ratio of medians %.2f)", px, x or 0) or "", px and "" or (x and format("%.2f", x) or "-")))
+	local function paired_target(limit, text, x, rounds)
+		local px = rounds and median(rounds)
+		local v = px or x
+		target(v and v <= limit, text .. (px and format("%.2f (median of per-round ratios; ratio of medians %.2f)", px, x or 0)
+			or (x and format("%.2f", x) or "-")))
+	end
+	paired_target(1.25, "store CPU/1k ours sqlite within 25% of the floor: ours/floor = ",
+		r(o, base.stub, "store_cpu_k"), base_paired and base_paired.floor_store)
+	local x
 	x = r(o, base.sql, "store_rate")
 	target(x and x >= 10, format("store msg/s >= 10x bundled/sql: %s", x and format("%.1fx", x) or "-"))
 	x = r(o, base.internal, "store_rate")
 	target(x and x > 1, format("store msg/s > bundled/internal: %s", x and format("%.2fx", x) or "-"))
-	x = r(o, base.internal, "pop_cpu_k")
-	px = base_paired and base_paired.internal_pop and median(base_paired.internal_pop)
-	target((px or x) and (px or x) <= 1, format("pop CPU/1k <= bundled/internal: ours/internal = %s%s",
-		px and format("%.2f (median of per-round ratios; ratio of medians %.2f)", px, x or 0) or "", px and "" or (x and format("%.2f", x) or "-")))
+	paired_target(1, "pop CPU/1k <= bundled/internal: ours/internal = ",
+		r(o, base.internal, "pop_cpu_k"), base_paired and base_paired.internal_pop)
 end
 if scale and scale.ours then
 	local o = scale.ours

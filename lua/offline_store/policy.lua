@@ -90,7 +90,8 @@ end
 
 -- core.serialize writes the stored XML in C without a copy; a tree too deep
 -- for it takes the Lua way, a stripped copy through tostring.
-local serialize = require "offline_store.core".serialize
+local core = require "offline_store.core"
+local serialize = core.serialize
 local function strip_and_serialize(stanza)
 	local copy = st.clone(stanza)
 	copy:maptags(function(child)
@@ -142,7 +143,6 @@ end
 -- C, into the tree util.xml.parse would give; it returns nil for anything else
 -- (rows from other writers, trees too deep for C, namespaced attributes, tabs or
 -- newlines in attribute values), which util.xml.parse then reads.
-local core = require "offline_store.core"
 local parse, add_delay = core.parse, core.delay
 local stanza_mt = getmetatable(st.stanza("x"))
 local STAMP_MAX = 253402300799 -- 9999-12-31T23:59:59Z: the last stamp with a four-digit year

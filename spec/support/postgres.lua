@@ -162,10 +162,8 @@ end
 
 -- What the background restarts above printed (for a failing spec's message).
 function Server:restart_output()
-	local f = io.open(self.dir .. "/pg_ctl.log", "rb")
-	if not f then return "(no background restart output)" end
-	local text = f:read("a")
-	f:close()
+	local text = support.read(self.dir .. "/pg_ctl.log")
+	if not text then return "(no background restart output)" end
 	return "background restart output:\n" .. tail(text, 20)
 end
 
