@@ -92,11 +92,18 @@ local function contract(open, finish)
 	end
 
 	function T:test_bytes_limit()
+		lu.assertEquals({ self.db:store(H, U, FROM, "12345678901", T0, nil, nil, 10) }, { false, "limit", 0 },
+			"a message larger than the limit on its own, into an empty queue")
+		lu.assertEquals({ self.db:count(H, U) }, { 0, 0 })
 		lu.assertEquals(self.db:store(H, U, FROM, "12345", T0, nil, nil, 10), 1)
 		lu.assertEquals({ self.db:store(H, U, FROM, "123456", T0, nil, nil, 10) }, { false, "limit", 1 })
 		lu.assertEquals(self.db:store(H, U, FROM, "12345", T0, nil, nil, 10), 2)
 		lu.assertEquals({ self.db:count(H, U) }, { 2, 10 })
 		lu.assertEquals({ self.db:store(H, U, FROM, "1", T0, nil, 100, 10) }, { false, "limit", 2 })
+		lu.assertEquals({ self.db:store(H, U, FROM, "1", T0, nil, 2, 100) }, { false, "limit", 2 },
+			"the count limit refuses what the bytes limit would take")
+		lu.assertEquals({ self.db:count(H, U) }, { 2, 10 }, "refusals change nothing")
+		lu.assertEquals(xmls(self.db:pop(H, U, T0)), { "12345", "12345" })
 	end
 
 	function T:test_counter_follows_every_operation()

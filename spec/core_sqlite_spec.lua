@@ -209,7 +209,7 @@ function TestSqlite:test_file_is_wal_and_versioned()
 	local ok, out = support.sh("sqlite3 " .. support.quote(self.file)
 		.. " 'PRAGMA journal_mode; PRAGMA user_version; PRAGMA application_id'")
 	lu.assertTrue(ok, out)
-	lu.assertEquals(out, "wal\n3\n" .. 0x4f464c53 .. "\n")
+	lu.assertEquals(out, "wal\n4\n" .. 0x4f464c53 .. "\n")
 end
 
 -- A version 2 file as that release wrote it: messages clustered by (host, user, id),
@@ -272,11 +272,76 @@ function TestSqlite:test_version_2_file_is_migrated_losing_nothing()
 	})
 	lu.assertEquals(#db:pop(H, "carol", T0), 1)
 	db:close()
-	lu.assertEquals(sqlite3(self.file, "PRAGMA user_version"), "3\n")
+	lu.assertEquals(sqlite3(self.file, "PRAGMA user_version"), "4\n")
 	lu.assertStrContains(sqlite3(self.file, "SELECT sql FROM sqlite_schema WHERE name = 'message'"),
-		"id INTEGER PRIMARY KEY")
+		"id INTEGER PRIMARY KEY, qid INTEGER NOT NULL")
 	lu.assertEquals(sqlite3(self.file, "SELECT name FROM sqlite_schema WHERE tbl_name = 'message' ORDER BY name"),
 		"message\nmessage_expire\nmessage_queue\n")
+end
+
+-- A version 3 file as that release wrote it: messages in a rowid table with their
+-- host and user. carol@other.example has a message but no counter row, which no
+-- release wrote: the migration must count it, not drop it.
+local V3_SCHEMA = [[
+PRAGMA journal_mode = WAL;
+CREATE TABLE queue (host TEXT NOT NULL, user TEXT NOT NULL, count INTEGER NOT NULL,
+ bytes INTEGER NOT NULL, PRIMARY KEY (host, user)) WITHOUT ROWID;
+CREATE TABLE sequence (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE message (id INTEGER PRIMARY KEY, host TEXT NOT NULL, user TEXT NOT NULL,
+ ts INTEGER NOT NULL, expire INTEGER, sender TEXT NOT NULL, stanza BLOB NOT NULL, meta BLOB);
+CREATE INDEX message_queue ON message(host, user);
+CREATE INDEX message_expire ON message(expire) WHERE expire IS NOT NULL;
+INSERT INTO sequence VALUES ('message', 12);
+INSERT INTO message VALUES (2, 'example.org', 'bob', 1002, NULL, 'alice@example.org', '<m>2</m>', NULL);
+INSERT INTO message VALUES (5, 'other.example', 'bob', 1005, 9005, 'alice@example.org', '<m>o</m>', x'6d');
+INSERT INTO message VALUES (7, 'example.org', 'bob', 1007, NULL, x'', '<message from=''a@b/c''/>', NULL);
+INSERT INTO message VALUES (9, 'other.example', 'carol', 1009, NULL, 'dave@example.org', '<m>c</m>', NULL);
+INSERT INTO message VALUES (12, 'example.org', 'bob', 1012, NULL, 'alice@example.org', '<m>12</m>', NULL);
+INSERT INTO queue VALUES ('example.org', 'bob', 3, 40);
+INSERT INTO queue VALUES ('other.example', 'bob', 1, 8);
+PRAGMA user_version = 3; PRAGMA application_id = 1330007123;
+]]
+
+function TestSqlite:test_version_3_file_is_migrated_losing_nothing()
+	local script = self.file .. ".sql"
+	support.write(script, V3_SCHEMA)
+	assert(support.sh("sqlite3 " .. support.quote(self.file) .. " < " .. support.quote(script)))
+	local db = assert(core.open_sqlite(self.file))
+	lu.assertEquals({ db:count("example.org", "bob") }, { 3, 40 })
+	lu.assertEquals({ db:count("other.example", "bob") }, { 1, 8 })
+	lu.assertEquals({ db:count("other.example", "carol") }, { 1, 8 }, "counted from its message")
+	lu.assertEquals(select(2, db:store("example.org", "bob", FROM, "<m>new</m>", 1013)), 13, "the sequence goes on")
+	local function items(host, user)
+		local got = {}
+		for _, it in ipairs(assert(db:pop(host, user, 1000))) do
+			got[#got + 1] = { it.id, it.ts, it.expire, it.from, it.xml, it.meta }
+		end
+		return got
+	end
+	lu.assertEquals(items("example.org", "bob"), {
+		{ 2, 1002, nil, "alice@example.org", "<m>2</m>" },
+		{ 7, 1007, nil, "a@b/c", "<message from='a@b/c'/>" },
+		{ 12, 1012, nil, "alice@example.org", "<m>12</m>" },
+		{ 13, 1013, nil, FROM, "<m>new</m>" },
+	})
+	lu.assertEquals(items("other.example", "bob"), { { 5, 1005, 9005, "alice@example.org", "<m>o</m>", "m" } })
+	lu.assertEquals(items("other.example", "carol"), { { 9, 1009, nil, "dave@example.org", "<m>c</m>" } })
+	db:close()
+	lu.assertEquals(sqlite3(self.file, "PRAGMA user_version"), "4\n")
+	lu.assertEquals(sqlite3(self.file, "SELECT count(*) FROM message; SELECT count(*) FROM queue"), "0\n0\n")
+	lu.assertEquals(sqlite3(self.file, "SELECT name FROM sqlite_schema WHERE tbl_name IN ('message', 'queue') ORDER BY name"),
+		"message\nmessage_expire\nmessage_queue\nqueue\nsqlite_autoindex_queue_1\n")
+end
+
+-- A queue emptied and dropped never gives its id to another: a message row left
+-- behind by any mishap could otherwise reach a user it was not stored for.
+function TestSqlite:test_queue_ids_are_never_reused()
+	local db = assert(core.open_sqlite(self.file))
+	db:store(H, "dave", FROM, "<m>d</m>", T0)
+	lu.assertEquals(#db:pop(H, "dave", T0), 1)
+	db:store(H, "erin", FROM, "<m>e</m>", T0)
+	db:close()
+	lu.assertEquals(sqlite3(self.file, "SELECT id, user FROM queue"), "2|erin\n")
 end
 
 function TestSqlite:test_failed_migration_is_rolled_back()

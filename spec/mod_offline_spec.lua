@@ -175,7 +175,7 @@ function TestOffline:test_user_delete_removes_queue()
 	a:send(chat("carol@localhost", "c2", "for carol"))
 	a:ping()
 	local function carol_rows()
-		return tonumber(offline.sql(srv, "SELECT count(*) FROM message WHERE user = 'carol'"))
+		return tonumber(offline.sql(srv, "SELECT count(*) FROM message JOIN queue ON queue.id = qid WHERE user = 'carol'"))
 	end
 	lu.assertEquals(carol_rows(), 2)
 	local ok, out = srv:prosodyctl("shell", "user", "delete", "carol@localhost")

@@ -47,7 +47,7 @@ end
 
 -- Makes every queued message of `user` look `days` days old.
 local function age(srv, user, days)
-	sql(srv, ("UPDATE message SET ts = ts - %d WHERE user = '%s'"):format(days * 86400 * 1000000, user))
+	sql(srv, ("UPDATE message SET ts = ts - %d WHERE qid = (SELECT id FROM queue WHERE user = '%s')"):format(days * 86400 * 1000000, user))
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -172,9 +172,9 @@ function TestAdmin:test_orphans_of_deluser()
 	send(a, "bob@localhost", "kept")
 	a:ping()
 	ctl(srv, "deluser", "dave@localhost")
-	lu.assertEquals(sql(srv, "SELECT count(*) FROM message WHERE user = 'dave'"), "2\n", "deluser left the queue")
+	lu.assertEquals(sql(srv, "SELECT count(*) FROM message JOIN queue ON queue.id = qid WHERE user = 'dave'"), "2\n", "deluser left the queue")
 	lu.assertStrContains(ctl(srv, "mod_offline", "orphans", "localhost"), "Removed 2 messages")
-	lu.assertEquals(sql(srv, "SELECT count(*) FROM message WHERE user = 'dave'"), "0\n")
+	lu.assertEquals(sql(srv, "SELECT count(*) FROM message JOIN queue ON queue.id = qid WHERE user = 'dave'"), "0\n")
 	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "bob@localhost"), "has 1 offline messages")
 end
 
@@ -208,7 +208,7 @@ function TestSweep:test_cron_sweep_removes_expired_and_orphans()
 	local log = srv:log()
 	lu.assertStrContains(log, "Expiry sweep: Removed 1 messages")
 	lu.assertStrContains(log, "Orphaned queues: Removed 2 messages from 1 deleted accounts")
-	lu.assertEquals(sql(srv, "SELECT user, count(*) FROM message GROUP BY user"), "carol|1\n")
+	lu.assertEquals(sql(srv, "SELECT user, count(*) FROM message JOIN queue ON queue.id = qid GROUP BY user"), "carol|1\n")
 	lu.assertEquals(sql(srv, "SELECT user, count, bytes > 0 FROM queue"), "carol|1|1\n", "counters follow")
 end
 
