@@ -356,6 +356,44 @@ local function contract(open, finish)
 		lu.assertEquals(xmls(db:pop(H, "carol", T0)), { "other queue" })
 	end
 
+	-- A batch of many stores (sqlite writes them a chunk at a time, and at the
+	-- commit): every row comes back as given, the counts and the limit include the
+	-- batch's own stores all along, and a big stanza between small ones is whole.
+	function T:test_large_batch_round_trips()
+		local db = self.db
+		fill(db, 1, H, U, "before")
+		local batched = db:begin()
+		local users, want, n = { U, "carol", "dave" }, { [U] = { "before1" }, carol = {}, dave = {} }, { [U] = 1, carol = 0, dave = 0 }
+		local big = "<message from='x@y/z'><body>" .. ("b"):rep(100000) .. "</body></message>"
+		for i = 1, 150 do
+			local user = users[i % 3 + 1]
+			local from, xml, meta, expire = FROM, ("<message from='%s'><body>%d</body></message>"):format(FROM, i), nil, nil
+			if i % 5 == 0 then from = "other@example.org" end
+			if i % 7 == 0 then meta = "meta" .. i end
+			if i % 11 == 0 then expire = T0 + 1000000 + i end
+			if i == 77 then xml = big end
+			local count, id = db:store(H, user, from, xml, T0 + i, expire, user == "dave" and 40 or nil, nil, meta)
+			if user == "dave" and n.dave == 40 then
+				lu.assertEquals({ count, id }, { false, "limit" }, "the limit counts the batch's stores")
+			else
+				n[user] = n[user] + 1
+				lu.assertEquals(count, n[user], "store " .. i)
+				local list = want[user]
+				list[#list + 1] = { T0 + i, expire, from, xml, meta }
+			end
+		end
+		if batched then lu.assertTrue(db:commit()) end
+		for _, user in ipairs(users) do
+			assert_counter(db, H, user)
+			local got = {}
+			for _, it in ipairs(db:pop(H, user, T0)) do
+				got[#got + 1] = it.xml == "before1" and "before1" or { it.ts, it.expire, it.from, it.xml, it.meta }
+			end
+			lu.assertEquals(got, want[user], user)
+		end
+		lu.assertEquals(#want.dave, 40)
+	end
+
 	function T:test_batch_rollback()
 		local db = self.db
 		fill(db, 1, H, U, "kept")
@@ -365,7 +403,9 @@ local function contract(open, finish)
 		end
 		fill(db, 3, H, U, "dropped")
 		fill(db, 2, H, "carol", "dropped")
+		fill(db, 70, H, "dave", "dropped") -- (more than sqlite writes in a chunk)
 		lu.assertTrue(db:rollback())
+		lu.assertEquals({ db:count(H, "dave") }, { 0, 0 })
 		lu.assertEquals({ db:count(H, U) }, { 1, 5 }, "the counters are rolled back with the rows")
 		lu.assertEquals({ db:count(H, "carol") }, { 0, 0 })
 		assert_counter(db, H, U)

@@ -15,7 +15,12 @@
  * size, so fewer index pages to write per commit, and integer comparisons.
  * Queue ids are AUTOINCREMENT, never reused: a message can only ever belong to
  * the queue it was stored in. Measured per layout by bench/batch.lua (README.md:
- * "The sqlite backend under group commit"). */
+ * "The sqlite backend under group commit").
+ *
+ * Under group commit a store reads its counter row (the limit needs it) and
+ * defers the rest: rows are written 32 at a time by one multi-row INSERT, and
+ * the counters by one UPDATE of their sums (flush_pending), which saves most of
+ * sqlite's per-statement work and keeps its code hot. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,7 +50,7 @@ static const char *const sql_text[ST__COUNT] = {
 	[ST_ROLLBACK] = "ROLLBACK",
 	[ST_QUEUE_GET] = "SELECT id, count, bytes FROM queue WHERE host = ?1 AND user = ?2",
 	[ST_QUEUE_NEW] = "INSERT INTO queue(host, user, count, bytes) VALUES (?1, ?2, 1, ?3)",
-	[ST_QUEUE_ADD] = "UPDATE queue SET count = count + 1, bytes = bytes + ?2 WHERE id = ?1",
+	[ST_QUEUE_ADD] = "UPDATE queue SET count = count + ?2, bytes = bytes + ?3 WHERE id = ?1",
 	[ST_QUEUE_SUB] = "UPDATE queue SET count = count - ?2, bytes = bytes - ?3 WHERE id = ?1",
 	[ST_QUEUE_DROP] = "DELETE FROM queue WHERE id = ?1",
 	[ST_QUEUE_DROP_IF_EMPTY] = "DELETE FROM queue WHERE id = ?1 AND count <= 0",
@@ -154,9 +159,42 @@ static const char *const migrations[SCHEMA_VERSION] = {
 	[3] = schema_v4,
 };
 
+/* Group commit defers a batch's writes (see flush_pending): its messages wait
+ * here, their bytes copied into one arena, and its counter increments are
+ * summed per queue, until a chunk is full or the batch commits. */
+#define CHUNK 32                /* rows per multi-row statement */
+#define ARENA_KEEP (1024 * 1024) /* arena bytes kept between chunks */
+
+/* One message row (meta.p NULL: no metadata). While pending, its strings live
+ * in the arena, at the offsets *_at (meta_at < 0: no metadata), and
+ * flush_pending points them there. */
+typedef struct {
+	int64_t qid, id, ts, expire;
+	os_str from, xml, meta;
+	long long from_at, xml_at, meta_at;
+	int own_from; /* the sender is the stanza's own from: stored elided */
+} msg_row;
+
+typedef struct {
+	int64_t qid, count, bytes;
+} pend_queue;
+
+typedef struct {
+	msg_row msg[CHUNK];
+	int n_msg;
+	pend_queue queue[CHUNK]; /* at most one per message */
+	int n_queue;
+	char *arena;
+	size_t used, cap;
+	/* INSERT and UPDATE statements of k rows, prepared when first needed
+	 * ([1] is the statement of one row, prepared at open) */
+	sqlite3_stmt *insert[CHUNK + 1], *update[CHUNK + 1];
+} pending;
+
 typedef struct {
 	sqlite3 *db;
 	sqlite3_stmt *st[ST__COUNT];
+	pending pend;
 	/* The message id sequence inside the open write transaction: last id given
 	 * out, valid while id_read; id_dirty when it must be written back. */
 	int64_t last_id;
@@ -187,12 +225,19 @@ static int run(sqlite3_stmt *st) {
 	return rc;
 }
 
+/* Rolls back the open transaction, if any, with the writes it deferred. */
+static void rollback(sq *q) {
+	q->pend.n_msg = q->pend.n_queue = 0;
+	q->pend.used = 0;
+	if (!sqlite3_get_autocommit(q->db))
+		run(stmt(q, ST_ROLLBACK));
+}
+
 /* Starts a write transaction, first rolling back one left open by a call
  * that was abandoned (an emit callback raised). */
 static int begin(os_store *s, sq *q) {
 	q->id_read = q->id_dirty = 0;
-	if (!sqlite3_get_autocommit(q->db))
-		run(stmt(q, ST_ROLLBACK));
+	rollback(q);
 	if (run(stmt(q, ST_BEGIN)) != SQLITE_DONE)
 		return sqfail(s, q->db);
 	return OS_OK;
@@ -201,12 +246,15 @@ static int begin(os_store *s, sq *q) {
 /* Records the failure, then rolls back (which may change the error). */
 static int abort_tx(os_store *s, sq *q) {
 	sqfail(s, q->db);
-	if (!sqlite3_get_autocommit(q->db))
-		run(stmt(q, ST_ROLLBACK));
+	rollback(q);
 	return OS_FAIL;
 }
 
+static int flush_pending(sq *q);
+
 static int commit(os_store *s, sq *q) {
+	if (flush_pending(q) != SQLITE_DONE)
+		return abort_tx(s, q);
 	if (q->id_dirty) {
 		sqlite3_stmt *st = stmt(q, ST_ID_BUMP);
 		sqlite3_bind_int64(st, 1, q->last_id);
@@ -286,7 +334,8 @@ static int queue_add(sq *q, const os_key *k, int64_t *qid, int64_t bytes) {
 	if (*qid != 0) {
 		st = stmt(q, ST_QUEUE_ADD);
 		sqlite3_bind_int64(st, 1, *qid);
-		sqlite3_bind_int64(st, 2, bytes);
+		sqlite3_bind_int64(st, 2, 1);
+		sqlite3_bind_int64(st, 3, bytes);
 		return run(st);
 	}
 	st = stmt(q, ST_QUEUE_NEW);
@@ -334,57 +383,201 @@ static int from_in_xml(os_str xml, os_str *from) {
 	return 0;
 }
 
+/* Binds a message row to ?(base + 1) .. ?(base + 7) of an insert. */
+static void bind_row(sqlite3_stmt *st, int base, const msg_row *r) {
+	sqlite3_bind_int64(st, base + 1, r->qid);
+	sqlite3_bind_int64(st, base + 2, r->id);
+	sqlite3_bind_int64(st, base + 3, r->ts);
+	if (r->expire == OS_NONE)
+		sqlite3_bind_null(st, base + 4);
+	else
+		sqlite3_bind_int64(st, base + 4, r->expire);
+	if (r->own_from)
+		sqlite3_bind_zeroblob(st, base + 5, 0); /* the stanza's own: read back from it */
+	else
+		sqlite3_bind_text(st, base + 5, r->from.p, (int)r->from.n, SQLITE_STATIC);
+	sqlite3_bind_blob(st, base + 6, r->xml.p, (int)r->xml.n, SQLITE_STATIC);
+	if (r->meta.p)
+		sqlite3_bind_blob(st, base + 7, r->meta.p, (int)r->meta.n, SQLITE_STATIC);
+	else
+		sqlite3_bind_null(st, base + 7);
+}
+
+/* The statement that inserts (or counts in) k rows: one statement, one pass
+ * through sqlite's virtual machine, for a whole chunk of a batch. */
+static sqlite3_stmt *rows_stmt(sq *q, int update, int k) {
+	sqlite3_stmt **slot = update ? &q->pend.update[k] : &q->pend.insert[k];
+	const char *head = update
+		? "UPDATE queue SET count = count + v.column2, bytes = bytes + v.column3 FROM (VALUES "
+		: "INSERT INTO message(qid, id, ts, expire, sender, stanza, meta) VALUES ";
+	const char *row = update ? "(?,?,?)" : "(?,?,?,?,?,?,?)";
+	const char *tail = update ? ") AS v WHERE queue.id = v.column1" : "";
+	char sql[96 + CHUNK * 16 + 40];
+	size_t n;
+	int i;
+	if (k == 1)
+		return stmt(q, update ? ST_QUEUE_ADD : ST_MSG_INSERT);
+	if (*slot) {
+		sqlite3_reset(*slot);
+		return *slot;
+	}
+	n = (size_t)snprintf(sql, sizeof sql, "%s", head);
+	for (i = 0; i < k; i++)
+		n += (size_t)snprintf(sql + n, sizeof sql - n, "%s%s", i ? "," : "", row);
+	snprintf(sql + n, sizeof sql - n, "%s", tail);
+	if (sqlite3_prepare_v3(q->db, sql, -1, SQLITE_PREPARE_PERSISTENT, slot, NULL) != SQLITE_OK)
+		return NULL;
+	return *slot;
+}
+
+/* Writes what the batch deferred: its messages in one insert, and the sums of
+ * its counter increments in one update. SQLITE_DONE or the error. */
+static int flush_pending(sq *q) {
+	pending *p = &q->pend;
+	sqlite3_stmt *st;
+	int i, rc;
+	if (p->n_msg == 0)
+		return SQLITE_DONE;
+	if (!(st = rows_stmt(q, 0, p->n_msg)))
+		return sqlite3_errcode(q->db);
+	for (i = 0; i < p->n_msg; i++) {
+		msg_row *r = &p->msg[i];
+		r->xml.p = p->arena + r->xml_at;
+		r->from.p = p->arena + r->from_at; /* (unused when own_from) */
+		r->meta.p = r->meta_at < 0 ? NULL : p->arena + r->meta_at;
+		bind_row(st, 7 * i, r);
+	}
+	rc = run(st);
+	if (rc == SQLITE_DONE && p->n_queue > 0) {
+		if (!(st = rows_stmt(q, 1, p->n_queue)))
+			return sqlite3_errcode(q->db);
+		for (i = 0; i < p->n_queue; i++) {
+			sqlite3_bind_int64(st, 3 * i + 1, p->queue[i].qid);
+			sqlite3_bind_int64(st, 3 * i + 2, p->queue[i].count);
+			sqlite3_bind_int64(st, 3 * i + 3, p->queue[i].bytes);
+		}
+		rc = run(st);
+	}
+	p->n_msg = p->n_queue = 0;
+	p->used = 0;
+	if (p->cap > ARENA_KEEP) { /* a chunk of big stanzas: give the memory back */
+		free(p->arena);
+		p->arena = NULL, p->cap = 0;
+	}
+	return rc;
+}
+
+/* Copies n bytes into the arena; their offset, or -1 when out of memory.
+ * (The arena exists after any call, so that no pointer into it is NULL.) */
+static long long arena_add(pending *p, const char *data, size_t n) {
+	size_t at = p->used;
+	if (!p->arena || p->cap - p->used < n) {
+		size_t cap = p->cap ? p->cap : 16384;
+		char *grown;
+		while (cap - p->used < n)
+			cap *= 2;
+		if (!(grown = realloc(p->arena, cap)))
+			return -1;
+		p->arena = grown, p->cap = cap;
+	}
+	if (n > 0)
+		memcpy(p->arena + at, data, n);
+	p->used += n;
+	return (long long)at;
+}
+
+/* The batch's pending increment of queue qid, or NULL. */
+static pend_queue *pending_queue(pending *p, int64_t qid) {
+	int i;
+	for (i = 0; i < p->n_queue; i++)
+		if (p->queue[i].qid == qid)
+			return &p->queue[i];
+	return NULL;
+}
+
 /* A failed store rolls back its transaction: inside a batch, the whole batch. */
 static int store_abort(os_store *s, sq *q) {
 	s->in_batch = 0;
 	return abort_tx(s, q);
 }
 
+/* Defers a batch's store of row r (counted into an existing queue when `add`):
+ * copies its strings into the arena, and writes the chunk once it is full. */
+static int defer_store(os_store *s, sq *q, msg_row *r, int add) {
+	pending *p = &q->pend;
+	int oom = (r->xml_at = arena_add(p, r->xml.p, r->xml.n)) < 0;
+	r->from_at = r->meta_at = 0;
+	if (!r->own_from)
+		oom |= (r->from_at = arena_add(p, r->from.p, r->from.n)) < 0;
+	if (r->meta.p)
+		oom |= (r->meta_at = arena_add(p, r->meta.p, r->meta.n)) < 0;
+	else
+		r->meta_at = -1;
+	if (oom) {
+		s->in_batch = 0;
+		rollback(q);
+		return os_fail(s, SQLITE_NOMEM, "out of memory");
+	}
+	p->msg[p->n_msg++] = *r;
+	if (add) {
+		pend_queue *pq = pending_queue(p, r->qid);
+		if (!pq) {
+			pq = &p->queue[p->n_queue++];
+			pq->qid = r->qid, pq->count = pq->bytes = 0;
+		}
+		pq->count++;
+		pq->bytes += (int64_t)r->xml.n;
+	}
+	if (p->n_msg == CHUNK && flush_pending(q) != SQLITE_DONE)
+		return store_abort(s, q);
+	return OS_OK;
+}
+
 /* In a batch (s->in_batch) the store joins the open transaction: it neither
  * begins nor commits, and a refusal by the limit leaves the batch as it was
- * (the refusal is decided before anything is written). */
+ * (the refusal is decided before anything is written). The batch's rows are
+ * written a chunk at a time (defer_store); the limit counts them meanwhile. */
 static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
                     int64_t *count, int64_t *id) {
 	sq *q = s->impl;
 	sqlite3_stmt *st;
-	int64_t qid, bytes;
+	msg_row r;
+	int64_t bytes;
 	os_str own;
+	int add;
 	if (!s->in_batch && begin(s, q) != OS_OK)
 		return OS_FAIL;
-	if (queue_get(q, k, &qid, count, &bytes) != SQLITE_DONE)
+	if (queue_get(q, k, &r.qid, count, &bytes) != SQLITE_DONE)
 		return store_abort(s, q);
+	if (s->in_batch && r.qid != 0) {
+		const pend_queue *pq = pending_queue(&q->pend, r.qid);
+		if (pq)
+			*count += pq->count, bytes += pq->bytes;
+	}
 	if ((lim->max_count != OS_NONE && *count + 1 > lim->max_count) ||
 	    (lim->max_bytes != OS_NONE && bytes + (int64_t)m->xml.n > lim->max_bytes)) {
 		if (!s->in_batch)
-			run(stmt(q, ST_ROLLBACK));
+			rollback(q);
 		return OS_LIMIT;
 	}
-	if (next_id(q, id) != SQLITE_OK || queue_add(q, k, &qid, (int64_t)m->xml.n) != SQLITE_DONE)
+	if (next_id(q, id) != SQLITE_OK)
 		return store_abort(s, q);
+	r.id = *id, r.ts = m->ts, r.expire = m->expire;
+	r.from = m->from, r.xml = m->xml, r.meta = m->meta;
+	r.own_from = m->from.n > 0 && from_in_xml(m->xml, &own) && own.n == m->from.n &&
+	             memcmp(own.p, m->from.p, own.n) == 0;
+	*count += 1;
+	/* a new queue's counter row is written at once: its id is the messages' key */
+	add = s->in_batch && r.qid != 0;
+	if (!add && queue_add(q, k, &r.qid, (int64_t)m->xml.n) != SQLITE_DONE)
+		return store_abort(s, q);
+	if (s->in_batch)
+		return defer_store(s, q, &r, add);
 	st = stmt(q, ST_MSG_INSERT);
-	sqlite3_bind_int64(st, 1, qid);
-	sqlite3_bind_int64(st, 2, *id);
-	sqlite3_bind_int64(st, 3, m->ts);
-	if (m->expire == OS_NONE)
-		sqlite3_bind_null(st, 4);
-	else
-		sqlite3_bind_int64(st, 4, m->expire);
-	if (m->from.n > 0 && from_in_xml(m->xml, &own) && own.n == m->from.n &&
-	    memcmp(own.p, m->from.p, own.n) == 0)
-		sqlite3_bind_zeroblob(st, 5, 0); /* the stanza's own: read back from it */
-	else
-		sqlite3_bind_text(st, 5, m->from.p, (int)m->from.n, SQLITE_STATIC);
-	sqlite3_bind_blob(st, 6, m->xml.p, (int)m->xml.n, SQLITE_STATIC);
-	if (m->meta.p)
-		sqlite3_bind_blob(st, 7, m->meta.p, (int)m->meta.n, SQLITE_STATIC);
-	else
-		sqlite3_bind_null(st, 7);
+	bind_row(st, 0, &r);
 	if (run(st) != SQLITE_DONE)
 		return store_abort(s, q);
-	if (!s->in_batch && commit(s, q) != OS_OK)
-		return OS_FAIL;
-	*count += 1;
-	return OS_OK;
+	return commit(s, q);
 }
 
 static os_str column_str(sqlite3_stmt *st, int col) {
@@ -423,8 +616,7 @@ static int sq_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 	int rc = SQLITE_DONE;
 	*expired = 0;
 	/* Cheap read first: the broadcast fires on every login. */
-	if (!sqlite3_get_autocommit(q->db))
-		run(stmt(q, ST_ROLLBACK));
+	rollback(q);
 	if (queue_get(q, k, &qid, &count, &bytes) != SQLITE_DONE)
 		return sqfail(s, q->db);
 	if (count == 0)
@@ -469,8 +661,7 @@ static int sq_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 static int sq_count(os_store *s, const os_key *k, int64_t *count, int64_t *bytes) {
 	sq *q = s->impl;
 	int64_t qid;
-	if (!sqlite3_get_autocommit(q->db))
-		run(stmt(q, ST_ROLLBACK));
+	rollback(q);
 	if (queue_get(q, k, &qid, count, bytes) != SQLITE_DONE)
 		return sqfail(s, q->db);
 	return OS_OK;
@@ -482,8 +673,7 @@ static int sq_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
 	sqlite3_stmt *st;
 	int64_t n = 0;
 	int rc = SQLITE_DONE;
-	if (!sqlite3_get_autocommit(q->db))
-		run(stmt(q, ST_ROLLBACK));
+	rollback(q);
 	st = stmt(q, ST_MSG_LIST);
 	bind_key(st, k);
 	sqlite3_bind_int64(st, 3, after_id);
@@ -600,8 +790,7 @@ static int sq_users(os_store *s, os_str host, os_emit_user emit, void *ud) {
 	sq *q = s->impl;
 	sqlite3_stmt *st;
 	int rc;
-	if (!sqlite3_get_autocommit(q->db))
-		run(stmt(q, ST_ROLLBACK));
+	rollback(q);
 	st = stmt(q, ST_USERS);
 	sqlite3_bind_text(st, 1, host.p, (int)host.n, SQLITE_STATIC);
 	while ((rc = sqlite3_step(st)) == SQLITE_ROW)
@@ -618,6 +807,11 @@ static void sq_free(sq *q) {
 		return;
 	for (i = 0; i < ST__COUNT; i++)
 		sqlite3_finalize(q->st[i]); /* NULL is a harmless no-op */
+	for (i = 0; i <= CHUNK; i++) {
+		sqlite3_finalize(q->pend.insert[i]);
+		sqlite3_finalize(q->pend.update[i]);
+	}
+	free(q->pend.arena);
 	sqlite3_close_v2(q->db);
 	free(q);
 }
@@ -637,11 +831,14 @@ static int sq_batch_begin(os_store *s) {
 
 static int sq_batch_end(os_store *s, int do_commit) {
 	sq *q = s->impl;
-	if (sqlite3_get_autocommit(q->db)) /* the transaction is gone: sqlite rolled it back */
+	if (sqlite3_get_autocommit(q->db)) { /* the transaction is gone: sqlite rolled it back */
+		rollback(q);
 		return do_commit ? os_fail(s, SQLITE_ABORT, "the batch was rolled back") : OS_OK;
+	}
 	if (do_commit)
 		return commit(s, q);
-	if (run(stmt(q, ST_ROLLBACK)) != SQLITE_DONE)
+	rollback(q);
+	if (!sqlite3_get_autocommit(q->db))
 		return sqfail(s, q->db);
 	return OS_OK;
 }

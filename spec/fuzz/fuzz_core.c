@@ -465,6 +465,29 @@ static void op_store(reader *r) {
 	}
 }
 
+/* A group-commit batch on sqlite: up to 80 stores, each checked against the model
+ * as it is made (the counts and the limit include the batch's own stores, which
+ * sqlite writes a chunk at a time), then the commit. No injected fault inside: a
+ * failed store rolls the whole batch back, which the model does not follow. */
+static void op_batch(reader *r) {
+	size_t n = 1 + u8(r) % 80, i;
+	long pending = flt.pending;
+	flt.pending = 0;
+	if (trace)
+		fputs("assert(db:begin())\n", stderr);
+	if (stores[1].be->batch_begin(&stores[1]) != OS_OK)
+		fail(1, "batch_begin failed: %s", stores[1].errmsg);
+	stores[1].in_batch = 1;
+	for (i = 0; i < n && nmsg < MAX_OPS && r->n > 0; i++)
+		op_store(r);
+	stores[1].in_batch = 0;
+	if (trace)
+		fputs("assert(db:commit())\n", stderr);
+	if (stores[1].be->batch_end(&stores[1], 1) != OS_OK)
+		fail(1, "commit failed: %s", stores[1].errmsg);
+	flt.pending = pending;
+}
+
 static void op_pop(reader *r) {
 	int h = pick_host(r), u = pick_user(r, h), b;
 	int64_t now = pick_time(r), max = pick_max(r), expired = 0, returned = 0, expired_want = 0;
@@ -816,7 +839,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 	opname = "open";
 	open_stores();
 	while (r.n > 0 && opno < MAX_OPS) {
-		unsigned op = u8(&r) % 13, b;
+		unsigned op = u8(&r) % 14, b;
 		opno++;
 		switch (op) {
 		case 0: case 1: case 2: opname = "store"; op_store(&r); break;
@@ -829,6 +852,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 		case 9: opname = "delete_expired"; op_bulk(&r, 'e'); break;
 		case 10: opname = "delete_older_than"; op_bulk(&r, 'o'); break;
 		case 11: opname = "users"; op_users(&r); break;
+		case 12: opname = "batch"; op_batch(&r); break;
 		default:
 			opname = "fault";
 			b = u8(&r);
