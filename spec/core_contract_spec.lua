@@ -394,6 +394,26 @@ local function contract(open, finish)
 		lu.assertEquals(#want.dave, 40)
 	end
 
+	-- The count a store returns (and the limit) follows every other operation on
+	-- the queue, right after it (sqlite answers stores from cached counter rows).
+	function T:test_store_counts_after_every_operation()
+		local db = self.db
+		local ids = fill(db, 3)
+		lu.assertEquals(db:remove(H, U, { ids[1] }), 1)
+		lu.assertEquals(db:store(H, U, FROM, "after remove", T0), 3)
+		lu.assertEquals(#db:pop(H, U, T0), 3)
+		lu.assertEquals(db:store(H, U, FROM, "after pop", T0, T0 + 10), 1)
+		lu.assertEquals(db:delete_expired(T0 + 10), 1)
+		lu.assertEquals(db:store(H, U, FROM, "after expiry", T0), 1)
+		lu.assertEquals(db:delete_older_than(T0 + 1), 1)
+		lu.assertEquals(db:store(H, U, FROM, "after purge", T0 + 5), 1)
+		lu.assertEquals(db:remove_user(H, U), 1)
+		lu.assertEquals(db:store(H, U, FROM, "after remove_user", T0 + 5), 1)
+		lu.assertEquals(db:remove_host(H), 1)
+		lu.assertEquals(db:store(H, U, FROM, "after remove_host", T0 + 5, nil, 1), 1)
+		assert_counter(db, H, U)
+	end
+
 	function T:test_batch_rollback()
 		local db = self.db
 		fill(db, 1, H, U, "kept")

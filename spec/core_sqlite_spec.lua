@@ -41,6 +41,33 @@ function TestSqlite:test_reopen_finds_everything()
 	db:close()
 end
 
+-- Each connection caches the counter rows its stores read; another connection's
+-- writes (another host on the same file, another process) must not leave it stale:
+-- the limit sees them, batch or not.
+function TestSqlite:test_counters_cached_by_one_connection_follow_another()
+	local a = assert(core.open_sqlite(self.file))
+	local b = assert(core.open_sqlite(self.file))
+	for i = 1, 3 do lu.assertEquals(a:store(H, U, FROM, "a" .. i, T0, nil, 5), i) end
+	for i = 1, 2 do lu.assertEquals(b:store(H, U, FROM, "b" .. i, T0), 3 + i) end
+	lu.assertEquals({ a:store(H, U, FROM, "over", T0, nil, 5) }, { false, "limit", 5 },
+		"a's stores see b's")
+	lu.assertEquals(#b:pop(H, U, T0), 5)
+	lu.assertEquals(a:store(H, U, FROM, "after b's pop", T0, nil, 1), 1)
+	b:store(H, U, FROM, "b3", T0)
+	assert(a:begin())
+	lu.assertEquals({ a:store(H, U, FROM, "in a batch", T0, nil, 2) }, { false, "limit", 2 },
+		"a batch begun after b's store sees it")
+	lu.assertEquals(a:store(H, "carol", FROM, "c", T0), 1)
+	assert(a:commit())
+	lu.assertEquals(b:remove_user(H, U), 2)
+	lu.assertEquals(a:store(H, U, FROM, "after b's removal", T0, nil, 1), 1)
+	lu.assertEquals(b:delete_older_than(T0 + 1), 2)
+	lu.assertEquals(a:store(H, U, FROM, "after b's purge", T0, nil, 1), 1)
+	lu.assertEquals({ a:count(H, U) }, { 1, #"after b's purge" })
+	a:close()
+	b:close()
+end
+
 function TestSqlite:test_missing_directory()
 	local db, msg, code = core.open_sqlite(self.dir .. "/no/such/dir/offline.sqlite")
 	lu.assertNil(db)

@@ -25,6 +25,18 @@ typedef struct {
 	os_str host, user;
 } os_key;
 
+/* FNV-1a over host, a separator that cannot occur in a JID part, user. */
+static inline uint64_t os_key_hash(const os_key *k) {
+	uint64_t h = 14695981039346656037u;
+	size_t i;
+	for (i = 0; i < k->host.n; i++)
+		h = (h ^ (unsigned char)k->host.p[i]) * 1099511628211u;
+	h = (h ^ 0xff) * 1099511628211u;
+	for (i = 0; i < k->user.n; i++)
+		h = (h ^ (unsigned char)k->user.p[i]) * 1099511628211u;
+	return h;
+}
+
 /* One stored item as the backend hands it out; pointers are valid only
  * for the duration of the emit call. */
 typedef struct {

@@ -31,18 +31,6 @@ typedef struct {
 	int64_t last_id;
 } mstore;
 
-static uint64_t hash_key(const os_key *k) {
-	/* FNV-1a over host, a separator that cannot occur in a JID part, user. */
-	uint64_t h = 14695981039346656037u;
-	size_t i;
-	for (i = 0; i < k->host.n; i++)
-		h = (h ^ (unsigned char)k->host.p[i]) * 1099511628211u;
-	h = (h ^ 0xff) * 1099511628211u;
-	for (i = 0; i < k->user.n; i++)
-		h = (h ^ (unsigned char)k->user.p[i]) * 1099511628211u;
-	return h;
-}
-
 static int queue_is(const mqueue *q, uint64_t h, const os_key *k) {
 	return q->hash == h && q->host_n == k->host.n && q->user_n == k->user.n &&
 	       memcmp(q->key, k->host.p, k->host.n) == 0 &&
@@ -112,7 +100,7 @@ static int is_expired(const mnode *n, int64_t now) {
 static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_limit *lim,
                      int64_t *count, int64_t *id) {
 	mstore *m = s->impl;
-	uint64_t h = hash_key(k);
+	uint64_t h = os_key_hash(k);
 	mqueue **slot = find_slot(m, k, h), *q = *slot;
 	mnode *n;
 	*count = q ? q->count : 0;
@@ -166,7 +154,7 @@ static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_l
 static int mem_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
                    os_emit_item emit, void *ud, int64_t *expired) {
 	mstore *m = s->impl;
-	mqueue **slot = find_slot(m, k, hash_key(k)), *q = *slot;
+	mqueue **slot = find_slot(m, k, os_key_hash(k)), *q = *slot;
 	mnode *n, *end;
 	int64_t returned = 0;
 	*expired = 0;
@@ -198,7 +186,7 @@ static int mem_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 
 static int mem_count(os_store *s, const os_key *k, int64_t *count, int64_t *bytes) {
 	mstore *m = s->impl;
-	mqueue *q = *find_slot(m, k, hash_key(k));
+	mqueue *q = *find_slot(m, k, os_key_hash(k));
 	*count = q ? q->count : 0;
 	*bytes = q ? q->bytes : 0;
 	return OS_OK;
@@ -207,7 +195,7 @@ static int mem_count(os_store *s, const os_key *k, int64_t *count, int64_t *byte
 static int mem_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
                     os_emit_item emit, void *ud) {
 	mstore *m = s->impl;
-	mqueue *q = *find_slot(m, k, hash_key(k));
+	mqueue *q = *find_slot(m, k, os_key_hash(k));
 	mnode *n;
 	int64_t i = 0;
 	for (n = q ? q->head : NULL; n && (max == OS_NONE || i < max); n = n->next) {
@@ -275,7 +263,7 @@ static int drop_older(const mnode *n, const void *arg) {
 static int mem_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n,
                       int64_t *touched) {
 	mstore *m = s->impl;
-	mqueue **slot = find_slot(m, k, hash_key(k));
+	mqueue **slot = find_slot(m, k, os_key_hash(k));
 	id_set set;
 	*touched = 0;
 	if (!*slot || n == 0)
@@ -294,7 +282,7 @@ static int mem_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n
 
 static int mem_remove_user(os_store *s, const os_key *k, int64_t *touched) {
 	mstore *m = s->impl;
-	mqueue **slot = find_slot(m, k, hash_key(k));
+	mqueue **slot = find_slot(m, k, os_key_hash(k));
 	*touched = *slot ? filter_queue(m, slot, drop_all, NULL) : 0;
 	return OS_OK;
 }

@@ -20,7 +20,15 @@
  * Under group commit a store reads its counter row (the limit needs it) and
  * defers the rest: rows are written 32 at a time by one multi-row INSERT, and
  * the counters by one UPDATE of their sums (flush_pending), which saves most of
- * sqlite's per-statement work and keeps its code hot. */
+ * sqlite's per-statement work and keeps its code hot.
+ *
+ * The counter rows a store reads are cached (ccache): queue id, count and bytes
+ * per (host, user), as this connection last wrote or read them. Every write
+ * transaction first checks PRAGMA data_version, which changes when another
+ * connection has committed, and forgets the cache if so; an operation that
+ * changes a queue otherwise than by a store forgets its entry (or all of them),
+ * and so does every rollback. A store to a cached queue then costs no statement
+ * at all until its chunk is written. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,7 +45,7 @@ enum {
 	ST_QUEUE_GET, ST_QUEUE_NEW, ST_QUEUE_ADD, ST_QUEUE_SUB, ST_QUEUE_DROP, ST_QUEUE_DROP_IF_EMPTY,
 	ST_QUEUE_DROP_EMPTY, ST_ID_BUMP, ST_ID_GET, ST_MSG_INSERT, ST_MSG_SCAN, ST_MSG_LIST,
 	ST_MSG_DEL_UPTO, ST_MSG_DEL_ID,
-	ST_USER_DEL_MSGS, ST_HOST_DEL_MSGS, ST_HOST_DEL_QUEUE,
+	ST_USER_DEL_MSGS, ST_HOST_DEL_MSGS, ST_HOST_DEL_QUEUE, ST_DATA_VERSION,
 	ST_EXPIRED_SUB, ST_EXPIRED_DEL, ST_OLDER_SUB, ST_OLDER_DEL, ST_USERS,
 	ST__COUNT
 };
@@ -86,6 +94,7 @@ static const char *const sql_text[ST__COUNT] = {
 		"WHERE queue.id = g.qid",
 	[ST_OLDER_DEL] = "DELETE FROM message WHERE ts < ?1",
 	[ST_USERS] = "SELECT user, count, bytes FROM queue WHERE host = ?1 ORDER BY user",
+	[ST_DATA_VERSION] = "PRAGMA data_version",
 };
 
 /* ts has no index: only delete_older_than (an operator's purge) reads it, and
@@ -191,10 +200,29 @@ typedef struct {
 	sqlite3_stmt *insert[CHUNK + 1], *update[CHUNK + 1];
 } pending;
 
+/* The counter cache: a chained hash table of counter rows by (host, user). */
+typedef struct centry {
+	struct centry *next;
+	uint64_t hash;
+	int64_t qid, count, bytes;
+	size_t host_n, user_n;
+	char key[]; /* host, user, back to back */
+} centry;
+
+#define CACHE_BUCKETS 4096 /* a power of two */
+#define CACHE_MAX 65536    /* entries; a full cache starts over */
+
+typedef struct {
+	centry **bucket; /* CACHE_BUCKETS of them once anything is cached */
+	size_t n;
+	int64_t data_version; /* the file's, as of the last write transaction */
+} ccache;
+
 typedef struct {
 	sqlite3 *db;
 	sqlite3_stmt *st[ST__COUNT];
 	pending pend;
+	ccache cache;
 	/* The message id sequence inside the open write transaction: last id given
 	 * out, valid while id_read; id_dirty when it must be written back. */
 	int64_t last_id;
@@ -225,27 +253,113 @@ static int run(sqlite3_stmt *st) {
 	return rc;
 }
 
-/* Rolls back the open transaction, if any, with the writes it deferred. */
-static void rollback(sq *q) {
-	q->pend.n_msg = q->pend.n_queue = 0;
-	q->pend.used = 0;
-	if (!sqlite3_get_autocommit(q->db))
-		run(stmt(q, ST_ROLLBACK));
+static void cache_clear(ccache *c) {
+	size_t i;
+	for (i = 0; c->bucket && c->n > 0 && i < CACHE_BUCKETS; i++) {
+		centry *e = c->bucket[i], *next;
+		for (; e; e = next) {
+			next = e->next;
+			free(e);
+		}
+		c->bucket[i] = NULL;
+	}
+	c->n = 0;
 }
 
+/* The slot pointing at k's entry, or at the NULL ending its chain. */
+static centry **cache_slot(ccache *c, const os_key *k, uint64_t h) {
+	centry **slot = &c->bucket[h & (CACHE_BUCKETS - 1)];
+	while (*slot && !((*slot)->hash == h && (*slot)->host_n == k->host.n &&
+	                  (*slot)->user_n == k->user.n &&
+	                  memcmp((*slot)->key, k->host.p, k->host.n) == 0 &&
+	                  memcmp((*slot)->key + k->host.n, k->user.p, k->user.n) == 0))
+		slot = &(*slot)->next;
+	return slot;
+}
+
+static centry *cache_find(ccache *c, const os_key *k, uint64_t h) {
+	return c->bucket ? *cache_slot(c, k, h) : NULL;
+}
+
+/* Caches a counter row (out of memory: it is just not cached). */
+static void cache_put(ccache *c, const os_key *k, uint64_t h, int64_t qid, int64_t count,
+                      int64_t bytes) {
+	centry *e;
+	if (!c->bucket && !(c->bucket = calloc(CACHE_BUCKETS, sizeof *c->bucket)))
+		return;
+	if (c->n >= CACHE_MAX)
+		cache_clear(c);
+	if (!(e = malloc(sizeof *e + k->host.n + k->user.n)))
+		return;
+	e->hash = h, e->qid = qid, e->count = count, e->bytes = bytes;
+	e->host_n = k->host.n, e->user_n = k->user.n;
+	memcpy(e->key, k->host.p, k->host.n);
+	memcpy(e->key + k->host.n, k->user.p, k->user.n);
+	e->next = c->bucket[h & (CACHE_BUCKETS - 1)];
+	c->bucket[h & (CACHE_BUCKETS - 1)] = e;
+	c->n++;
+}
+
+/* Forgets k's counter row, before an operation that changes it. */
+static void cache_drop(ccache *c, const os_key *k) {
+	centry **slot, *e;
+	if (!c->bucket)
+		return;
+	slot = cache_slot(c, k, os_key_hash(k));
+	if ((e = *slot)) {
+		*slot = e->next;
+		free(e);
+		c->n--;
+	}
+}
+
+/* Forgets what the open transaction did (sqlite may have rolled it back
+ * already): the writes it deferred, and the counters cached since, which may
+ * count its stores. */
+static void forget_tx(sq *q) {
+	q->pend.n_msg = q->pend.n_queue = 0;
+	q->pend.used = 0;
+	cache_clear(&q->cache);
+}
+
+/* Rolls back the open transaction, if any (one left by an abandoned call). */
+static void rollback(sq *q) {
+	if (!sqlite3_get_autocommit(q->db) || q->pend.n_msg > 0) {
+		forget_tx(q);
+		if (!sqlite3_get_autocommit(q->db))
+			run(stmt(q, ST_ROLLBACK));
+	}
+}
+
+static int abort_tx(os_store *s, sq *q);
+
 /* Starts a write transaction, first rolling back one left open by a call
- * that was abandoned (an emit callback raised). */
+ * that was abandoned (an emit callback raised); forgets the counter cache
+ * when another connection has written since the last one. */
 static int begin(os_store *s, sq *q) {
+	sqlite3_stmt *st;
+	int rc;
 	q->id_read = q->id_dirty = 0;
 	rollback(q);
 	if (run(stmt(q, ST_BEGIN)) != SQLITE_DONE)
 		return sqfail(s, q->db);
+	st = stmt(q, ST_DATA_VERSION);
+	if ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		int64_t v = sqlite3_column_int64(st, 0);
+		if (v != q->cache.data_version)
+			cache_clear(&q->cache);
+		q->cache.data_version = v;
+	}
+	sqlite3_reset(st);
+	if (rc != SQLITE_ROW)
+		return abort_tx(s, q);
 	return OS_OK;
 }
 
 /* Records the failure, then rolls back (which may change the error). */
 static int abort_tx(os_store *s, sq *q) {
 	sqfail(s, q->db);
+	forget_tx(q);
 	rollback(q);
 	return OS_FAIL;
 }
@@ -543,21 +657,27 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 	sqlite3_stmt *st;
 	msg_row r;
 	int64_t bytes;
+	uint64_t h = os_key_hash(k);
+	centry *cached;
 	os_str own;
 	int add;
 	if (!s->in_batch && begin(s, q) != OS_OK)
 		return OS_FAIL;
-	if (queue_get(q, k, &r.qid, count, &bytes) != SQLITE_DONE)
-		return store_abort(s, q);
-	if (s->in_batch && r.qid != 0) {
-		const pend_queue *pq = pending_queue(&q->pend, r.qid);
-		if (pq)
-			*count += pq->count, bytes += pq->bytes;
+	if ((cached = cache_find(&q->cache, k, h))) {
+		r.qid = cached->qid, *count = cached->count, bytes = cached->bytes;
+	} else {
+		if (queue_get(q, k, &r.qid, count, &bytes) != SQLITE_DONE)
+			return store_abort(s, q);
+		if (s->in_batch && r.qid != 0) {
+			const pend_queue *pq = pending_queue(&q->pend, r.qid);
+			if (pq)
+				*count += pq->count, bytes += pq->bytes;
+		}
 	}
 	if ((lim->max_count != OS_NONE && *count + 1 > lim->max_count) ||
 	    (lim->max_bytes != OS_NONE && bytes + (int64_t)m->xml.n > lim->max_bytes)) {
 		if (!s->in_batch)
-			rollback(q);
+			run(stmt(q, ST_ROLLBACK)); /* (it wrote nothing) */
 		return OS_LIMIT;
 	}
 	if (next_id(q, id) != SQLITE_OK)
@@ -571,6 +691,10 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 	add = s->in_batch && r.qid != 0;
 	if (!add && queue_add(q, k, &r.qid, (int64_t)m->xml.n) != SQLITE_DONE)
 		return store_abort(s, q);
+	if (cached) /* (as the transaction will leave it; a rollback forgets it) */
+		cached->count = *count, cached->bytes = bytes + (int64_t)m->xml.n;
+	else if (r.qid != 0)
+		cache_put(&q->cache, k, h, r.qid, *count, bytes + (int64_t)m->xml.n);
 	if (s->in_batch)
 		return defer_store(s, q, &r, add);
 	st = stmt(q, ST_MSG_INSERT);
@@ -617,6 +741,7 @@ static int sq_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 	*expired = 0;
 	/* Cheap read first: the broadcast fires on every login. */
 	rollback(q);
+	cache_drop(&q->cache, k);
 	if (queue_get(q, k, &qid, &count, &bytes) != SQLITE_DONE)
 		return sqfail(s, q->db);
 	if (count == 0)
@@ -697,6 +822,7 @@ static int sq_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n,
 	int64_t qid, count, bytes = 0;
 	size_t i;
 	*touched = 0;
+	cache_drop(&q->cache, k);
 	if (begin(s, q) != OS_OK)
 		return OS_FAIL;
 	if (queue_get(q, k, &qid, &count, &bytes) != SQLITE_DONE)
@@ -726,6 +852,7 @@ static int sq_remove_user(os_store *s, const os_key *k, int64_t *touched) {
 	sq *q = s->impl;
 	int64_t qid, count, bytes;
 	*touched = 0;
+	cache_drop(&q->cache, k);
 	if (begin(s, q) != OS_OK)
 		return OS_FAIL;
 	if (queue_get(q, k, &qid, &count, &bytes) != SQLITE_DONE)
@@ -743,6 +870,7 @@ static int sq_remove_user(os_store *s, const os_key *k, int64_t *touched) {
 static int sq_remove_host(os_store *s, os_str host, int64_t *touched) {
 	sq *q = s->impl;
 	sqlite3_stmt *st;
+	cache_clear(&q->cache);
 	if (begin(s, q) != OS_OK)
 		return OS_FAIL;
 	st = stmt(q, ST_HOST_DEL_MSGS);
@@ -762,6 +890,7 @@ static int sq_remove_host(os_store *s, os_str host, int64_t *touched) {
 static int bulk_delete(os_store *s, int sub, int del, int64_t arg, int64_t *touched) {
 	sq *q = s->impl;
 	sqlite3_stmt *st;
+	cache_clear(&q->cache);
 	if (begin(s, q) != OS_OK)
 		return OS_FAIL;
 	st = stmt(q, sub);
@@ -812,6 +941,8 @@ static void sq_free(sq *q) {
 		sqlite3_finalize(q->pend.update[i]);
 	}
 	free(q->pend.arena);
+	cache_clear(&q->cache);
+	free(q->cache.bucket);
 	sqlite3_close_v2(q->db);
 	free(q);
 }
@@ -832,7 +963,7 @@ static int sq_batch_begin(os_store *s) {
 static int sq_batch_end(os_store *s, int do_commit) {
 	sq *q = s->impl;
 	if (sqlite3_get_autocommit(q->db)) { /* the transaction is gone: sqlite rolled it back */
-		rollback(q);
+		forget_tx(q);
 		return do_commit ? os_fail(s, SQLITE_ABORT, "the batch was rolled back") : OS_OK;
 	}
 	if (do_commit)
