@@ -227,10 +227,10 @@ static void bulk_begin(sqlite3 *db) {
 
 static int cmd_prefill(int argc, char **argv) {
 	const char *path = NULL;
-	long rows = -1, per_user = 100, users, u;
+	long rows = -1, per_user = 100, users;
 	int i;
 	sqlite3 *db;
-	sqlite3_stmt *st, *ins, *q;
+	sqlite3_stmt *st, *ins;
 	long long app = 0;
 	payloads *p = malloc(sizeof *p);
 	double t0 = now_s();
@@ -265,24 +265,16 @@ static int cmd_prefill(int argc, char **argv) {
 	                  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
 	fill(db, ins, p, rows, per_user, 1700000000000000LL);
 	sqlite3_finalize(ins);
-	exec(db, "INSERT INTO message(host, user, id, ts, expire, sender, stanza, meta) "
-	         "SELECT host, user, rowid, ts, expire, sender, stanza, meta FROM fill ORDER BY rowid;"
+	/* The per-user counter rows the core keeps in step with `message` (schema
+	 * version 4: their ids key the messages), then the messages in id order. */
+	exec(db, "INSERT INTO queue(host, user, count, bytes) "
+	         "SELECT host, user, count(*), sum(length(stanza)) FROM fill GROUP BY host, user;"
+	         "INSERT INTO message(qid, id, ts, expire, sender, stanza, meta) "
+	         "SELECT q.id, f.rowid, f.ts, f.expire, f.sender, f.stanza, f.meta FROM fill AS f "
+	         "JOIN queue AS q ON q.host = f.host AND q.user = f.user ORDER BY f.rowid;"
 	         "UPDATE sequence SET value = (SELECT coalesce(max(rowid), 0) FROM fill) WHERE name = 'message';"
 	         "DROP TABLE fill;");
-	/* The per-user counters the core keeps in step with `message`. */
-	q = prepare(db, "INSERT INTO queue(host, user, count, bytes) "
-	                "SELECT host, user, count(*), sum(length(stanza)) FROM message "
-	                "WHERE host = ?1 AND user = ?2 GROUP BY host, user");
 	users = (rows + per_user - 1) / per_user;
-	for (u = 0; u < users; u++) {
-		char user[64];
-		user_name(user, sizeof user, u);
-		sqlite3_reset(q);
-		sqlite3_bind_text(q, 1, HOST, -1, SQLITE_STATIC);
-		sqlite3_bind_text(q, 2, user, -1, SQLITE_TRANSIENT);
-		check(db, sqlite3_step(q), SQLITE_DONE, "prefill queue");
-	}
-	sqlite3_finalize(q);
 	exec(db, "COMMIT");
 	exec(db, "PRAGMA journal_mode = WAL;");
 	check(db, sqlite3_close(db), SQLITE_OK, "close");
