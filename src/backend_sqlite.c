@@ -319,11 +319,21 @@ static void cache_drop(ccache *c, const os_key *k) {
 static void forget_tx(sq *q) {
 	q->pend.n_msg = q->pend.n_queue = 0;
 	q->pend.used = 0;
+	if (q->pend.cap > ARENA_KEEP) {
+		free(q->pend.arena);
+		q->pend.arena = NULL, q->pend.cap = 0;
+	}
 	cache_clear(&q->cache);
 }
 
-/* Rolls back the open transaction, if any (one left by an abandoned call). */
+/* Rolls back the open transaction, if any, and resets any statement left
+ * stepping (both left by a call abandoned when an emit callback raised: a read
+ * statement left active would hold on to its snapshot). */
 static void rollback(sq *q) {
+	sqlite3_stmt *st = NULL;
+	while ((st = sqlite3_next_stmt(q->db, st)))
+		if (sqlite3_stmt_busy(st))
+			sqlite3_reset(st);
 	if (!sqlite3_get_autocommit(q->db) || q->pend.n_msg > 0) {
 		forget_tx(q);
 		if (!sqlite3_get_autocommit(q->db))
@@ -1033,6 +1043,8 @@ static int check_schema(os_store *s, sqlite3 *db, const char *path) {
 	return OS_OK;
 }
 
+static int memstatus_tried;
+
 int os_sqlite_open(os_store *s, const os_sqlite_config *cfg) {
 	sq *q = calloc(1, sizeof *q);
 	char *mode = NULL;
@@ -1043,8 +1055,11 @@ int os_sqlite_open(os_store *s, const os_sqlite_config *cfg) {
 	 * mutex on every allocation (Debian builds it without lookaside, so rows
 	 * and records are all malloc'd: ~14 a store). Nothing reads them here.
 	 * Only possible before sqlite's first use in the process: if another
-	 * module got there first, this fails and changes nothing. */
-	sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
+	 * module got there first, this fails and changes nothing. Tried once. */
+	if (!memstatus_tried) {
+		memstatus_tried = 1;
+		sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
+	}
 	rc = sqlite3_open_v2(cfg->path, &q->db,
 	                     SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
 	if (rc != SQLITE_OK) {
