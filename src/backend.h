@@ -7,6 +7,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__GNUC__)
 #define OS_HIDDEN __attribute__((visibility("hidden")))
@@ -35,6 +36,18 @@ static inline uint64_t os_key_hash(const os_key *k) {
 	for (i = 0; i < k->user.n; i++)
 		h = (h ^ (unsigned char)k->user.p[i]) * 1099511628211u;
 	return h;
+}
+
+/* Keys kept in hash tables (the memory backend's queues, the sqlite counter
+ * cache) are stored as host then user, back to back. */
+static inline int os_key_is(const char *key, size_t host_n, size_t user_n, const os_key *k) {
+	return host_n == k->host.n && user_n == k->user.n && memcmp(key, k->host.p, host_n) == 0 &&
+	       memcmp(key + host_n, k->user.p, user_n) == 0;
+}
+
+static inline void os_key_copy(char *key, const os_key *k) {
+	memcpy(key, k->host.p, k->host.n);
+	memcpy(key + k->host.n, k->user.p, k->user.n);
 }
 
 /* One stored item as the backend hands it out; pointers are valid only

@@ -32,9 +32,7 @@ typedef struct {
 } mstore;
 
 static int queue_is(const mqueue *q, uint64_t h, const os_key *k) {
-	return q->hash == h && q->host_n == k->host.n && q->user_n == k->user.n &&
-	       memcmp(q->key, k->host.p, k->host.n) == 0 &&
-	       memcmp(q->key + q->host_n, k->user.p, k->user.n) == 0;
+	return q->hash == h && os_key_is(q->key, q->host_n, q->user_n, k);
 }
 
 /* Returns the slot pointing at the queue (or at the NULL ending its chain). */
@@ -120,8 +118,7 @@ static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_l
 		q->hash = h;
 		q->host_n = k->host.n;
 		q->user_n = k->user.n;
-		memcpy(q->key, k->host.p, k->host.n);
-		memcpy(q->key + k->host.n, k->user.p, k->user.n);
+		os_key_copy(q->key, k);
 		*slot = q;
 		m->nqueue++;
 		if (m->nqueue > m->nbucket)

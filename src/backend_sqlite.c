@@ -269,11 +269,9 @@ static void cache_clear(ccache *c) {
 /* The slot pointing at k's entry, or at the NULL ending its chain. */
 static centry **cache_slot(ccache *c, const os_key *k, uint64_t h) {
 	centry **slot = &c->bucket[h & (CACHE_BUCKETS - 1)];
-	while (*slot && !((*slot)->hash == h && (*slot)->host_n == k->host.n &&
-	                  (*slot)->user_n == k->user.n &&
-	                  memcmp((*slot)->key, k->host.p, k->host.n) == 0 &&
-	                  memcmp((*slot)->key + k->host.n, k->user.p, k->user.n) == 0))
-		slot = &(*slot)->next;
+	for (; *slot; slot = &(*slot)->next)
+		if ((*slot)->hash == h && os_key_is((*slot)->key, (*slot)->host_n, (*slot)->user_n, k))
+			break;
 	return slot;
 }
 
@@ -293,8 +291,7 @@ static void cache_put(ccache *c, const os_key *k, uint64_t h, int64_t qid, int64
 		return;
 	e->hash = h, e->qid = qid, e->count = count, e->bytes = bytes;
 	e->host_n = k->host.n, e->user_n = k->user.n;
-	memcpy(e->key, k->host.p, k->host.n);
-	memcpy(e->key + k->host.n, k->user.p, k->user.n);
+	os_key_copy(e->key, k);
 	e->next = c->bucket[h & (CACHE_BUCKETS - 1)];
 	c->bucket[h & (CACHE_BUCKETS - 1)] = e;
 	c->n++;
