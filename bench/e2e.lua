@@ -56,8 +56,9 @@
 -- stanzas received; all must be 0.
 --
 -- Rounds: --runs K runs every variant K times, a round at a time, the floor and ours back to
--- back; the targets on ours/floor store CPU and ours/internal pop CPU take the median of the
--- per-round ratios (printed, with the ratio of the medians).
+-- back, every other round in the reverse order; the targets on ours/floor store CPU and
+-- ours/internal pop CPU take the median of the per-round ratios (printed, with the ratio
+-- of the medians).
 -- Measured per phase: wall seconds, messages/s, server CPU seconds per 1000 messages
 -- (utime+stime of the prosody process from /proc/<pid>/stat), server RSS (VmRSS) at the
 -- end of the phase, the generator's own CPU; after the store phase, bytes on disk under
@@ -195,7 +196,7 @@ local VARIANTS = {
 local ORDER = { "stub", "internal", "sql", "ours", "memory" }
 -- The order a round runs them in: the floor and ours back to back, then bundled/internal,
 -- so that the per-round ratios the targets take are between runs seconds apart (this
--- machine's speed drifts over minutes).
+-- machine's speed drifts over minutes); every other round runs it backwards.
 local RUN_ORDER = { "stub", "ours", "internal", "memory", "sql" }
 -- "ours@DIR" / "memory@DIR": the same variant with the plugin directory DIR (a patched copy
 -- of lua/, with its core.so at DIR/../build/ as in a checkout), to measure a patch in the
@@ -757,6 +758,7 @@ local function run_variant(vname, P)
 		os.execute("cp '" .. logfile .. "' '" .. srv.dir .. "/bench.log'")
 		io.stderr:write("kept " .. srv.dir .. "\n")
 		srv:stop()
+		srv.cleaned = true -- (else support.prosody's exit-time cleanup removes the directory)
 	else
 		srv:cleanup()
 	end
@@ -973,7 +975,14 @@ local function campaign(P, variants)
 	local raw = {}
 	for _, v in ipairs(variants) do raw[v] = {} end
 	for run = 1, P.runs do
-		for _, v in ipairs(ordered(variants, RUN_ORDER)) do
+		-- every other round runs in the reverse order: a variant's place in the round
+		-- (first, after a server was just torn down, ...) and the drift within a
+		-- round then weigh on both sides of a per-round ratio alike
+		local order = ordered(variants, RUN_ORDER)
+		if run % 2 == 0 then
+			for i = 1, #order // 2 do order[i], order[#order + 1 - i] = order[#order + 1 - i], order[i] end
+		end
+		for _, v in ipairs(order) do
 			log("run %d/%d: %s (N=%d, R=%d)", run, P.runs, v, P.N, P.R)
 			local r = run_variant(v, P)
 			raw_line(r)
