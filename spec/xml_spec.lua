@@ -28,6 +28,17 @@ function TestSerialize:test_fixed_cases()
 	local numbers = st.stanza("n")
 	numbers.attr.count = 42 -- past util.stanza's checks, as a module could
 	same(numbers, "a number attribute as tostring writes it")
+	-- (the C escaper finds the next character to escape with strcspn, which stops
+	-- at a NUL too: an embedded one must be written and stepped over, as tostring does)
+	local nul = st.stanza("a")
+	nul.attr.v = "x\0<y\0"
+	nul[1] = "\0a&b\0\0'c'"
+	same(nul, "embedded NULs, past util.stanza's checks")
+	-- (the escaper reads the namespace as a prefix of the "ns\1name" key; a name
+	-- that needs escaping gets past util.stanza's checks only this way)
+	local ns_escaped = st.stanza("x")
+	ns_escaped.attr["urn:q&'<\1k>"] = "v"
+	same(ns_escaped, "a namespace that needs escaping")
 end
 
 function TestSerialize:test_skip_delays_top_level_only()
@@ -79,7 +90,8 @@ end
 function TestSerialize:test_random_trees()
 	local seed = tonumber(os.getenv("XML_SPEC_SEED") or "") or os.time()
 	math.randomseed(seed)
-	local pieces = { "a", "é", "'", '"', "<", ">", "&", "&amp;", " ", "\n", "x y", "]]>", "✓", "1" }
+	local pieces = { "a", "é", "'", '"', "<", ">", "&", "&amp;", " ", "\n", "x y", "]]>", "✓", "1",
+		string.rep("long text without anything to escape ", 3) }
 	local function text()
 		local t = {}
 		for i = 1, math.random(0, 6) do t[i] = pieces[math.random(#pieces)] end

@@ -26,43 +26,56 @@ typedef struct {
 	int oom;
 } sbuf;
 
-static void sb_add(sbuf *b, const char *s, size_t n) {
+/* Makes room for n more bytes; 0 (and `oom` set) when that failed. */
+static int sb_grow(sbuf *b, size_t n) {
+	size_t cap = b->cap ? b->cap : 512;
+	char *np;
 	if (b->oom)
-		return;
-	if (n > b->cap - b->n) {
-		size_t cap = b->cap ? b->cap : 512;
-		char *np;
-		while (cap - b->n < n)
-			cap *= 2;
-		np = realloc(b->p, cap);
-		if (!np) {
-			b->oom = 1;
-			return;
-		}
-		b->p = np, b->cap = cap;
+		return 0;
+	while (cap - b->n < n)
+		cap *= 2;
+	np = realloc(b->p, cap);
+	if (!np) {
+		b->oom = 1;
+		return 0;
 	}
-	memcpy(b->p + b->n, s, n);
+	b->p = np, b->cap = cap;
+	return 1;
+}
+
+/* (Inline, so that the many short literals become a few moves.) */
+static inline void sb_add(sbuf *b, const char *s, size_t n) {
+	if (n > b->cap - b->n && !sb_grow(b, n))
+		return;
+	if (n > 0)
+		memcpy(b->p + b->n, s, n);
 	b->n += n;
 }
 #define SB_LIT(b, lit) sb_add((b), (lit), sizeof(lit) - 1)
 
-/* Text and attribute values: the five characters util.stanza escapes. */
+/* Text and attribute values: the five characters util.stanza escapes. s is a
+ * Lua string or a prefix of one, so a NUL follows it somewhere: strcspn (which
+ * glibc does 16 bytes at a step) finds the next character to escape, and an
+ * embedded NUL, which needs none, is stepped over. */
 static void sb_escaped(sbuf *b, const char *s, size_t n) {
-	size_t i, start = 0;
-	for (i = 0; i < n; i++) {
+	size_t i = 0, start = 0;
+	for (;;) {
 		const char *rep;
 		size_t rn;
+		i += strcspn(s + i, "'\"<>&");
+		if (i >= n)
+			break;
 		switch (s[i]) {
 		case '\'': rep = "&apos;", rn = 6; break;
 		case '"': rep = "&quot;", rn = 6; break;
 		case '<': rep = "&lt;", rn = 4; break;
 		case '>': rep = "&gt;", rn = 4; break;
 		case '&': rep = "&amp;", rn = 5; break;
-		default: continue;
+		default: i++; continue; /* an embedded NUL */
 		}
 		sb_add(b, s + start, i - start);
 		sb_add(b, rep, rn);
-		start = i + 1;
+		start = ++i;
 	}
 	sb_add(b, s + start, n - start);
 }
