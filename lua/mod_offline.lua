@@ -59,6 +59,7 @@ end
 load_core()
 local offline_store = require "offline_store"
 local policy = require "offline_store.policy"
+local times = policy.times
 local limits = require "offline_store.limits"
 local admin = require "offline_store.admin"
 
@@ -222,6 +223,7 @@ if not limit_uncached then refuse(limit_err) end
 -- Every store asks for the recipient's limit: remembered per recipient (false
 -- for "infinity") until the config is reloaded, in a table that starts afresh
 -- past 10,000 recipients rather than growing without end.
+-- (store_message reads limits_seen itself, and calls this on a miss.)
 local limits_seen, limits_n = {}, 0
 local function limit_for(username)
 	local v = limits_seen[username]
@@ -230,7 +232,7 @@ local function limit_for(username)
 		v = limit_uncached(username .. "@" .. host) or false
 		limits_seen[username], limits_n = v, limits_n + 1
 	end
-	return v or nil
+	return v
 end
 module:hook_global("config-reloaded", function() limits_seen, limits_n = {}, 0 end)
 
@@ -386,49 +388,58 @@ local function from_recipient(origin, username)
 	return origin ~= nil and origin.username == username and origin.host == host
 end
 
--- One store: through the batch, or (`now`) at once on the idle db.
-local function put(now, stanza, username, from, xml, ts, expire, limit)
-	if now then return b:idle():store(host, username, from, xml, ts, expire, limit) end
+-- A message whose tree is too deep for db:store to write in C (it answers
+-- false, "too deep") is stored as the string util.stanza writes.
+local function store_as_string(requeued, stanza, username, from, ts, expire, limit)
+	local xml = policy.stored_xml(stanza)
+	if requeued then return b:idle():store(host, username, from, xml, ts, expire, limit) end
 	return b:store(stanza, host, username, from, xml, ts, expire, limit)
 end
 
--- Stores through the batch, or at once (and counted) when `now` is set.
--- db:store takes the stanza and writes its XML in C; a tree too deep for that
--- comes back as false, "too deep", and is stored as a string the Lua way.
-local function store_stanza(now, stanza, username, ts, expire)
-	local from, limit = stanza.attr.from or "", limit_for(username)
-	local count, why, current = put(now, stanza, username, from, stanza, ts, expire, limit)
-	if count == false and why == "too deep" then
-		count, why, current = put(now, stanza, username, from, policy.stored_xml(stanza), ts, expire, limit)
-	end
-	if now and count then m_stored:add(1) end
-	return count, why, current
-end
-
+-- Runs for every message to an offline user, so it is written for that: the
+-- common case (stored through the open batch) makes one call into the batch
+-- and none to anything else of ours; db:store takes the stanza and writes its
+-- XML in C. mod_smacks waits for the answer to a re-queue: that one is
+-- committed at once.
 local function store_message(origin, stanza, username)
 	-- Delay stamps are believed only on messages the server re-queues from the
 	-- recipient's own session (mod_smacks): a sender can forge any `from`.
 	local requeued = from_recipient(origin, username)
-	local ts, expire = policy.times(stanza, now_us(), requeued and { [host] = true, [username .. "@" .. host] = true } or nil)
+	local ts, expire = times(stanza, floor(time_now() * 1000000),
+		requeued and { [host] = true, [username .. "@" .. host] = true } or nil)
+	local limit = limits_seen[username]
+	if limit == nil then limit = limit_for(username) end
+	limit = limit or nil
+	local from = stanza.attr.from or ""
 	local started = timed and time_now()
-	-- mod_smacks waits for the answer to a re-queue: that one is committed at once
-	local count, why, current = store_stanza(requeued, stanza, username, ts, expire)
+	local count, why, current
+	if requeued then
+		count, why, current = b:idle():store(host, username, from, stanza, ts, expire, limit)
+	else
+		count, why, current = b:store(stanza, host, username, from, stanza, ts, expire, limit)
+	end
+	if count == false and why == "too deep" then
+		count, why, current = store_as_string(requeued, stanza, username, from, ts, expire, limit)
+	end
 	if started then m_write:sample(time_now() - started) end
 	if count then
-		if b.unbatched and not requeued then m_stored:add(1) end -- (else counted at the commit)
-		module:log("debug", "Stored offline message for %s@%s (%d queued)", username, host, count)
+		-- (a batched store is counted, and logged, when its batch commits)
+		if requeued or b.unbatched then
+			m_stored:add(1)
+			module:log("debug", "Stored offline message for %s@%s (%d queued)", username, host, count)
+		end
 		return true
 	end
 	if count == false then
 		m_rejected:add(1)
 		module:log("debug", "Offline queue of %s@%s is full (%d messages); rejected", username, host, current)
-		if from_recipient(origin, username) then return nil end
+		if requeued then return nil end
 		tell_sender(stanza, policy.limit_error(stanza))
 		return true
 	end
 	m_failed:with_labels("write"):add(1)
 	module:log("error", "Storing an offline message for %s@%s failed: %s (code %s)", username, host, why, tostring(current))
-	if from_recipient(origin, username) then return nil end
+	if requeued then return nil end
 	tell_sender(stanza, policy.failure_error(stanza))
 	return true
 end
@@ -451,7 +462,7 @@ end
 module:hook("message/offline/handle", function(event)
 	local stanza = event.stanza
 	if not stanza then return nil end
-	local username = policy.recipient(event)
+	local username = event.username or policy.recipient(event)
 	if not username then return nil end
 	return offer(event.origin, stanza, username)
 end, -1)

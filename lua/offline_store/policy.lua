@@ -112,19 +112,22 @@ end
 -- `trusted` is a set of JIDs whose delay stamps are believed (this host, the
 -- recipient's bare JID: mod_smacks re-queues with those), or nil for none: a
 -- sender can forge any stamp.
+-- (One pass over the children: this runs for every message stored.)
 function M.times(stanza, now_us, trusted)
-	local ts
-	if trusted then
-		for _, child in ipairs(stanza.tags) do
-			if is_delay(child) and trusted[child.attr.from or ""] then
-				local secs = parse_stamp(child)
-				if secs then ts = floor(secs) * 1000000; break end
-			end
+	local ts, x
+	local tags = stanza.tags
+	for i = 1, #tags do
+		local child = tags[i]
+		local ns = child.attr.xmlns
+		if ns == NS_EXPIRE then
+			if not x and child.name == "x" then x = child end
+		elseif trusted and not ts and is_delay(child) and trusted[child.attr.from or ""] then
+			local secs = parse_stamp(child)
+			if secs then ts = floor(secs) * 1000000 end
 		end
 	end
 	ts = ts or now_us
 	local expire
-	local x = stanza:get_child("x", NS_EXPIRE)
 	local seconds = x and x.attr.seconds
 	if seconds and seconds:match("^%d+$") then
 		seconds = tonumber(seconds)
