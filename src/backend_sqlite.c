@@ -490,9 +490,8 @@ static int from_in_xml(os_str xml, os_str *from) {
 		namelen = (size_t)(p - name);
 		quote = p[1];
 		value = p += 2;
-		while (p < end && *p != quote && *p != '<' && *p != '&')
-			p++;
-		if (p == end || *p != quote)
+		if (!(p = memchr(value, quote, (size_t)(end - value))) ||
+		    memchr(value, '&', (size_t)(p - value)) || memchr(value, '<', (size_t)(p - value)))
 			return 0; /* unterminated, or an entity: not the simple form */
 		if (namelen == 4 && memcmp(name, "from", 4) == 0) {
 			from->p = value;
