@@ -223,7 +223,6 @@ if not limit_uncached then refuse(limit_err) end
 -- Every store asks for the recipient's limit: remembered per recipient (false
 -- for "infinity") until the config is reloaded, in a table that starts afresh
 -- past 10,000 recipients rather than growing without end.
--- (store_message reads limits_seen itself, and calls this on a miss.)
 local limits_seen, limits_n = {}, 0
 local function limit_for(username)
 	local v = limits_seen[username]
@@ -232,7 +231,7 @@ local function limit_for(username)
 		v = limit_uncached(username .. "@" .. host) or false
 		limits_seen[username], limits_n = v, limits_n + 1
 	end
-	return v
+	return v or nil
 end
 module:hook_global("config-reloaded", function() limits_seen, limits_n = {}, 0 end)
 
@@ -388,38 +387,27 @@ local function from_recipient(origin, username)
 	return origin ~= nil and origin.username == username and origin.host == host
 end
 
--- A message whose tree is too deep for db:store to write in C (it answers
--- false, "too deep") is stored as the string util.stanza writes.
-local function store_as_string(requeued, stanza, username, from, ts, expire, limit)
-	local xml = policy.stored_xml(stanza)
+-- One store: through the batch, or (a re-queue) at once on the idle db.
+local function put(requeued, stanza, username, from, xml, ts, expire, limit)
 	if requeued then return b:idle():store(host, username, from, xml, ts, expire, limit) end
 	return b:store(stanza, host, username, from, xml, ts, expire, limit)
 end
 
--- Runs for every message to an offline user, so it is written for that: the
--- common case (stored through the open batch) makes one call into the batch
--- and none to anything else of ours; db:store takes the stanza and writes its
--- XML in C. mod_smacks waits for the answer to a re-queue: that one is
--- committed at once.
+-- Runs for every message to an offline user. db:store takes the stanza and
+-- writes its XML in C; a tree too deep for that comes back as false, "too
+-- deep", and is stored as the string util.stanza writes. mod_smacks waits for
+-- the answer to a re-queue: that one is committed at once.
 local function store_message(origin, stanza, username)
 	-- Delay stamps are believed only on messages the server re-queues from the
 	-- recipient's own session (mod_smacks): a sender can forge any `from`.
 	local requeued = from_recipient(origin, username)
-	local ts, expire = times(stanza, floor(time_now() * 1000000),
+	local ts, expire = times(stanza, now_us(),
 		requeued and { [host] = true, [username .. "@" .. host] = true } or nil)
-	local limit = limits_seen[username]
-	if limit == nil then limit = limit_for(username) end
-	limit = limit or nil
-	local from = stanza.attr.from or ""
+	local from, limit = stanza.attr.from or "", limit_for(username)
 	local started = timed and time_now()
-	local count, why, current
-	if requeued then
-		count, why, current = b:idle():store(host, username, from, stanza, ts, expire, limit)
-	else
-		count, why, current = b:store(stanza, host, username, from, stanza, ts, expire, limit)
-	end
+	local count, why, current = put(requeued, stanza, username, from, stanza, ts, expire, limit)
 	if count == false and why == "too deep" then
-		count, why, current = store_as_string(requeued, stanza, username, from, ts, expire, limit)
+		count, why, current = put(requeued, stanza, username, from, policy.stored_xml(stanza), ts, expire, limit)
 	end
 	if started then m_write:sample(time_now() - started) end
 	if count then
