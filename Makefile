@@ -19,8 +19,8 @@ PQ_LIBS       ?= $(shell pkg-config --libs libpq 2>/dev/null || echo -lpq)
 WARN      = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wformat=2 -Wstrict-prototypes
 ALLCFLAGS = $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) $(SQLITE_CFLAGS) $(PQ_CFLAGS)
 
-SRC  = src/core.c src/xml.c src/backend_sqlite.c src/backend_memory.c src/backend_postgres.c
-HDR  = src/backend.h src/xml.h
+SRC  = src/core.c src/xml.c src/cache.c src/backend_sqlite.c src/backend_memory.c src/backend_postgres.c
+HDR  = src/backend.h src/xml.h src/cache.h
 CORE = build/offline_store/core.so
 # The sanitizer build lives apart, so `make test` and `make test-asan` never mix objects.
 ASAN_CORE = build/asan/offline_store/core.so

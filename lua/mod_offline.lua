@@ -56,7 +56,7 @@ local function load_core()
 		.. " and package.cpath); set offline_library_path to its absolute path", 0)
 end
 
-load_core()
+local core = load_core()
 local offline_store = require "offline_store"
 local policy = require "offline_store.policy"
 local times = policy.times
@@ -195,45 +195,36 @@ local settings, settings_err = read_options(host)
 if not settings then refuse(settings_err) end
 local store_groupchat = settings.groupchat
 
--- Admins per SPEC §5: roles on 13 (module:may), is_admin on 0.12. Cached, as
--- 0.12's check reads storage; the cache is dropped when the config is reloaded.
-local is_admin_uncached
+-- Admins per SPEC §5: roles on 13 (module:may), is_admin on 0.12. Asked only
+-- when a recipient's limit is not remembered (below).
+local is_admin
 if module.may and require "core.features".available:contains("permissions") then
 	module:default_permission("prosody:admin", ":unlimited-offline")
-	is_admin_uncached = function(bare) return module:may(":unlimited-offline", bare) end
+	is_admin = function(bare) return module:may(":unlimited-offline", bare) == true end
 else
 	local usermanager = require "core.usermanager"
-	is_admin_uncached = function(bare) return usermanager.is_admin(bare, host) end
+	is_admin = function(bare) return usermanager.is_admin(bare, host) == true end
 end
--- An LRU, so 100,000 distinct recipients do not mean 100,000 entries.
-local new_cache = require "util.cache".new
-local admin_cache = new_cache(4096)
-local function is_admin(bare)
-	local v = admin_cache:get(bare)
-	if v == nil then
-		v = is_admin_uncached(bare) == true
-		admin_cache:set(bare, v)
-	end
-	return v
-end
-module:hook_global("config-reloaded", function() admin_cache = new_cache(4096) end)
 
 local limit_uncached, limit_err = limits.compile(settings.rule_name, module:get_option("access"), module:get_option("acl"), is_admin)
 if not limit_uncached then refuse(limit_err) end
--- Every store asks for the recipient's limit: remembered per recipient (false
--- for "infinity") until the config is reloaded, in a table that starts afresh
--- past 10,000 recipients rather than growing without end.
-local limits_seen, limits_n = {}, 0
+-- Every store asks for the recipient's limit (0.12's admin check reads
+-- storage): remembered per recipient (-1 for "infinity") until the config is
+-- reloaded, for up to LIMITS_KEPT recipients, then afresh. Kept in C, off the
+-- Lua heap: a Lua table of one entry per recipient made Prosody's collector
+-- touch every key on every cycle, which at 10,000 recipients cost more than
+-- the store (README.md, "End to end in Prosody").
+local LIMITS_KEPT = 50000
+local limits_seen = core.cache(LIMITS_KEPT)
 local function limit_for(username)
-	local v = limits_seen[username]
+	local v = limits_seen:get(username)
 	if v == nil then
-		if limits_n >= 10000 then limits_seen, limits_n = {}, 0 end
-		v = limit_uncached(username .. "@" .. host) or false
-		limits_seen[username], limits_n = v, limits_n + 1
+		v = limit_uncached(username .. "@" .. host) or -1
+		limits_seen:set(username, v)
 	end
-	return v or nil
+	if v >= 0 then return v end
 end
-module:hook_global("config-reloaded", function() limits_seen, limits_n = {}, 0 end)
+module:hook_global("config-reloaded", function() limits_seen:clear() end)
 
 --- Metrics (SPEC §8): the seed's histograms, timing each backend call, and counters.
 --- No-ops unless the global `statistics` option is set.

@@ -10,6 +10,7 @@
 #include <lua.h>
 
 #include "backend.h"
+#include "cache.h"
 #include "xml.h"
 
 #define STORE_MT "offline_store.db"
@@ -414,6 +415,7 @@ static const luaL_Reg functions[] = {
 	{"serialize", os_xml_serialize},
 	{"parse", os_xml_parse},
 	{"delay", os_xml_delay},
+	{"cache", os_cache_new},
 	{NULL, NULL},
 };
 
@@ -425,6 +427,7 @@ __attribute__((visibility("default"))) int luaopen_offline_store_core(lua_State 
 		lua_setfield(L, -2, "__index");
 	}
 	lua_pop(L, 1);
+	os_cache_register(L);
 	luaL_newlib(L, functions);
 	lua_pushliteral(L, "0.1.0");
 	lua_setfield(L, -2, "version");
