@@ -26,6 +26,16 @@ function TestCoreCache:test_get_set_and_overwrite()
 	lu.assertEquals({ c:get(""), #c }, { 7, 4 })
 end
 
+function TestCoreCache:test_the_empty_key_first()
+	local c = core.cache(4)
+	c:set("", 1) -- the very first key, before any key bytes exist
+	lu.assertEquals({ c:get(""), #c }, { 1, 1 })
+	c:clear()
+	c:set("", 2) -- and again after a clear
+	c:set("a", 3)
+	lu.assertEquals({ c:get(""), c:get("a"), #c }, { 2, 3, 2 })
+end
+
 function TestCoreCache:test_keys_are_bytes()
 	local c = core.cache(10)
 	c:set("a\0b", 1)

@@ -116,7 +116,7 @@ static int l_set(lua_State *L) {
 		forget_all(c);
 	if ((c->count + 1) * 2 > c->n_slots && !grow(c))
 		return luaL_error(L, "not enough memory");
-	if (c->cap - c->used < len) {
+	if (!c->arena || c->cap - c->used < len) { /* (made on the first key, even an empty one) */
 		size_t cap = c->cap ? c->cap : 4096;
 		char *grown;
 		while (cap - c->used < len)
