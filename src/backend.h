@@ -26,16 +26,20 @@ typedef struct {
 	os_str host, user;
 } os_key;
 
+/* FNV-1a: os_fnv(OS_FNV_START, p, n) hashes n bytes; chains to hash more. */
+#define OS_FNV_START 14695981039346656037u
+static inline uint64_t os_fnv(uint64_t h, const char *p, size_t n) {
+	size_t i;
+	for (i = 0; i < n; i++)
+		h = (h ^ (unsigned char)p[i]) * 1099511628211u;
+	return h;
+}
+
 /* FNV-1a over host, a separator that cannot occur in a JID part, user. */
 static inline uint64_t os_key_hash(const os_key *k) {
-	uint64_t h = 14695981039346656037u;
-	size_t i;
-	for (i = 0; i < k->host.n; i++)
-		h = (h ^ (unsigned char)k->host.p[i]) * 1099511628211u;
+	uint64_t h = os_fnv(OS_FNV_START, k->host.p, k->host.n);
 	h = (h ^ 0xff) * 1099511628211u;
-	for (i = 0; i < k->user.n; i++)
-		h = (h ^ (unsigned char)k->user.p[i]) * 1099511628211u;
-	return h;
+	return os_fnv(h, k->user.p, k->user.n);
 }
 
 /* Keys kept in hash tables (the memory backend's queues, the sqlite counter

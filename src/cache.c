@@ -37,11 +37,9 @@ typedef struct {
 	size_t used, cap;
 } cache;
 
+/* (0 marks an empty slot) */
 static uint64_t hash_of(const char *p, size_t n) {
-	uint64_t h = 14695981039346656037u;
-	size_t i;
-	for (i = 0; i < n; i++)
-		h = (h ^ (unsigned char)p[i]) * 1099511628211u;
+	uint64_t h = os_fnv(OS_FNV_START, p, n);
 	return h ? h : 1;
 }
 
