@@ -356,22 +356,23 @@ local function contract(open, finish)
 		lu.assertEquals(xmls(db:pop(H, "carol", T0)), { "other queue" })
 	end
 
-	-- A batch of many stores (sqlite writes them a chunk at a time, and at the
-	-- commit): every row comes back as given, the counts and the limit include the
-	-- batch's own stores all along, and a big stanza between small ones is whole.
+	-- A batch of many stores (sqlite writes them a chunk of 256, or of 1 MB, at a
+	-- time, 32 rows per statement, and the rest at the commit): every row comes
+	-- back as given, the counts and the limit include the batch's own stores all
+	-- along, and big stanzas between small ones are whole.
 	function T:test_large_batch_round_trips()
 		local db = self.db
 		fill(db, 1, H, U, "before")
 		local batched = db:begin()
 		local users, want, n = { U, "carol", "dave" }, { [U] = { "before1" }, carol = {}, dave = {} }, { [U] = 1, carol = 0, dave = 0 }
 		local big = "<message from='x@y/z'><body>" .. ("b"):rep(100000) .. "</body></message>"
-		for i = 1, 150 do
+		for i = 1, 600 do
 			local user = users[i % 3 + 1]
 			local from, xml, meta, expire = FROM, ("<message from='%s'><body>%d</body></message>"):format(FROM, i), nil, nil
 			if i % 5 == 0 then from = "other@example.org" end
 			if i % 7 == 0 then meta = "meta" .. i end
 			if i % 11 == 0 then expire = T0 + 1000000 + i end
-			if i == 77 then xml = big end
+			if i == 77 or i % 50 == 0 then xml = big end -- (12 of them: over 1 MB)
 			local count, id = db:store(H, user, from, xml, T0 + i, expire, user == "dave" and 40 or nil, nil, meta)
 			if user == "dave" and n.dave == 40 then
 				lu.assertEquals({ count, id }, { false, "limit" }, "the limit counts the batch's stores")
@@ -392,6 +393,36 @@ local function contract(open, finish)
 			lu.assertEquals(got, want[user], user)
 		end
 		lu.assertEquals(#want.dave, 40)
+	end
+
+	-- A batch over many queues that already exist (sqlite sums their counter
+	-- increments per chunk and writes them 32 queues per statement): 300 stores,
+	-- 3 to each of 100 users, so the chunk of 256 fills in the middle; every count
+	-- the stores return, the counters and the queues' order come out right.
+	function T:test_batch_over_many_queues()
+		local db = self.db
+		local users = {}
+		for u = 1, 100 do
+			users[u] = "user" .. u
+			fill(db, 1, H, users[u], "old")
+		end
+		local batched = db:begin()
+		for round = 1, 3 do
+			for u = 1, 100 do
+				local count = db:store(H, users[u], FROM, "new" .. round, T0 + round, nil, u == 80 and 3 or nil)
+				if u == 80 and round == 3 then -- (store 280: after sqlite wrote the chunk)
+					lu.assertEquals(count, false, "the limit counts the batch's own stores")
+				else
+					lu.assertEquals(count, round + 1, users[u] .. " round " .. round)
+				end
+			end
+		end
+		if batched then lu.assertTrue(db:commit()) end
+		for u = 1, 100 do
+			assert_counter(db, H, users[u])
+			local want = u == 80 and { "old1", "new1", "new2" } or { "old1", "new1", "new2", "new3" }
+			lu.assertEquals(xmls(db:pop(H, users[u], T0)), want, users[u])
+		end
 	end
 
 	-- The count a store returns (and the limit) follows every other operation on
@@ -423,7 +454,7 @@ local function contract(open, finish)
 		end
 		fill(db, 3, H, U, "dropped")
 		fill(db, 2, H, "carol", "dropped")
-		fill(db, 70, H, "dave", "dropped") -- (more than sqlite writes in a chunk)
+		fill(db, 300, H, "dave", "dropped") -- (more than sqlite writes in a chunk)
 		lu.assertTrue(db:rollback())
 		lu.assertEquals({ db:count(H, "dave") }, { 0, 0 })
 		lu.assertEquals({ db:count(H, U) }, { 1, 5 }, "the counters are rolled back with the rows")

@@ -170,8 +170,12 @@ static const char *const migrations[SCHEMA_VERSION] = {
 
 /* Group commit defers a batch's writes (see flush_pending): its messages wait
  * here, their bytes copied into one arena, and its counter increments are
- * summed per queue, until a chunk is full or the batch commits. */
-#define CHUNK 32                /* rows per multi-row statement */
+ * summed per queue, until a chunk is full or the batch commits. A chunk is as
+ * large as the plugin's batches (256): sqlite's code then runs once per batch,
+ * in one burst, rather than every few messages in between Prosody's own work.
+ * A chunk of big stanzas is written once the arena holds ARENA_KEEP bytes. */
+#define CHUNK 256               /* rows a batch defers before writing them */
+#define STMT_ROWS 32            /* rows per multi-row statement */
 #define ARENA_KEEP (1024 * 1024) /* arena bytes kept between chunks */
 
 /* One message row (meta.p NULL: no metadata). While pending, its strings live
@@ -197,7 +201,7 @@ typedef struct {
 	size_t used, cap;
 	/* INSERT and UPDATE statements of k rows, prepared when first needed
 	 * ([1] is the statement of one row, prepared at open) */
-	sqlite3_stmt *insert[CHUNK + 1], *update[CHUNK + 1];
+	sqlite3_stmt *insert[STMT_ROWS + 1], *update[STMT_ROWS + 1];
 } pending;
 
 /* The counter cache: a chained hash table of counter rows by (host, user). */
@@ -523,8 +527,8 @@ static void bind_row(sqlite3_stmt *st, int base, const msg_row *r) {
 		sqlite3_bind_null(st, base + 7);
 }
 
-/* The statement that inserts (or counts in) k rows: one statement, one pass
- * through sqlite's virtual machine, for a whole chunk of a batch. */
+/* The statement that inserts (or counts in) k <= STMT_ROWS rows: one pass
+ * through sqlite's virtual machine for k rows of a batch. */
 static sqlite3_stmt *rows_stmt(sq *q, int update, int k) {
 	sqlite3_stmt **slot = update ? &q->pend.update[k] : &q->pend.insert[k];
 	const char *head = update
@@ -532,7 +536,7 @@ static sqlite3_stmt *rows_stmt(sq *q, int update, int k) {
 		: "INSERT INTO message(qid, id, ts, expire, sender, stanza, meta) VALUES ";
 	const char *row = update ? "(?,?,?)" : "(?,?,?,?,?,?,?)";
 	const char *tail = update ? ") AS v WHERE queue.id = v.column1" : "";
-	char sql[96 + CHUNK * 16 + 40];
+	char sql[96 + STMT_ROWS * 16 + 40];
 	size_t n;
 	int i;
 	if (k == 1)
@@ -550,34 +554,43 @@ static sqlite3_stmt *rows_stmt(sq *q, int update, int k) {
 	return *slot;
 }
 
-/* Writes what the batch deferred: its messages in one insert, and the sums of
- * its counter increments in one update. SQLITE_DONE or the error. */
-static int flush_pending(sq *q) {
+/* Writes n deferred rows of the batch, STMT_ROWS per statement: messages, or
+ * (update) counter increments. SQLITE_DONE or the error. */
+static int write_rows(sq *q, int update, int n) {
 	pending *p = &q->pend;
 	sqlite3_stmt *st;
-	int i, rc;
-	if (p->n_msg == 0)
-		return SQLITE_DONE;
-	if (!(st = rows_stmt(q, 0, p->n_msg)))
-		return sqlite3_errcode(q->db);
-	for (i = 0; i < p->n_msg; i++) {
-		msg_row *r = &p->msg[i];
-		r->xml.p = p->arena + r->xml_at;
-		r->from.p = p->arena + r->from_at; /* (unused when own_from) */
-		r->meta.p = r->meta_at < 0 ? NULL : p->arena + r->meta_at;
-		bind_row(st, 7 * i, r);
-	}
-	rc = run(st);
-	if (rc == SQLITE_DONE && p->n_queue > 0) {
-		if (!(st = rows_stmt(q, 1, p->n_queue)))
+	int at, i, k, rc;
+	for (at = 0; at < n; at += k) {
+		k = n - at < STMT_ROWS ? n - at : STMT_ROWS;
+		if (!(st = rows_stmt(q, update, k)))
 			return sqlite3_errcode(q->db);
-		for (i = 0; i < p->n_queue; i++) {
-			sqlite3_bind_int64(st, 3 * i + 1, p->queue[i].qid);
-			sqlite3_bind_int64(st, 3 * i + 2, p->queue[i].count);
-			sqlite3_bind_int64(st, 3 * i + 3, p->queue[i].bytes);
+		for (i = 0; i < k; i++) {
+			if (update) {
+				const pend_queue *pq = &p->queue[at + i];
+				sqlite3_bind_int64(st, 3 * i + 1, pq->qid);
+				sqlite3_bind_int64(st, 3 * i + 2, pq->count);
+				sqlite3_bind_int64(st, 3 * i + 3, pq->bytes);
+			} else {
+				msg_row *r = &p->msg[at + i];
+				r->xml.p = p->arena + r->xml_at;
+				r->from.p = p->arena + r->from_at; /* (unused when own_from) */
+				r->meta.p = r->meta_at < 0 ? NULL : p->arena + r->meta_at;
+				bind_row(st, 7 * i, r);
+			}
 		}
-		rc = run(st);
+		if ((rc = run(st)) != SQLITE_DONE)
+			return rc;
 	}
+	return SQLITE_DONE;
+}
+
+/* Writes what the batch deferred: its messages, then the sums of its counter
+ * increments. SQLITE_DONE or the error. */
+static int flush_pending(sq *q) {
+	pending *p = &q->pend;
+	int rc = write_rows(q, 0, p->n_msg);
+	if (rc == SQLITE_DONE)
+		rc = write_rows(q, 1, p->n_queue);
 	p->n_msg = p->n_queue = 0;
 	p->used = 0;
 	if (p->cap > ARENA_KEEP) { /* a chunk of big stanzas: give the memory back */
@@ -648,7 +661,7 @@ static int defer_store(os_store *s, sq *q, msg_row *r, int add) {
 		pq->count++;
 		pq->bytes += (int64_t)r->xml.n;
 	}
-	if (p->n_msg == CHUNK && flush_pending(q) != SQLITE_DONE)
+	if ((p->n_msg == CHUNK || p->used >= ARENA_KEEP) && flush_pending(q) != SQLITE_DONE)
 		return store_abort(s, q);
 	return OS_OK;
 }
@@ -942,7 +955,7 @@ static void sq_free(sq *q) {
 		return;
 	for (i = 0; i < ST__COUNT; i++)
 		sqlite3_finalize(q->st[i]); /* NULL is a harmless no-op */
-	for (i = 0; i <= CHUNK; i++) {
+	for (i = 0; i <= STMT_ROWS; i++) {
 		sqlite3_finalize(q->pend.insert[i]);
 		sqlite3_finalize(q->pend.update[i]);
 	}
