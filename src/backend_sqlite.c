@@ -18,9 +18,10 @@
  * "The sqlite backend under group commit").
  *
  * Under group commit a store reads its counter row (the limit needs it) and
- * defers the rest: rows are written 32 at a time by one multi-row INSERT, and
- * the counters by one UPDATE of their sums (flush_pending), which saves most of
- * sqlite's per-statement work and keeps its code hot.
+ * defers the rest: a batch's rows are written together (up to 256 rows or 1 MB
+ * at a time) by multi-row INSERTs of 32 rows, and the counters by UPDATEs of
+ * their sums (flush_pending), which saves most of sqlite's per-statement work
+ * and runs its code in one burst per batch.
  *
  * The counter rows a store reads are cached (ccache): queue id, count and bytes
  * per (host, user), as this connection last wrote or read them. Every write
