@@ -372,7 +372,7 @@ local function contract(open, finish)
 			if i % 5 == 0 then from = "other@example.org" end
 			if i % 7 == 0 then meta = "meta" .. i end
 			if i % 11 == 0 then expire = T0 + 1000000 + i end
-			if i == 77 or i % 50 == 0 then xml = big end -- (12 of them: over 1 MB)
+			if i == 77 or i % 50 == 0 then xml = big end -- (13 of them: over 1 MB)
 			local count, id = db:store(H, user, from, xml, T0 + i, expire, user == "dave" and 40 or nil, nil, meta)
 			if user == "dave" and n.dave == 40 then
 				lu.assertEquals({ count, id }, { false, "limit" }, "the limit counts the batch's stores")

@@ -38,7 +38,7 @@ static inline uint64_t os_fnv(uint64_t h, const char *p, size_t n) {
 /* FNV-1a over host, a separator that cannot occur in a JID part, user. */
 static inline uint64_t os_key_hash(const os_key *k) {
 	uint64_t h = os_fnv(OS_FNV_START, k->host.p, k->host.n);
-	h = (h ^ 0xff) * 1099511628211u;
+	h = os_fnv(h, "\xff", 1);
 	return os_fnv(h, k->user.p, k->user.n);
 }
 
