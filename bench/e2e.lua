@@ -20,6 +20,13 @@
 --   --keep (keep each server's directory), --raw FILE (append one TSV line per variant run),
 --   --base FILE (take the comparison from an earlier --raw file: with --scale-only, for the
 --   scale targets), --scale-from FILE (print the scale table from a --raw file, run nothing).
+-- --paired-scale (with --pop-users U): the scale targets from paired servers instead. Per
+--   round and variant of --scale-variants, a server of N messages and one of scale-N are
+--   both kept alive: the big one stores all but N, the small one its N, the big one its
+--   last N (the store rate compared is of these two slices, seconds apart); then their pops
+--   (U recipients each) run in alternating slices of C recipients. So both sides of each
+--   ratio come from the same minutes of the machine. The targets take the median of the
+--   per-round ratios; --runs K rounds.
 -- Trying a patch: --ours-lua DIR runs "ours" and "memory" from the plugin directory DIR (a
 --   patched copy of lua/, its core.so at DIR/../build/offline_store/core.so as in a
 --   checkout); or add variants "ours@DIR" / "memory@DIR" next to the originals in one run.
@@ -152,6 +159,7 @@ do
 		elseif a == "--no-scale" then opt.scale = false
 		elseif a == "--pop-users" then opt.pop_users = num()
 		elseif a == "--scale-only" then opt.compare = false; opt.scale = true
+		elseif a == "--paired-scale" then opt.compare = false; opt.scale = false; opt.paired_scale = true
 		elseif a == "--quick" then quick = true
 		elseif a == "--log-level" then opt.log_level = val()
 		elseif a == "--config" then opt.config = val()
@@ -165,7 +173,7 @@ do
 		elseif a == "--callgrind" then opt.callgrind = val()
 		else
 			io.stderr:write("usage: lua5.4 bench/e2e.lua [--quick] [--no-scale|--scale-only] [-N n] [-R n] [-B n] [-S n]"
-				.. " [-C n] [--runs k] [--variants a,b] [--scale-N n] [--scale-R n] [--scale-variants a,b]"
+				.. " [-C n] [--runs k] [--variants a,b] [--scale-N n] [--scale-R n] [--scale-variants a,b] [--paired-scale]"
 				.. " [--log-level lvl] [--config 'lines'] [--keep] [--raw file] [--profile store|pop] [--perf store|pop] [--ours-lua dir]\n")
 			os.exit(2)
 		end
@@ -534,8 +542,8 @@ local function profile_stop(handle, pid, profile_out)
 end
 
 -- One measured phase: start() sets the load going, the phase lasts until done();
--- fills res.<phase>_wall, _cpu, _utime, _stime, _gen (the generator's CPU), _ir
--- (from the profile, if any), _rss and _hwm.
+-- adds to res.<phase>_wall, _cpu, _utime, _stime, _gen (the generator's CPU) and _ir
+-- (from the profile, if any), so a phase may be measured in slices; sets _rss and _hwm.
 local function measure_phase(res, phase, pid, prof, profile_out, start, done)
 	local cpu0, u0, k0 = proc_cpu(pid)
 	local gen0, t0 = self_cpu(), gettime()
@@ -544,19 +552,131 @@ local function measure_phase(res, phase, pid, prof, profile_out, start, done)
 	local t1 = gettime()
 	local cpu1, u1, k1 = proc_cpu(pid)
 	local gen1 = self_cpu()
-	res[phase .. "_utime"], res[phase .. "_stime"] = u1 - u0, k1 - k0
+	local function add(k, v) if v then res[phase .. k] = (res[phase .. k] or 0) + v end end
+	add("_utime", u1 - u0)
+	add("_stime", k1 - k0)
 	profile_stop(prof, pid, profile_out)
-	res[phase .. "_ir"] = prof.ir
-	res[phase .. "_wall"] = t1 - t0
-	res[phase .. "_cpu"] = cpu1 - cpu0
-	res[phase .. "_gen"] = gen1 - gen0
+	add("_ir", prof.ir)
+	add("_wall", t1 - t0)
+	add("_cpu", cpu1 - cpu0)
+	add("_gen", gen1 - gen0)
 	res[phase .. "_rss"], res[phase .. "_hwm"] = proc_rss_mb(pid)
 end
 
-local function run_variant(vname, P)
+-- A variant's run in steps, so that two servers can be alive at once (the paired scale
+-- run interleaves their phases): start_variant (a fresh server, its senders logged in),
+-- store_upto (the store phase, at once or in slices), pop_range (recipients first..last
+-- log in, C at a time; at once or in slices: the figures add up), finish_variant (the
+-- server's logged errors; stops the server). run_variant does them all.
+local function stop_variant(ctx)
+	for _, c in ipairs(ctx.conns) do pcall(c.close, c) end
+	ctx.conns = {}
+	local srv = ctx.srv
+	if opt.keep then
+		os.execute("cp '" .. ctx.logfile .. "' '" .. srv.dir .. "/bench.log'")
+		io.stderr:write("kept " .. srv.dir .. "\n")
+		srv:stop()
+		srv.cleaned = true -- (else support.prosody's exit-time cleanup removes the directory)
+	else
+		srv:cleanup()
+	end
+	os.remove(ctx.logfile)
+end
+
+local function ctx_connect(ctx, user, handler)
+	local c = connect(ctx.srv.c2s_port, user, handler)
+	ctx.conns[#ctx.conns + 1] = c
+	return c
+end
+
+-- The store phase's senders: accounts written, S senders logged in (not measured).
+local function store_connect(ctx)
+	local P, res = ctx.P, ctx.res
+	local R, S = P.R, P.S
+	local names = {}
+	for s = 1, S do names[#names + 1] = sender_name(s) end
+	for r = 1, R do names[#names + 1] = recipient_name(r) end
+	write_accounts(ctx.srv.dir, names)
+	local body = rep("x", P.B)
+	local BATCH = 256
+	local st = { ready = 0, done = 0, sent_bytes = 0, senders = {} }
+	ctx.store = st
+	local sender_handler = {}
+	function sender_handler.ready(c)
+		st.ready = st.ready + 1
+	end
+	function sender_handler.element(c, name, buf, s, gt, e)
+		local tag = sub(buf, s, gt)
+		if name == "iq" and find(tag, "id='end'", 1, true) then
+			st.done = st.done + 1
+		elseif find(tag, "type='error'", 1, true) then
+			res.errors = res.errors + 1
+			if res.errors <= 3 then log("%s: error stanza: %s", c.user, sub(buf, s, math.min(e, s + 400))) end
+		end
+	end
+	-- pipelines the sender's messages up to its limit, then its ping
+	function st.drained(c)
+		local k0 = c.next_k
+		if k0 >= c.limit then
+			if not c.pinged then
+				c.pinged = true
+				c:send("<iq type='get' id='end' to='" .. HOST .. "'><ping xmlns='urn:xmpp:ping'/></iq>")
+			end
+			return
+		end
+		local parts, n = {}, 0
+		local k1 = math.min(c.limit, k0 + BATCH) - 1
+		for k = k0, k1 do
+			n = n + 1
+			parts[n] = format("<message to='r%d@%s' id='%d-%d' type='chat'><body>%s</body></message>",
+				k % R + 1, HOST, c.index, k, body)
+		end
+		c.next_k = k1 + 1
+		local data = concat(parts)
+		st.sent_bytes = st.sent_bytes + #data
+		c:send(data)
+	end
+	for s = 1, S do
+		local c = ctx_connect(ctx, sender_name(s), sender_handler)
+		c.index, c.total, c.next_k = s - 1, ctx.M[s], 0
+		st.senders[s] = c
+	end
+	run_until(function() return st.ready == S end)
+end
+
+-- Stores messages until `upto` of the N have been sent (every sender its share) and
+-- handled: one measured slice of the store phase (adds to res.store_*; the last slice,
+-- upto = N, also fills res.last_*). Called once with N, or over increasing slices.
+local function store_upto(ctx, upto)
+	local vname, P, res, st = ctx.vname, ctx.P, ctx.res, ctx.store
+	local N, S = P.N, P.S
+	local n0 = res.stored or 0
+	st.done = 0
+	local cpu0, wall0 = res.store_cpu or 0, res.store_wall or 0
+	measure_phase(res, "store", ctx.pid, profile_start("store", vname, ctx.pid, ctx.tag), ctx.profile_out, function()
+		for s, c in ipairs(st.senders) do
+			c.limit = upto >= N and ctx.M[s] or ctx.M[s] * upto // N
+			c.pinged = false
+			c.drained = st.drained
+			st.drained(c)
+		end
+	end, function() return st.done == S end)
+	local stored = 0
+	for _, c in ipairs(st.senders) do stored = stored + c.next_k end
+	res.stored = stored
+	if stored < N then return end
+	-- the phase is over
+	res.last_n, res.last_wall, res.last_cpu = stored - n0, res.store_wall - wall0, res.store_cpu - cpu0
+	res.sent_stanza_bytes = st.sent_bytes / math.max(N, 1)
+	for _, c in ipairs(st.senders) do c:close() end
+	res.disk = disk_bytes(ctx.srv.dir .. "/data")
+	log("  %-8s store: %d msgs in %.2f s, server CPU %.2f s (user %.2f, sys %.2f), generator CPU %.2f s",
+		vname, N, res.store_wall, res.store_cpu, res.store_utime, res.store_stime, res.store_gen)
+end
+
+local function start_variant(vname, P)
 	local V = VARIANTS[vname]
-	local N, R, B, S, C = P.N, P.R, P.B, P.S, P.C
-	local U = math.min(opt.pop_users or R, R) -- recipients that log in in the pop phase
+	local N, R, S = P.N, P.R, P.S
 	local logfile = os.tmpname()
 	local global = concat({
 		format("log = { %s = ENV_E2E_LOG; error = ENV_E2E_LOG }", opt.log_level),
@@ -585,186 +705,139 @@ local function run_variant(vname, P)
 		modules_disabled = V.modules_disabled, global = global, host = V.host,
 		env = env,
 	}
-	local ok, result = pcall(function()
-		local pid = assert(srv:pid(), "no prosody pid")
-		local names = {}
-		for s = 1, S do names[#names + 1] = sender_name(s) end
-		for r = 1, R do names[#names + 1] = recipient_name(r) end
-		write_accounts(srv.dir, names)
+	-- Messages per sender.
+	local M = {}
+	for s = 1, S do M[s] = N // S + ((s - 1) < N % S and 1 or 0) end
+	local U = math.min(opt.pop_users or R, R) -- recipients that log in in the pop phase
+	local ctx = { vname = vname, V = V, P = P, U = U, M = M,
+		srv = srv, logfile = logfile, tag = tag, profile_out = profile_out, conns = {},
+		res = { variant = vname, N = N, R = R, B = P.B, S = S, C = P.C, U = U,
+			lost = 0, dup = 0, order = 0, nodelay = 0, misrouted = 0, errors = 0,
+			received = 0, pop_stanza_bytes = 0 } }
+	local ok, err = pcall(function()
+		ctx.pid = assert(srv:pid(), "no prosody pid")
+		store_connect(ctx)
+	end)
+	if not ok then
+		stop_variant(ctx)
+		error(format("variant %s failed: %s", vname, tostring(err)), 0)
+	end
+	return ctx
+end
 
-		local res = { variant = vname, N = N, R = R, B = B, S = S, C = C, U = U,
-			lost = 0, dup = 0, order = 0, nodelay = 0, misrouted = 0, errors = 0 }
-		local body = rep("x", B)
-
-		-- Messages per sender.
-		local M = {}
-		for s = 1, S do M[s] = N // S + ((s - 1) < N % S and 1 or 0) end
-
-		-- Store phase: senders log in first, then pipeline.
-		local senders_ready, senders_done = 0, 0
-		local sent_bytes = 0
-		local BATCH = 256
-		local sender_handler = {}
-		function sender_handler.ready(c)
-			senders_ready = senders_ready + 1
+-- The pop phase for recipients first..last (1-based), C at a time; adds to ctx.res.
+local function pop_range(ctx, first, last)
+	local vname, V, P, res = ctx.vname, ctx.V, ctx.P, ctx.res
+	local R, S, C, M = P.R, P.S, P.C, ctx.M
+	local next_r, active, finished = first, 0, 0
+	local received, stanza_bytes = 0, 0
+	local recipient_handler = {}
+	local start_recipient
+	function recipient_handler.ready(c)
+		c:send("<presence/><iq type='get' id='end' to='" .. HOST .. "'><ping xmlns='urn:xmpp:ping'/></iq>")
+	end
+	local function finish(c)
+		-- checks for this recipient
+		local unique = 0
+		for _ in pairs(c.seen) do unique = unique + 1 end
+		local expected = 0
+		if not V.drops then
+			for s = 1, S do expected = expected + count_for(M[s], R, c.r0) end
 		end
-		function sender_handler.element(c, name, buf, s, gt, e)
+		if unique < expected then res.lost = res.lost + (expected - unique) end
+		finished = finished + 1
+		active = active - 1
+		c:close()
+		start_recipient()
+	end
+	function recipient_handler.element(c, name, buf, s, gt, e)
+		if name == "message" then
 			local tag = sub(buf, s, gt)
-			if name == "iq" and find(tag, "id='end'", 1, true) then
-				senders_done = senders_done + 1
-				c.done = true
-			elseif find(tag, "type='error'", 1, true) then
+			if find(tag, "type='error'", 1, true) then
 				res.errors = res.errors + 1
 				if res.errors <= 3 then log("%s: error stanza: %s", c.user, sub(buf, s, math.min(e, s + 400))) end
-			end
-		end
-		local function sender_drained(c)
-			local k0 = c.next_k
-			if k0 >= c.total then
-				if not c.pinged then
-					c.pinged = true
-					c:send("<iq type='get' id='end' to='" .. HOST .. "'><ping xmlns='urn:xmpp:ping'/></iq>")
-				end
 				return
 			end
-			local parts, n = {}, 0
-			local k1 = math.min(c.total, k0 + BATCH) - 1
-			for k = k0, k1 do
-				n = n + 1
-				parts[n] = format("<message to='r%d@%s' id='%d-%d' type='chat'><body>%s</body></message>",
-					k % R + 1, HOST, c.index, k, body)
+			received = received + 1
+			local id = match(tag, " id='([^']*)'")
+			local si, k = match(id or "", "^(%d+)-(%d+)$")
+			si, k = tonumber(si), tonumber(k)
+			if not si or si >= S or k % R ~= c.r0 then
+				res.misrouted = res.misrouted + 1
+			elseif c.seen[id] then
+				res.dup = res.dup + 1
+			else
+				c.seen[id] = true
+				local last_k = c.last[si]
+				if last_k and k < last_k then res.order = res.order + 1 end
+				c.last[si] = k
 			end
-			c.next_k = k1 + 1
-			local data = concat(parts)
-			sent_bytes = sent_bytes + #data
-			c:send(data)
-		end
-
-		local senders = {}
-		for s = 1, S do
-			local c = connect(srv.c2s_port, sender_name(s), sender_handler)
-			c.index, c.total, c.next_k = s - 1, M[s], 0
-			senders[s] = c
-		end
-		run_until(function() return senders_ready == S end)
-
-		measure_phase(res, "store", pid, profile_start("store", vname, pid, tag), profile_out, function()
-			for _, c in ipairs(senders) do
-				c.drained = sender_drained
-				sender_drained(c)
-			end
-		end, function() return senders_done == S end)
-		res.sent_stanza_bytes = sent_bytes / math.max(N, 1)
-		for _, c in ipairs(senders) do c:close() end
-		res.disk = disk_bytes(srv.dir .. "/data")
-		log("  %-8s store: %d msgs in %.2f s, server CPU %.2f s (user %.2f, sys %.2f), generator CPU %.2f s",
-			vname, N, res.store_wall, res.store_cpu, res.store_utime, res.store_stime, res.store_gen)
-
-		-- Pop phase: recipients log in, C at a time.
-		local next_r, active, finished = 1, 0, 0
-		local received, stanza_bytes = 0, 0
-		local recipient_handler = {}
-		local start_recipient
-		function recipient_handler.ready(c)
-			c:send("<presence/><iq type='get' id='end' to='" .. HOST .. "'><ping xmlns='urn:xmpp:ping'/></iq>")
-		end
-		local function finish(c)
-			-- checks for this recipient
-			local unique = 0
-			for _ in pairs(c.seen) do unique = unique + 1 end
-			local expected = 0
-			if not V.drops then
-				for s = 1, S do expected = expected + count_for(M[s], R, c.r0) end
-			end
-			if unique < expected then res.lost = res.lost + (expected - unique) end
-			finished = finished + 1
-			active = active - 1
-			c:close()
-			start_recipient()
-		end
-		function recipient_handler.element(c, name, buf, s, gt, e)
-			if name == "message" then
-				local tag = sub(buf, s, gt)
-				if find(tag, "type='error'", 1, true) then
-					res.errors = res.errors + 1
-					if res.errors <= 3 then log("%s: error stanza: %s", c.user, sub(buf, s, math.min(e, s + 400))) end
-					return
-				end
-				received = received + 1
-				local id = match(tag, " id='([^']*)'")
-				local si, k = match(id or "", "^(%d+)-(%d+)$")
-				si, k = tonumber(si), tonumber(k)
-				if not si or si >= S or k % R ~= c.r0 then
-					res.misrouted = res.misrouted + 1
-				elseif c.seen[id] then
-					res.dup = res.dup + 1
-				else
-					c.seen[id] = true
-					local last = c.last[si]
-					if last and k < last then res.order = res.order + 1 end
-					c.last[si] = k
-				end
-				local d = find(buf, "<delay", gt, true)
-				local size = e - s + 1
-				if d and d < e then
-					local dgt = find(buf, ">", d, true)
-					if find(sub(buf, d, dgt), "urn:xmpp:delay", 1, true) then
-						local _, de = find(buf, "</delay>", d, true)
-						if byte(buf, dgt - 1) == 47 then de = dgt end
-						size = size - (de - d + 1)
-					else
-						res.nodelay = res.nodelay + 1
-					end
+			local d = find(buf, "<delay", gt, true)
+			local size = e - s + 1
+			if d and d < e then
+				local dgt = find(buf, ">", d, true)
+				if find(sub(buf, d, dgt), "urn:xmpp:delay", 1, true) then
+					local _, de = find(buf, "</delay>", d, true)
+					if byte(buf, dgt - 1) == 47 then de = dgt end
+					size = size - (de - d + 1)
 				else
 					res.nodelay = res.nodelay + 1
 				end
-				stanza_bytes = stanza_bytes + size
-			elseif name == "iq" then
-				if find(sub(buf, s, gt), "id='end'", 1, true) then finish(c) end
+			else
+				res.nodelay = res.nodelay + 1
 			end
+			stanza_bytes = stanza_bytes + size
+		elseif name == "iq" then
+			if find(sub(buf, s, gt), "id='end'", 1, true) then finish(c) end
 		end
-		function start_recipient()
-			while active < C and next_r <= U do
-				local r = next_r
-				next_r = next_r + 1
-				active = active + 1
-				local c = connect(srv.c2s_port, recipient_name(r), recipient_handler)
-				c.r0, c.seen, c.last = r - 1, {}, {}
-			end
-		end
-
-		measure_phase(res, "pop", pid, profile_start("pop", vname, pid, tag), profile_out, start_recipient,
-			function() return finished == U end)
-		res.received = received
-		res.stanza_bytes = received > 0 and stanza_bytes / received or nil
-		log("  %-8s pop:   %d msgs to %d users in %.2f s, server CPU %.2f s (user %.2f, sys %.2f), generator CPU %.2f s",
-			vname, received, U, res.pop_wall, res.pop_cpu, res.pop_utime, res.pop_stime, res.pop_gen)
-
-		-- Errors Prosody logged.
-		local text = read_file(logfile) or ""
-		local nerr = 0
-		for line in text:gmatch("[^\n]+") do
-			if line:find("\terror\t", 1, true) then
-				nerr = nerr + 1
-				if nerr <= 3 then log("  prosody error: %s", line:sub(1, 300)) end
-			end
-		end
-		res.log_errors = nerr
-		return res
-	end)
-	for _, c in pairs(conns) do pcall(c.close, c) end
-	conns, nconns = {}, 0
-	if opt.keep then
-		os.execute("cp '" .. logfile .. "' '" .. srv.dir .. "/bench.log'")
-		io.stderr:write("kept " .. srv.dir .. "\n")
-		srv:stop()
-		srv.cleaned = true -- (else support.prosody's exit-time cleanup removes the directory)
-	else
-		srv:cleanup()
 	end
-	os.remove(logfile)
-	if not ok then error(format("variant %s failed: %s", vname, tostring(result)), 0) end
-	return result
+	function start_recipient()
+		while active < C and next_r <= last do
+			local r = next_r
+			next_r = next_r + 1
+			active = active + 1
+			local c = ctx_connect(ctx, recipient_name(r), recipient_handler)
+			c.r0, c.seen, c.last = r - 1, {}, {}
+		end
+	end
+
+	local n = last - first + 1
+	measure_phase(res, "pop", ctx.pid, profile_start("pop", vname, ctx.pid, ctx.tag), ctx.profile_out,
+		start_recipient, function() return finished == n end)
+	res.received = res.received + received
+	res.pop_stanza_bytes = res.pop_stanza_bytes + stanza_bytes
+	res.stanza_bytes = res.received > 0 and res.pop_stanza_bytes / res.received or nil
+end
+
+-- The errors the server logged; stops it; returns the result.
+local function finish_variant(ctx)
+	local res = ctx.res
+	log("  %-8s pop:   %d msgs to %d users in %.2f s, server CPU %.2f s (user %.2f, sys %.2f), generator CPU %.2f s",
+		ctx.vname, res.received, res.U, res.pop_wall, res.pop_cpu, res.pop_utime, res.pop_stime, res.pop_gen)
+	local text = read_file(ctx.logfile) or ""
+	local nerr = 0
+	for line in text:gmatch("[^\n]+") do
+		if line:find("\terror\t", 1, true) then
+			nerr = nerr + 1
+			if nerr <= 3 then log("  prosody error: %s", line:sub(1, 300)) end
+		end
+	end
+	res.log_errors = nerr
+	stop_variant(ctx)
+	return res
+end
+
+local function run_variant(vname, P)
+	local ctx = start_variant(vname, P)
+	local ok, err = pcall(function()
+		store_upto(ctx, P.N)
+		pop_range(ctx, 1, ctx.U)
+	end)
+	if not ok then
+		stop_variant(ctx)
+		error(format("variant %s failed: %s", vname, tostring(err)), 0)
+	end
+	return finish_variant(ctx)
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -923,7 +996,8 @@ end
 
 local RAW_FIELDS = { "variant", "N", "R", "B", "S", "C", "store_wall", "store_cpu", "store_utime", "store_stime", "store_gen", "store_rss", "store_hwm",
 	"disk", "sent_stanza_bytes", "pop_wall", "pop_cpu", "pop_utime", "pop_stime", "pop_gen", "pop_rss", "pop_hwm", "received", "stanza_bytes",
-	"lost", "dup", "order", "nodelay", "misrouted", "errors", "log_errors", "store_ir", "pop_ir", "U" }
+	"lost", "dup", "order", "nodelay", "misrouted", "errors", "log_errors", "store_ir", "pop_ir", "U",
+	"last_n", "last_wall", "last_cpu" }
 
 local function raw_line(r)
 	if not opt.raw then return end
@@ -994,6 +1068,65 @@ local function campaign(P, variants)
 	return summaries, paired(raw)
 end
 
+-- --paired-scale: per round and variant, a server of P.N messages (a) and one of PS.N (b),
+-- both alive at once. b stores all but its last P.N messages, then a stores its P.N, then
+-- b its last P.N (into a store that already holds the rest), seconds after a's; then the
+-- pops of both run in alternating slices of C recipients (a, b, b, a, a, b, ...). So the
+-- figures compared are taken over the same minutes of this machine, whose speed drifts.
+-- Returns the summaries of both sizes and, per variant, the per-round ratios (b over a)
+-- of pop CPU per user and of the store rate (b's last P.N messages against a's).
+local function paired_scale_campaign(P, PS, variants)
+	assert(not (opt.profile or opt.perf or opt.callgrind), "--paired-scale does not profile")
+	assert(PS.N > P.N, "--paired-scale needs scale-N > N")
+	local raw_a, raw_b, ratios = {}, {}, {}
+	for _, v in ipairs(variants) do raw_a[v], raw_b[v], ratios[v] = {}, {}, { pop_user = {}, store_rate = {} } end
+	for run = 1, P.runs do
+		for _, v in ipairs(variants) do
+			log("round %d/%d: %s, N=%d and N=%d side by side", run, P.runs, v, P.N, PS.N)
+			local a = start_variant(v, P)
+			local okb, b = pcall(start_variant, v, PS)
+			if not okb then stop_variant(a); error(b, 0) end
+			local ok, err = pcall(function()
+				assert(a.U == b.U, "--paired-scale needs the same number of logins on both sides (--pop-users)")
+				store_upto(b, PS.N - P.N)
+				store_upto(a, P.N)
+				store_upto(b, PS.N)
+				local U, slice = a.U, P.C
+				for i = 0, (U - 1) // slice do
+					local first, last = i * slice + 1, math.min((i + 1) * slice, U)
+					for _, x in ipairs(i % 2 == 0 and { a, b } or { b, a }) do pop_range(x, first, last) end
+				end
+			end)
+			if not ok then
+				stop_variant(a); stop_variant(b)
+				error(format("variant %s failed: %s", v, tostring(err)), 0)
+			end
+			local ra, rb = finish_variant(a), finish_variant(b)
+			raw_line(ra); raw_line(rb)
+			raw_a[v][#raw_a[v] + 1], raw_b[v][#raw_b[v] + 1] = ra, rb
+			local pop = derive(rb).pop_cpu_user / derive(ra).pop_cpu_user
+			local rate = (rb.last_n / rb.last_wall) / (ra.last_n / ra.last_wall)
+			table.insert(ratios[v].pop_user, pop)
+			table.insert(ratios[v].store_rate, rate)
+			log("  %s: pop CPU per user at N=%d over N=%d %.2f; store rate of the last %d over the first %d %.2f",
+				v, PS.N, P.N, pop, rb.last_n, ra.last_n, rate)
+		end
+	end
+	local sa, sb = {}, {}
+	for _, v in ipairs(variants) do sa[v], sb[v] = summarise(raw_a[v]), summarise(raw_b[v]) end
+	return sa, sb, ratios
+end
+
+local function print_scale_paired(ratios)
+	for v, x in pairs(ratios) do
+		for _, m in ipairs { { "pop CPU per user", x.pop_user }, { "store rate (last N messages)", x.store_rate } } do
+			local t = {}
+			for i, y in ipairs(m[2]) do t[i] = format("%.2f", y) end
+			print(format("  per round, %s: %s at N=%d over N=%d: %s (median %.2f)", VARIANTS[v].label, m[1],
+				opt.scale_N, opt.N, concat(t, ", "), median(m[2])))
+		end
+	end
+end
 
 ---------------------------------------------------------------------------------------------------
 -- Main
@@ -1032,7 +1165,7 @@ local function load_raw(file, N, R)
 	return summaries, ordered(variants), runs, paired(raw)
 end
 
-local base, scale, base_paired
+local base, scale, base_paired, scale_paired
 local P = { N = opt.N, R = opt.R, B = opt.B, S = opt.S, C = opt.C, runs = opt.runs }
 if opt.base then
 	local variants
@@ -1057,13 +1190,23 @@ elseif opt.scale then
 	scale = campaign(PS, ordered(opt.scale_variants))
 	check_clean(scale)
 	print_table("Scale run", PS, scale, ordered(opt.scale_variants))
+elseif opt.paired_scale then
+	P.runs = opt.runs
+	base, scale, scale_paired = paired_scale_campaign(P, PS, ordered(opt.scale_variants))
+	check_clean(base)
+	check_clean(scale)
+	PS.runs = opt.runs
+	print_table(format("Paired scale run: servers of N=%d", P.N), P, base, ordered(opt.scale_variants))
+	print_table(format("Paired scale run: servers of N=%d, their pops interleaved with the above", PS.N),
+		PS, scale, ordered(opt.scale_variants))
+	print_scale_paired(scale_paired)
 end
 
 -- Targets (issue 6), from this run's medians.
 local function r(a, b, m) return a and b and a[m] and b[m] and b[m] > 0 and a[m] / b[m] or nil end
 print()
 print("Targets")
-if base and base.ours then
+if base and base.ours and not opt.paired_scale then
 	local o = base.ours
 	-- judged on the median of the per-round ratios when there are rounds (each round's
 	-- floor and ours run seconds apart); the ratio of the medians is printed with it
@@ -1086,11 +1229,19 @@ end
 if scale and scale.ours then
 	local o = scale.ours
 	if base and base.ours then
+		-- with --paired-scale, judged on the median of the per-round ratios (the pops of
+		-- both servers interleaved), the ratio of the medians printed with it
+		local sp = scale_paired and scale_paired.ours
 		local x = r(o, base.ours, "store_rate")
-		target(x and x >= 0.8, format("scale: store msg/s within 20%% of the N=%d rate: %s (CPU/1k ratio %.2f)",
-			opt.N, x and format("%.2f", x) or "-", r(o, base.ours, "store_cpu_k") or 0))
+		local px = sp and median(sp.store_rate)
+		target((px or x) and (px or x) >= 0.8, format("scale: store msg/s within 20%% of the N=%d rate: %s (CPU/1k ratio %.2f)",
+			opt.N, (px or x) and format("%.2f", px or x) or "-", r(o, base.ours, "store_cpu_k") or 0)
+			.. (px and format("; median of per-round ratios, ratio of medians %.2f", x or 0) or ""))
 		x = r(o, base.ours, "pop_cpu_user")
-		target(x and x <= 1.2, format("scale: pop per user unchanged: CPU ms/user ratio %s", x and format("%.2f", x) or "-"))
+		px = sp and median(sp.pop_user)
+		target((px or x) and (px or x) <= 1.2, format("scale: pop per user unchanged: CPU ms/user ratio %s",
+			(px or x) and format("%.2f", px or x) or "-")
+			.. (px and format(" (median of per-round ratios of interleaved pops; ratio of medians %.2f)", x or 0) or ""))
 		x = r(o, base.ours, "store_rss")
 		target(x and x <= 1.2, format("scale: server RSS after the store phase not growing with stored messages:"
 			.. " %.1f MB at N=%d vs %.1f MB at N=%d (ratio %.2f)", o.store_rss, opt.scale_N, base.ours.store_rss, opt.N, x or 0))
