@@ -15,13 +15,16 @@
 
 /*
  * Input encoding. Every read past the end yields 0 bytes, so any input decodes. Repeated:
- *   op = byte % 13, then its arguments:
+ *   op = byte % 14, then its arguments:
  *   0-2 store  host user from xml ts expire max_count max_bytes meta
  *   3   pop    host user now max abort      4  count host user
  *   5   list   host user after max abort    6  remove host user n id*n
  *   7   remove_user host user   8 remove_host host   9 delete_expired now
  *   10  delete_older_than cutoff            11 users host abort
- *   12  fault  b: the next op's sqlite call sees allocation number 1 + (b >> 1) % 128 fail
+ *   12  batch  n where b, then 1 + n % 80 stores (as above) in one sqlite batch and its
+ *          commit; a fault like op 13's, with b, in store number (where >> 3) % stores
+ *          when where % 8 == 0, in the commit when where % 8 == 4 (op_batch)
+ *   13  fault  b: the next op's sqlite call sees allocation number 1 + (b >> 1) % 128 fail
  *          (b & 1: that one only; else every one after it, until the call returns)
  * host and user index small fixed sets (so queues collide, including the pairs ("ab","c") and
  * ("a","bc") and names with NUL bytes); a user byte >= 0xc0 names one of 64 more users, so that
@@ -403,7 +406,8 @@ static void on_user(void *ud, os_str user, int64_t count, int64_t bytes) {
 
 static size_t want_buf[MAX_OPS];
 
-static void op_store(reader *r) {
+/* 1 when sqlite's store failed under an injected fault (then nothing else ran). */
+static int op_store(reader *r) {
 	int h = pick_host(r), u = pick_user(r, h), b;
 	mmsg m;
 	os_key k = key_of(h, u);
@@ -449,7 +453,7 @@ static void op_store(reader *r) {
 		fault_arm(b);
 		rc = stores[b].be->store(&stores[b], &k, &it, &lim, &got_count, &id);
 		if (fault_failed(b, rc))
-			return;
+			return 1;
 		check_rc(b, rc, want);
 		check_i64(b, "store count", got_count, want == OS_OK ? count + 1 : count);
 		if (want == OS_OK) {
@@ -463,27 +467,87 @@ static void op_store(reader *r) {
 		m.alive = 1;
 		msgs[nmsg++] = m;
 	}
+	return 0;
+}
+
+/* Undoes the stores of a batch that sqlite rolled back (messages first..nmsg-1): on
+ * the memory backend, which has no batches, by removing them; in the model, by
+ * forgetting them, so that no later op names them. The ids sqlite handed out in the
+ * batch were never committed, and its next ids may reuse them: an id of a message that
+ * never was means nothing (and "after" it would differ between the backends). */
+static void undo_batch(size_t first, int64_t last_id_before) {
+	size_t i;
+	for (i = first; i < nmsg; i++) {
+		os_key k = key_of(msgs[i].host, msgs[i].user);
+		int64_t touched = 0;
+		if (!msgs[i].alive)
+			continue;
+		if (stores[0].be->remove(&stores[0], &k, &msgs[i].id[0], 1, &touched) != OS_OK || touched != 1)
+			fail(0, "undoing a rolled-back batch's store failed: %s", stores[0].errmsg);
+	}
+	nmsg = first;
+	last_id[1] = last_id_before;
 }
 
 /* A group-commit batch on sqlite: up to 80 stores, each checked against the model
  * as it is made (the counts and the limit include the batch's own stores, which
- * sqlite writes a chunk at a time), then the commit. No injected fault inside: a
- * failed store rolls the whole batch back, which the model does not follow. */
+ * sqlite writes 256 rows or 1 MB at a time), then the commit. One byte may place an
+ * injected allocation fault in one of the stores or in the commit (the next byte
+ * says which allocation): a store or commit that fails under it must have rolled
+ * the whole batch back, counters included, which the model and the memory backend
+ * then follow (undo_batch) and every later op checks. */
 static void op_batch(reader *r) {
-	size_t n = 1 + u8(r) % 80, i;
+	size_t n = 1 + u8(r) % 80, i, first = nmsg;
+	unsigned where = u8(r), which = u8(r);
+	/* where % 8: 0, a fault in store number (where >> 3) % n; 4, in the commit (number n) */
+	size_t fault_at = where % 8 == 0 ? (size_t)(where >> 3) % n : where % 8 == 4 ? n : SIZE_MAX;
 	long pending = flt.pending;
+	int64_t last_id_before = last_id[1];
+	int rc, failed;
 	flt.pending = 0;
 	if (trace)
 		fputs("assert(db:begin())\n", stderr);
 	if (stores[1].be->batch_begin(&stores[1]) != OS_OK)
 		fail(1, "batch_begin failed: %s", stores[1].errmsg);
 	stores[1].in_batch = 1;
-	for (i = 0; i < n && nmsg < MAX_OPS && r->n > 0; i++)
-		op_store(r);
+	for (i = 0; i < n && nmsg < MAX_OPS && r->n > 0; i++) {
+		if (i == fault_at) {
+			flt.pending = 1 + (long)(which >> 1) % 128;
+			flt.pending_once = which & 1;
+			if (trace)
+				fprintf(stderr, "-- fault in the batch: this store fails at allocation %ld%s\n",
+				        flt.pending, flt.pending_once ? " (once)" : " (and after)");
+		}
+		failed = op_store(r);
+		flt.pending = 0;
+		if (failed != !stores[1].in_batch)
+			fail(1, failed ? "a store failed in a batch and left the batch open"
+			               : "the batch ended without a failed store");
+		if (failed) { /* the whole batch is gone */
+			if (trace)
+				fputs("-- the batch was rolled back\n", stderr);
+			undo_batch(first, last_id_before);
+			flt.pending = pending;
+			return;
+		}
+	}
 	stores[1].in_batch = 0;
 	if (trace)
 		fputs("assert(db:commit())\n", stderr);
-	if (stores[1].be->batch_end(&stores[1], 1) != OS_OK)
+	if (fault_at == n) {
+		flt.pending = 1 + (long)(which >> 1) % 128;
+		flt.pending_once = which & 1;
+		if (trace)
+			fprintf(stderr, "-- fault: the commit fails at allocation %ld%s\n", flt.pending,
+			        flt.pending_once ? " (once)" : " (and after)");
+	}
+	fault_arm(1);
+	rc = stores[1].be->batch_end(&stores[1], 1);
+	if (fault_failed(1, rc)) {
+		if (trace)
+			fputs("-- the commit failed: the batch was rolled back\n", stderr);
+		undo_batch(first, last_id_before);
+	} else if (rc != OS_OK)
 		fail(1, "commit failed: %s", stores[1].errmsg);
 	flt.pending = pending;
 }
