@@ -175,9 +175,14 @@ static const char *const migrations[SCHEMA_VERSION] = {
  * large as the plugin's batches (256): sqlite's code then runs once per batch,
  * in one burst, rather than every few messages in between Prosody's own work.
  * A chunk of big stanzas is written once the arena holds ARENA_KEEP bytes. */
-#define CHUNK 256               /* rows a batch defers before writing them */
-#define STMT_ROWS 32            /* rows per multi-row statement */
-#define ARENA_KEEP (1024 * 1024) /* arena bytes kept between chunks */
+#ifndef OS_SQLITE_CHUNK /* (the fuzzer builds with small ones, so its batches cross chunks) */
+#define OS_SQLITE_CHUNK 256
+#define OS_SQLITE_STMT_ROWS 32
+#define OS_SQLITE_ARENA_KEEP (1024 * 1024)
+#endif
+#define CHUNK OS_SQLITE_CHUNK           /* rows a batch defers before writing them */
+#define STMT_ROWS OS_SQLITE_STMT_ROWS   /* rows per multi-row statement */
+#define ARENA_KEEP OS_SQLITE_ARENA_KEEP /* arena bytes kept between chunks */
 
 /* One message row (meta.p NULL: no metadata). While pending, its strings live
  * in the arena, at the offsets *_at (meta_at < 0: no metadata), and

@@ -23,7 +23,8 @@
  *   10  delete_older_than cutoff            11 users host abort
  *   12  batch  n where b, then 1 + n % 80 stores (as above) in one sqlite batch and its
  *          commit; a fault like op 13's, with b, in store number (where >> 3) % stores
- *          when where % 8 == 0, in the commit when where % 8 == 4 (op_batch)
+ *          (one of the first 32) when where % 8 == 0, in the commit when where % 8 == 4; a
+ *          store that fails ends the batch, and its remaining stores are not read (op_batch)
  *   13  fault  b: the next op's sqlite call sees allocation number 1 + (b >> 1) % 128 fail
  *          (b & 1: that one only; else every one after it, until the call returns)
  * host and user index small fixed sets (so queues collide, including the pairs ("ab","c") and
@@ -37,7 +38,8 @@
  * the next input) and the memory store is closed with what it holds. Every op runs on sqlite
  * first: when an injected allocation failure makes it fail, the op is skipped on the memory
  * backend and in the model, so the comparisons that follow check it changed nothing (§3: "a
- * failure never leaves a half-written message or a wrong count").
+ * failure never leaves a half-written message or a wrong count"); inside a batch, the whole
+ * batch is undone there (undo_batch), as sqlite must have rolled it back.
  * OFFLINE_STORE_FUZZ_TRACE=1 prints the ops as Lua calls (for turning a crash into a spec);
  * OFFLINE_STORE_FUZZ_DB=/tmp/file runs sqlite on that file (deleted at start) instead.
  */
@@ -241,7 +243,7 @@ static void fail(int b, const char *fmt, ...) {
 
 static sqlite3_mem_methods real_mem, fault_mem;
 static struct {
-	long pending, countdown; /* pending: set by op 12 for the next op; countdown > 0: armed */
+	long pending, countdown; /* pending: set by op 13 for the next op; countdown > 0: armed */
 	int once, pending_once, hit;
 } flt;
 
@@ -501,7 +503,8 @@ static void op_batch(reader *r) {
 	unsigned where = u8(r), which = u8(r);
 	/* where % 8: 0, a fault in store number (where >> 3) % n; 4, in the commit (number n) */
 	size_t fault_at = where % 8 == 0 ? (size_t)(where >> 3) % n : where % 8 == 4 ? n : SIZE_MAX;
-	long pending = flt.pending;
+	long pending = flt.pending; /* an op 13 fault for the op after the batch */
+	int pending_once = flt.pending_once;
 	int64_t last_id_before = last_id[1];
 	int rc, failed;
 	flt.pending = 0;
@@ -527,7 +530,7 @@ static void op_batch(reader *r) {
 			if (trace)
 				fputs("-- the batch was rolled back\n", stderr);
 			undo_batch(first, last_id_before);
-			flt.pending = pending;
+			flt.pending = pending, flt.pending_once = pending_once;
 			return;
 		}
 	}
@@ -549,7 +552,7 @@ static void op_batch(reader *r) {
 		undo_batch(first, last_id_before);
 	} else if (rc != OS_OK)
 		fail(1, "commit failed: %s", stores[1].errmsg);
-	flt.pending = pending;
+	flt.pending = pending, flt.pending_once = pending_once;
 }
 
 static void op_pop(reader *r) {
