@@ -745,6 +745,7 @@ local function pop_range(ctx, first, last)
 			for s = 1, S do expected = expected + count_for(M[s], R, c.r0) end
 		end
 		if unique < expected then res.lost = res.lost + (expected - unique) end
+		c.seen, c.last = nil, nil -- (ctx.conns keeps the connection until the server stops)
 		finished = finished + 1
 		active = active - 1
 		c:close()
@@ -1078,6 +1079,8 @@ end
 local function paired_scale_campaign(P, PS, variants)
 	assert(not (opt.profile or opt.perf or opt.callgrind), "--paired-scale does not profile")
 	assert(PS.N > P.N, "--paired-scale needs scale-N > N")
+	assert(math.min(opt.pop_users or P.R, P.R) == math.min(opt.pop_users or PS.R, PS.R),
+		"--paired-scale needs the same number of logins on both sides (--pop-users)")
 	local raw_a, raw_b, ratios = {}, {}, {}
 	for _, v in ipairs(variants) do raw_a[v], raw_b[v], ratios[v] = {}, {}, { pop_user = {}, store_rate = {} } end
 	for run = 1, P.runs do
@@ -1087,7 +1090,6 @@ local function paired_scale_campaign(P, PS, variants)
 			local okb, b = pcall(start_variant, v, PS)
 			if not okb then stop_variant(a); error(b, 0) end
 			local ok, err = pcall(function()
-				assert(a.U == b.U, "--paired-scale needs the same number of logins on both sides (--pop-users)")
 				store_upto(b, PS.N - P.N)
 				store_upto(a, P.N)
 				store_upto(b, PS.N)
@@ -1101,14 +1103,16 @@ local function paired_scale_campaign(P, PS, variants)
 				stop_variant(a); stop_variant(b)
 				error(format("variant %s failed: %s", v, tostring(err)), 0)
 			end
-			local ra, rb = finish_variant(a), finish_variant(b)
+			local oka, ra = pcall(finish_variant, a)
+			if not oka then stop_variant(b); error(ra, 0) end
+			local rb = finish_variant(b)
 			raw_line(ra); raw_line(rb)
 			raw_a[v][#raw_a[v] + 1], raw_b[v][#raw_b[v] + 1] = ra, rb
 			local pop = derive(rb).pop_cpu_user / derive(ra).pop_cpu_user
 			local rate = (rb.last_n / rb.last_wall) / (ra.last_n / ra.last_wall)
 			table.insert(ratios[v].pop_user, pop)
 			table.insert(ratios[v].store_rate, rate)
-			log("  %s: pop CPU per user at N=%d over N=%d %.2f; store rate of the last %d over the first %d %.2f",
+			log("  %s: pop CPU per user at N=%d over N=%d %.2f; store rate of the big server's last %d over the small one's %d %.2f",
 				v, PS.N, P.N, pop, rb.last_n, ra.last_n, rate)
 		end
 	end
@@ -1117,8 +1121,9 @@ local function paired_scale_campaign(P, PS, variants)
 	return sa, sb, ratios
 end
 
-local function print_scale_paired(ratios)
-	for v, x in pairs(ratios) do
+local function print_scale_paired(ratios, variants)
+	for _, v in ipairs(variants) do
+		local x = ratios[v]
 		for _, m in ipairs { { "pop CPU per user", x.pop_user }, { "store rate (last N messages)", x.store_rate } } do
 			local t = {}
 			for i, y in ipairs(m[2]) do t[i] = format("%.2f", y) end
@@ -1199,7 +1204,7 @@ elseif opt.paired_scale then
 	print_table(format("Paired scale run: servers of N=%d", P.N), P, base, ordered(opt.scale_variants))
 	print_table(format("Paired scale run: servers of N=%d, their pops interleaved with the above", PS.N),
 		PS, scale, ordered(opt.scale_variants))
-	print_scale_paired(scale_paired)
+	print_scale_paired(scale_paired, ordered(opt.scale_variants))
 end
 
 -- Targets (issue 6), from this run's medians.
@@ -1236,7 +1241,8 @@ if scale and scale.ours then
 		local px = sp and median(sp.store_rate)
 		target((px or x) and (px or x) >= 0.8, format("scale: store msg/s within 20%% of the N=%d rate: %s (CPU/1k ratio %.2f)",
 			opt.N, (px or x) and format("%.2f", px or x) or "-", r(o, base.ours, "store_cpu_k") or 0)
-			.. (px and format("; median of per-round ratios, ratio of medians %.2f", x or 0) or ""))
+			.. (px and format("; median of per-round ratios of the last %d stored, ratio of whole-run medians %.2f",
+				opt.N, x or 0) or ""))
 		x = r(o, base.ours, "pop_cpu_user")
 		px = sp and median(sp.pop_user)
 		target((px or x) and (px or x) <= 1.2, format("scale: pop per user unchanged: CPU ms/user ratio %s",
