@@ -1034,14 +1034,17 @@ local function paired(raw)
 	return { floor_store = ratios("ours", "stub", "store_cpu_k"), internal_pop = ratios("ours", "internal", "pop_cpu_k") }
 end
 
+-- "a, b, c (median m)" of a list of per-round ratios.
+local function rounds_text(list)
+	local t = {}
+	for i, v in ipairs(list) do t[i] = format("%.2f", v) end
+	return format("%s (median %.2f)", concat(t, ", "), median(list))
+end
+
 local function print_paired(pr)
 	local out = {}
 	for _, x in ipairs { { "ours/floor store CPU", pr.floor_store }, { "ours/internal pop CPU", pr.internal_pop } } do
-		if x[2] then
-			local t = {}
-			for i, v in ipairs(x[2]) do t[i] = format("%.2f", v) end
-			out[#out + 1] = format("%s %s (median %.2f)", x[1], concat(t, ", "), median(x[2]))
-		end
+		if x[2] then out[#out + 1] = x[1] .. " " .. rounds_text(x[2]) end
 	end
 	if #out > 0 then print("  per round: " .. concat(out, "; ")) end
 end
@@ -1125,10 +1128,8 @@ local function print_scale_paired(ratios, variants)
 	for _, v in ipairs(variants) do
 		local x = ratios[v]
 		for _, m in ipairs { { "pop CPU per user", x.pop_user }, { "store rate (last N messages)", x.store_rate } } do
-			local t = {}
-			for i, y in ipairs(m[2]) do t[i] = format("%.2f", y) end
-			print(format("  per round, %s: %s at N=%d over N=%d: %s (median %.2f)", VARIANTS[v].label, m[1],
-				opt.scale_N, opt.N, concat(t, ", "), median(m[2])))
+			print(format("  per round, %s: %s at N=%d over N=%d: %s", VARIANTS[v].label, m[1],
+				opt.scale_N, opt.N, rounds_text(m[2])))
 		end
 	end
 end

@@ -293,6 +293,16 @@ static int fault_failed(int b, int rc) {
 	return failed;
 }
 
+/* Sets a fault from byte b for sqlite's next call (op 13, or a batch's store or
+ * commit): allocation number 1 + (b >> 1) % 128 fails, that one only if b & 1. */
+static void fault_set(unsigned b, const char *where) {
+	flt.pending = 1 + (long)(b >> 1) % 128;
+	flt.pending_once = b & 1;
+	if (trace)
+		fprintf(stderr, "-- fault: %s fails at allocation %ld%s\n", where, flt.pending,
+		        flt.pending_once ? " (once)" : " (and after)");
+}
+
 static void check_rc(int b, int rc, int want) {
 	if (rc == OS_FAIL)
 		fail(b, "call failed: %s (%d)", stores[b].errmsg, stores[b].errcode);
@@ -514,13 +524,8 @@ static void op_batch(reader *r) {
 		fail(1, "batch_begin failed: %s", stores[1].errmsg);
 	stores[1].in_batch = 1;
 	for (i = 0; i < n && nmsg < MAX_OPS && r->n > 0; i++) {
-		if (i == fault_at) {
-			flt.pending = 1 + (long)(which >> 1) % 128;
-			flt.pending_once = which & 1;
-			if (trace)
-				fprintf(stderr, "-- fault in the batch: this store fails at allocation %ld%s\n",
-				        flt.pending, flt.pending_once ? " (once)" : " (and after)");
-		}
+		if (i == fault_at)
+			fault_set(which, "the batch's next store");
 		failed = op_store(r);
 		flt.pending = 0;
 		if (failed != !stores[1].in_batch)
@@ -537,13 +542,8 @@ static void op_batch(reader *r) {
 	stores[1].in_batch = 0;
 	if (trace)
 		fputs("assert(db:commit())\n", stderr);
-	if (fault_at == n) {
-		flt.pending = 1 + (long)(which >> 1) % 128;
-		flt.pending_once = which & 1;
-		if (trace)
-			fprintf(stderr, "-- fault: the commit fails at allocation %ld%s\n", flt.pending,
-			        flt.pending_once ? " (once)" : " (and after)");
-	}
+	if (fault_at == n)
+		fault_set(which, "the commit");
 	fault_arm(1);
 	rc = stores[1].be->batch_end(&stores[1], 1);
 	if (fault_failed(1, rc)) {
@@ -906,7 +906,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 	opname = "open";
 	open_stores();
 	while (r.n > 0 && opno < MAX_OPS) {
-		unsigned op = u8(&r) % 14, b;
+		unsigned op = u8(&r) % 14;
 		opno++;
 		switch (op) {
 		case 0: case 1: case 2: opname = "store"; op_store(&r); break;
@@ -922,12 +922,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 		case 12: opname = "batch"; op_batch(&r); break;
 		default:
 			opname = "fault";
-			b = u8(&r);
-			flt.pending = 1 + (long)(b >> 1) % 128;
-			flt.pending_once = b & 1;
-			if (trace)
-				fprintf(stderr, "-- fault: the next sqlite call fails at allocation %ld%s\n",
-				        flt.pending, flt.pending_once ? " (once)" : " (and after)");
+			fault_set(u8(&r), "the next sqlite call");
 			break;
 		}
 	}
