@@ -7,7 +7,6 @@
 local jid_bare = require "util.jid".bare
 local time_now = require "util.time".now
 local configmanager = require "core.configmanager"
-local resolve_relative_path = require "util.paths".resolve_relative_path
 
 local floor, type, tostring, pairs, ipairs = math.floor, type, tostring, pairs, ipairs
 local host = module.host
@@ -18,6 +17,28 @@ local dir = module:get_directory()
 
 if not package.searchpath("offline_store.policy", package.path) then
 	package.path = dir .. "/?.lua;" .. dir .. "/?/init.lua;" .. package.path
+end
+
+-- Why the module is not running on a host, for the shell; and the shell's
+-- `offline` commands, there even when the load fails below, so that they say why.
+local problems = module:shared("/*/offline/problems")
+problems[host] = nil
+if host ~= "*" then
+	local shell = require "offline_store.shell"
+	local shell_state = module:shared("/*/offline/shell")
+	module:shared("/*/admin_shell/env").offline = shell.new(module:shared("/*/offline/stores"), problems,
+		prosody.hosts, require "core.usermanager".user_exists)
+	local function add_help() shell.add_help(module:shared("/*/admin_shell/commands"), shell_state) end
+	add_help()
+	module:hook_global("module-loaded", function(event) if event.module == "admin_shell" then add_help() end end)
+end
+
+--- A host: a bad option or a missing library stops the module with a message
+--- that names it, rather than letting it run misconfigured.
+local function refuse(msg)
+	module:log("error", "%s; mod_offline is not loaded on %s", msg, host)
+	problems[host] = msg
+	error(msg, 0)
 end
 
 local function file_exists(path)
@@ -56,62 +77,22 @@ local function load_core()
 		.. " and package.cpath); set offline_library_path to its absolute path", 0)
 end
 
-local core = load_core()
+local core_loaded, core = pcall(load_core)
+if not core_loaded then
+	if host ~= "*" then refuse(core) end
+	error(core, 0)
+end
 local offline_store = require "offline_store"
 local policy = require "offline_store.policy"
 local times = policy.times
 local limits = require "offline_store.limits"
 local admin = require "offline_store.admin"
+local options = require "offline_store.options"
 
---- Options (SPEC §9), read for any host so prosodyctl can use them too.
+--- Options, read for any host so prosodyctl can use them too.
 --- Returns a settings table, or nil and an error that names the option.
-
-local SWEEPS = { hourly = true, daily = true, weekly = true }
-
 local function read_options(h)
-	local function get(name, default)
-		local v = configmanager.get(h, name)
-		if v == nil then return default end
-		return v
-	end
-	local function want(name, ok, v, accepted)
-		if ok then return true end
-		return nil, ("%s must be %s (got %s)"):format(name, accepted, type(v) == "string" and ("%q"):format(v) or tostring(v))
-	end
-	local s = {}
-	local backend_option = get("offline_backend", "sqlite")
-	local ok, err = want("offline_backend", type(backend_option) == "string", backend_option, "a string")
-	if not ok then return nil, err end
-	s.groupchat = get("offline_store_groupchat_messages", false)
-	ok, err = want("offline_store_groupchat_messages", type(s.groupchat) == "boolean", s.groupchat, "true or false")
-	if not ok then return nil, err end
-	s.rule_name = get("offline_access_max_user_messages", limits.DEFAULT_RULE_NAME)
-	s.sweep = get("offline_expiry_sweep", "daily")
-	ok, err = want("offline_expiry_sweep", s.sweep == false or SWEEPS[s.sweep], s.sweep,
-		'"hourly", "daily", "weekly" or false')
-	if not ok then return nil, err end
-
-	local backend, berr = offline_store.resolve_backend(backend_option, get("offline_postgres") ~= nil)
-	if not backend then return nil, "offline_backend: " .. berr end
-	s.store = { backend = backend }
-	if backend == "sqlite" then
-		local file = get("offline_sqlite_file", "offline.sqlite")
-		ok, err = want("offline_sqlite_file", type(file) == "string" and file ~= "", file, "a file path")
-		if not ok then return nil, err end
-		s.store.file = resolve_relative_path(prosody.paths.data, file)
-		s.store.synchronous = get("offline_sqlite_synchronous", "normal")
-		s.store.busy_timeout = get("offline_sqlite_busy_timeout", 2000)
-	elseif backend == "postgres" then
-		s.store.postgres = get("offline_postgres")
-	end
-	local _, cerr = offline_store.check_config(s.store)
-	if cerr then
-		-- name the Prosody option, not the facade's field
-		local names = { file = "offline_sqlite_file", synchronous = "offline_sqlite_synchronous",
-			busy_timeout = "offline_sqlite_busy_timeout", backend = "offline_backend", postgres = "offline_postgres" }
-		return nil, (cerr:gsub("^(%w+)", function(field) return names[field] or field end))
-	end
-	return s
+	return options.read(function(name) return configmanager.get(h, name) end, prosody.paths.data)
 end
 
 local function open_store(h, s)
@@ -133,8 +114,9 @@ Usage: prosodyctl mod_offline <command>
   purge host days        delete messages older than days (>= 1)
   orphans host           delete the queues of users that no longer exist]]
 
-	local function with_store(h, fn)
-		if not prosody.hosts[h] then return nil, "no such host: " .. tostring(h) end
+	local function with_store(name, fn)
+		local h, herr = admin.host(name, prosody.hosts)
+		if not h then return nil, herr end
 		local s, err = read_options(h)
 		if not s then return nil, err end
 		if s.store.backend == "memory" then
@@ -142,7 +124,7 @@ Usage: prosodyctl mod_offline <command>
 		end
 		local db, oerr = open_store(h, s)
 		if not db then return nil, oerr end
-		local ok, msg = fn(db)
+		local ok, msg = fn(db, h)
 		db:close()
 		return ok, msg
 	end
@@ -150,7 +132,7 @@ Usage: prosodyctl mod_offline <command>
 	local function command(arg)
 		local cmd, a1, a2 = arg[1], arg[2], arg[3]
 		local function by_jid(fn)
-			local user, h = admin.user_jid(a1)
+			local user, h = admin.user_jid(a1, prosody.hosts)
 			if not user then return nil, h end
 			return with_store(h, function(db) return fn(db, user, h) end)
 		end
@@ -161,15 +143,15 @@ Usage: prosodyctl mod_offline <command>
 		elseif cmd == "delete" then
 			return by_jid(admin.delete)
 		elseif cmd == "expire" then
-			return with_store(a1, admin.expire)
+			return with_store(a1, function(db) return admin.expire(db) end)
 		elseif cmd == "purge" then
 			local days, err = admin.days(a2)
 			if not days then return nil, err end
 			return with_store(a1, function(db) return admin.purge(db, days) end)
 		elseif cmd == "orphans" then
 			local user_exists = require "util.prosodyctl".user_exists
-			return with_store(a1, function(db)
-				return admin.orphans(db, a1, function(user, h) return user_exists { user = user, host = h } end)
+			return with_store(a1, function(db, h)
+				return admin.orphans(db, h, function(user) return user_exists { user = user, host = h } end)
 			end)
 		end
 		return nil, nil
@@ -184,13 +166,7 @@ Usage: prosodyctl mod_offline <command>
 	return
 end
 
---- A host: options validated at load. A bad one stops the module with a
---- message that names it, rather than letting it run misconfigured.
-local function refuse(msg)
-	module:log("error", "%s; mod_offline is not loaded on %s", msg, host)
-	error(msg, 0)
-end
-
+--- A host: options validated at load, and again at each config reload.
 local settings, settings_err = read_options(host)
 if not settings then refuse(settings_err) end
 local store_groupchat = settings.groupchat
@@ -206,7 +182,11 @@ else
 	is_admin = function(bare) return usermanager.is_admin(bare, host) == true end
 end
 
-local limit_uncached, limit_err = limits.compile(settings.rule_name, module:get_option("access"), module:get_option("acl"), is_admin)
+-- The limit function of settings `s` under the current `access` and `acl`.
+local function compile_limits(s)
+	return limits.compile(s.rule_name, module:get_option("access"), module:get_option("acl"), is_admin)
+end
+local limit_uncached, limit_err = compile_limits(settings)
 if not limit_uncached then refuse(limit_err) end
 -- Every store asks for the recipient's limit (0.12's admin check reads
 -- storage): remembered per recipient (-1 for "infinity") until the config is
@@ -224,7 +204,23 @@ local function limit_for(username)
 	end
 	if v >= 0 then return v end
 end
-module:hook_global("config-reloaded", function() limits_seen:clear() end)
+
+-- What an operator should hear about at load and after a reload: misspelt
+-- options, a rule named but not defined, and one line saying what runs.
+local function report(s, what)
+	local config = configmanager.getconfig()
+	for _, warning in ipairs(options.unknown(config[host], config["*"])) do module:log("warn", "%s", warning) end
+	local rule, defined = limits.describe(s.rule_name, module:get_option("access"))
+	if s.rule_named and not defined then
+		module:log("warn", "offline_access_max_user_messages names the rule %q, which the access option does not define;"
+			.. " the built-in default applies", s.rule_name)
+	end
+	module:log("info", "%s: %s; limits %s; expiry sweep %s", what, options.where(s.store), rule, s.sweep or "off")
+end
+report(settings, "Offline messages (this mod_offline, not the bundled one)")
+
+-- Rejections and failures, at a level an operator sees, one line a minute per kind.
+local notice = require "offline_store.ratelog".new(function(...) module:log(...) end, 60, time_now)
 
 --- Metrics (SPEC §8): the seed's histograms, timing each backend call, and counters.
 --- No-ops unless the global `statistics` option is set.
@@ -320,7 +316,7 @@ local function attach(new_db)
 		end,
 		on_lost = function(lost, err, code)
 			m_failed:with_labels("write"):add(#lost)
-			module:log("error", "Committing %d offline messages failed: %s (code %s); their senders are told",
+			notice:line("failed", "error", "Committing %d offline messages failed: %s (code %s); their senders are told",
 				#lost, err, tostring(code))
 			for _, stanza in ipairs(lost) do tell_sender(stanza, policy.failure_error(stanza)) end
 		end,
@@ -411,13 +407,13 @@ local function store_message(origin, stanza, username)
 	end
 	if count == false then
 		m_rejected:add(1)
-		module:log("debug", "Offline queue of %s@%s is full (%d messages); rejected", username, host, current)
+		notice:line("rejected", "warn", "Offline queue of %s@%s is full (%d messages); a message was rejected", username, host, current)
 		if requeued then return nil end
 		tell_sender(stanza, policy.limit_error(stanza))
 		return true
 	end
 	m_failed:with_labels("write"):add(1)
-	module:log("error", "Storing an offline message for %s@%s failed: %s (code %s)", username, host, why, tostring(current))
+	notice:line("failed", "error", "Storing an offline message for %s@%s failed: %s (code %s)", username, host, why, tostring(current))
 	if requeued then return nil end
 	tell_sender(stanza, policy.failure_error(stanza))
 	return true
@@ -522,46 +518,34 @@ local function sweep()
 	module:log(ok2 and "info" or "error", "Orphaned queues: %s%s", msg2, queues and (" from " .. queues .. " deleted accounts") or "")
 end
 
-if settings.sweep then
-	module:cron({ name = "expiry sweep", when = settings.sweep, run = sweep })
+local sweep_task
+local function schedule_sweep(when)
+	if sweep_task then module:remove_item("task", sweep_task) end
+	sweep_task = when and { name = "expiry sweep", when = when, run = sweep }
+	if sweep_task then module:cron(sweep_task) end
 end
+schedule_sweep(settings.sweep)
 
---- The live shell: `prosodyctl shell offline <command> ...` (0.12's shared
---- admin_shell environment; 13 keeps it working).
-local shell_env = module:shared("/*/admin_shell/env")
-do -- replaced on every load, so a reload brings the new code
-	local shell = {}
-	local function host_store(h)
-		local s = stores[h]
-		if not s then return nil, "mod_offline is not loaded on " .. tostring(h) end
-		return s
+--- A config reload applies the options, `access` and `acl` at once; one bad
+--- value keeps every running setting, and says which. A store setting takes
+--- effect when the store is opened again.
+module:hook_global("config-reloaded", function()
+	local s, err = read_options(host)
+	local limit
+	if s then limit, err = compile_limits(s) end
+	if not limit then
+		module:log("error", "Config reload: %s; mod_offline on %s keeps its running settings", err, host)
+		return
 	end
-	local function by_jid(jid, fn)
-		local user, h = admin.user_jid(jid)
-		if not user then return nil, h end
-		local s, err = host_store(h)
-		if not s then return nil, err end
-		return fn(s, user, h)
+	local changed = options.store_changes(settings.store, s.store)
+	if #changed > 0 then
+		module:log("warn", "Config reload: %s changed; the store keeps running as it is until the module is reloaded"
+			.. " (prosodyctl shell module reload offline %s)", table.concat(changed, ", "), host)
+		s.store = settings.store
 	end
-	function shell:count(jid) return by_jid(jid, admin.count) end
-	function shell:list(jid, max)
-		return by_jid(jid, function(s, user, h) return admin.list(s, user, h, self.session.print, max) end)
-	end
-	function shell:delete(jid) return by_jid(jid, admin.delete) end
-	function shell:expire(h)
-		local s, err = host_store(h)
-		if not s then return nil, err end
-		return admin.expire(s)
-	end
-	function shell:purge(h, days)
-		local s, err = host_store(h)
-		if not s then return nil, err end
-		return admin.purge(s, days)
-	end
-	function shell:orphans(h)
-		local s, err = host_store(h)
-		if not s then return nil, err end
-		return admin.orphans(s, h, usermanager.user_exists)
-	end
-	shell_env.offline = shell
-end
+	store_groupchat, limit_uncached = s.groupchat, limit
+	limits_seen:clear()
+	if s.sweep ~= settings.sweep then schedule_sweep(s.sweep) end
+	settings = s
+	report(s, "Config reloaded")
+end)

@@ -85,13 +85,20 @@ function TestSqlite:test_read_only_file_is_refused()
 	-- root ignores file modes, so the check runs as an unprivileged user when we are root
 	local prefix = ""
 	if support.sh("test \"$(id -u)\" = 0") then prefix = "setpriv --reuid=nobody --regid=nogroup --clear-groups " end
-	-- the child loads the same core build, so it needs the same preloaded runtime (test-asan)
+	-- the child loads the same core build, so it needs the same preloaded runtime (test-asan);
+	-- the checkout may sit in a directory that user cannot enter (root's home, a mktemp -d),
+	-- so the child loads a copy from a directory of its own that everyone can read
 	prefix = prefix .. "env LD_PRELOAD=" .. support.quote(os.getenv("LD_PRELOAD") or "") .. " "
+	local lib = support.tmpdir()
+	local built = assert(package.searchpath("offline_store.core", package.cpath))
+	assert(support.exec(("mkdir %s && cp %s %s && chmod -R a+rX %s"):format(support.quote(lib .. "/offline_store"),
+		support.quote(built), support.quote(lib .. "/offline_store/core.so"), support.quote(lib))))
 	local ok, out = support.sh(prefix .. "lua5.4 -e " .. support.quote(([[
 		package.cpath = %q
 		local db, msg, code = require("offline_store.core").open_sqlite(%q)
 		print(db, msg, code)
-	]]):format(package.cpath, self.file)))
+	]]):format(lib .. "/?.so", self.file)))
+	support.rmrf(lib)
 	support.exec("chmod 0755 " .. support.quote(self.dir) .. " && chmod 0644 " .. support.quote(self.file))
 	lu.assertTrue(ok, out)
 	lu.assertStrContains(out, "nil")

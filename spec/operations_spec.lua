@@ -134,7 +134,7 @@ function TestAdmin:test_live_shell_commands()
 
 	ok, out = srv:prosodyctl("shell", "offline", "count", "nobody@elsewhere")
 	lu.assertFalse(ok)
-	lu.assertStrContains(out, "mod_offline is not loaded on elsewhere")
+	lu.assertStrContains(out, "no such host: elsewhere")
 	ok, out = srv:prosodyctl("shell", "offline", "count", "localhost")
 	lu.assertFalse(ok)
 	lu.assertStrContains(out, "expected a bare JID")
@@ -161,6 +161,66 @@ function TestAdmin:test_prosodyctl_mod_offline_next_to_running_server()
 	ok, out = srv:prosodyctl("mod_offline", "frobnicate")
 	lu.assertFalse(ok)
 	lu.assertStrContains(out, "Usage: prosodyctl mod_offline <command>")
+end
+
+-- The arguments of one command through a tool ({ "shell", "offline" } or { "mod_offline" }).
+local function tool_args(tool, ...)
+	return table.move({ ... }, 1, select("#", ...), #tool + 1, table.move(tool, 1, #tool, 1, {}))
+end
+
+-- JIDs as users type them: normalised (nodeprep, nameprep) in both tools; a malformed
+-- JID or an unknown host is an error, never "Removed 0 messages".
+function TestAdmin:test_jids_are_normalised()
+	local srv, a = self.srv, self.alice
+	for i = 1, 3 do send(a, "bob@localhost", "n" .. i) end
+	send(a, "carol@localhost", "c1")
+	a:ping()
+	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "Bob@LocalHost"), "bob@localhost has 3 offline messages")
+	lu.assertStrContains(ctl(srv, "mod_offline", "count", "BOB@localhost"), "bob@localhost has 3 offline messages")
+	lu.assertStrContains(ctl(srv, "shell", "offline", "list", "bob@LOCALHOST", "1"), "Listed 1 of 3")
+	lu.assertStrContains(ctl(srv, "shell", "offline", "expire", "LocalHost"), "Removed 0 messages")
+	lu.assertStrContains(ctl(srv, "mod_offline", "expire", "LOCALHOST"), "Removed 0 messages")
+	for _, tool in ipairs { { "shell", "offline" }, { "mod_offline" } } do
+		for jid, why in pairs { ["bob@"] = "not a valid JID: bob@", ["a@b@localhost"] = "not a valid JID",
+			["bob@elsewhere"] = "no such host: elsewhere", ["bob@localhost/phone"] = "expected a bare JID" } do
+			local ok, out = srv:prosodyctl(table.unpack(tool_args(tool, "delete", jid)))
+			lu.assertFalse(ok, jid)
+			lu.assertStrContains(out, why)
+			lu.assertNotStrContains(out, "Removed")
+		end
+	end
+	lu.assertStrContains(ctl(srv, "shell", "offline", "delete", "Bob@localhost"), "Removed 3 messages")
+	lu.assertStrContains(ctl(srv, "mod_offline", "delete", "CAROL@Localhost"), "Removed 1 messages")
+	lu.assertEquals(login_and_count(srv, "bob"), 0)
+	lu.assertEquals(login_and_count(srv, "carol"), 0)
+end
+
+-- A max that is not a whole number >= 1 is an error, not the default of 50.
+function TestAdmin:test_list_max_is_checked()
+	local srv, a = self.srv, self.alice
+	send(a, "bob@localhost", "l1")
+	a:ping()
+	for _, tool in ipairs { { "shell", "offline" }, { "mod_offline" } } do
+		for _, max in ipairs { "abc", "0", "-3", "1.5" } do
+			local ok, out = srv:prosodyctl(table.unpack(tool_args(tool, "list", "bob@localhost", max)))
+			lu.assertFalse(ok, max)
+			lu.assertStrContains(out, ("max must be a whole number >= 1 (got %s)"):format(max))
+			lu.assertNotStrContains(out, "Listed")
+		end
+	end
+	lu.assertStrContains(ctl(srv, "mod_offline", "list", "bob@localhost"), "Listed 1 of 1")
+end
+
+-- The shell has help for the offline commands: `help offline`, a line in `help`,
+-- and `offline:help()`.
+function TestAdmin:test_shell_help()
+	local srv = self.srv
+	local help = ctl(srv, "shell", "help offline")
+	for _, command in ipairs { "count", "list", "delete", "expire", "purge", "orphans" } do
+		lu.assertStrContains(help, "offline:" .. command .. "(")
+	end
+	lu.assertStrMatches(ctl(srv, "shell", "help"), ".*\nc2s .*\noffline%s+|%s+Offline messages: count, list and delete queues.*")
+	lu.assertStrContains(ctl(srv, "shell", "offline", "help"), "offline:purge(host, days) - Delete messages older than days")
 end
 
 -- 0.12's `prosodyctl deluser` does not tell the running server: the queue is removed by
@@ -216,4 +276,106 @@ function TestSweep:test_sweep_can_be_turned_off()
 	local srv = start { host = "offline_expiry_sweep = false" }
 	self.srv = srv
 	lu.assertNil(srv:log():find("task offline/expiry_sweep added", 1, true))
+end
+
+---------------------------------------------------------------------------------------------------
+-- What the operator reads in the log: one info line at load, warnings for misspelt options and
+-- rules that do not exist, rejections at warn (rate-limited); and the shell when the module did
+-- not load.
+TestOperatorLog = {}
+
+function TestOperatorLog:tearDown() if self.srv then self.srv:cleanup() end end
+
+-- The log lines of one level that contain `text`.
+local function log_lines(srv, level, text)
+	local out = {}
+	for line in srv:log():gmatch("[^\n]+") do
+		if line:find("%s" .. level .. "%s") and line:find(text, 1, true) then out[#out + 1] = line end
+	end
+	return out
+end
+
+function TestOperatorLog:test_load_says_what_runs_and_warns_about_misspellings()
+	local srv = start { global = 'offline_expiry_sweeps = "daily"', host = [[
+offline_store_groupchat_message = true
+offline_access_max_user_messages = "my_limits"
+offline_expiry_sweep = false
+]] }
+	self.srv = srv
+	lu.assertEquals(#log_lines(srv, "warn", "unknown option offline_store_groupchat_message is ignored"
+		.. " (did you mean offline_store_groupchat_messages?)"), 1)
+	lu.assertEquals(#log_lines(srv, "warn", "unknown option offline_expiry_sweeps is ignored (did you mean offline_expiry_sweep?)"), 1)
+	lu.assertEquals(#log_lines(srv, "warn", 'offline_access_max_user_messages names the rule "my_limits", which the access option'
+		.. " does not define; the built-in default applies"), 1)
+	lu.assertEquals(#log_lines(srv, "info", "Offline messages (this mod_offline, not the bundled one): sqlite file "
+		.. srv.dir .. "/data/offline.sqlite; limits rule my_limits: admin 5000, all 100 (built-in default); expiry sweep off"), 1)
+end
+
+function TestOperatorLog:test_defined_rule_and_memory_backend_are_said()
+	local srv = start { host = [[
+offline_backend = "memory"
+access = { max_user_offline_messages = { { acl = "all", value = 1 } } }
+]] }
+	self.srv = srv
+	lu.assertEquals(#log_lines(srv, "info", ": memory (inside the server process, lost at restart); limits rule"
+		.. " max_user_offline_messages: all 1; expiry sweep daily"), 1)
+	lu.assertEquals(#log_lines(srv, "warn", "unknown option"), 0)
+	lu.assertEquals(#log_lines(srv, "warn", "does not define"), 0, "no warning for the default rule name")
+	-- rejections: at warn, one line for a burst
+	local a = online(srv, "alice")
+	for i = 1, 4 do send(a, "bob@localhost", "r" .. i) end
+	a:ping()
+	a:close()
+	lu.assertEquals(#log_lines(srv, "warn", "Offline queue of bob@localhost is full (1 messages); a message was rejected"), 1)
+	lu.assertEquals(login_and_count(srv, "bob"), 1)
+end
+
+function TestOperatorLog:test_shell_says_why_the_module_is_not_loaded()
+	local srv = start { host = 'offline_store_groupchat_messages = "yes"' }
+	self.srv = srv
+	local ok, out = srv:prosodyctl("shell", "offline", "count", "bob@localhost")
+	lu.assertFalse(ok)
+	lu.assertStrContains(out, 'mod_offline is not loaded on localhost: offline_store_groupchat_messages must be true or false (got "yes")')
+	lu.assertNotStrContains(out, "attempt to index")
+end
+
+---------------------------------------------------------------------------------------------------
+-- A config reload applies `access` and `acl` at once; a bad new value is logged, naming it, and
+-- the running limit stays.
+TestReload = {}
+
+function TestReload:tearDown() if self.srv then self.srv:cleanup() end end
+
+function TestReload:test_reload_applies_rules_and_keeps_them_on_a_bad_value()
+	local srv = start { host = [[
+access = { max_user_offline_messages = { { acl = "all", value = 2 } } }
+]] }
+	self.srv = srv
+	local a = online(srv, "alice")
+	for i = 1, 3 do send(a, "bob@localhost", "a" .. i) end
+	a:ping()
+	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "bob@localhost"), "has 2 offline messages")
+
+	local config = support.read(srv.config)
+	local function reload(text)
+		support.write(srv.config, text)
+		ctl(srv, "shell", "config", "reload")
+	end
+	reload(config:gsub("value = 2", "value = 3") .. 'offline_sqlite_synchronous = "full"\n')
+	send(a, "bob@localhost", "b1")
+	send(a, "bob@localhost", "b2")
+	a:ping()
+	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "bob@localhost"), "has 3 offline messages", "the new limit applies")
+	lu.assertStrContains(srv:log(), "Config reload: offline_sqlite_synchronous changed; the store keeps running as it is")
+	lu.assertStrContains(srv:log(), "Config reloaded: sqlite file")
+
+	reload(config:gsub("value = 2", 'value = "lots"'))
+	lu.assertStrContains(srv:log(), 'Config reload: access.max_user_offline_messages[1].value must be a whole number >= 0 or "infinity"'
+		.. ' (got "lots"); mod_offline on localhost keeps its running settings')
+	reload(config:gsub("value = 2", "value = 5"):gsub('offline_', 'offline_') .. "offline_store_groupchat_messages = 1\n")
+	lu.assertStrContains(srv:log(), "Config reload: offline_store_groupchat_messages must be true or false (got 1)")
+	send(a, "bob@localhost", "c1")
+	a:ping()
+	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "bob@localhost"), "has 3 offline messages", "the running limit stays")
+	a:close()
 end

@@ -3,9 +3,9 @@
 -- store and plain arguments and returns ok, message; `print` shows listing lines.
 
 local datetime = require "util.datetime"
-local jid_split = require "util.jid".split
+local jid_prepped_split = require "util.jid".prepped_split
 
-local floor, tonumber, tostring, math_type = math.floor, tonumber, tostring, math.type
+local floor, type, tonumber, tostring, math_type = math.floor, type, tonumber, tostring, math.type
 
 local M = {}
 
@@ -15,13 +15,35 @@ function M.now_us()
 	return floor(require "util.time".now() * 1000000)
 end
 
--- Splits "user@host" into user, host; or nil, error.
-function M.user_jid(jid)
-	local user, host, resource = jid_split(jid)
-	if not user or not host or resource then
+-- Normalises a JID as typed (nodeprep, nameprep) and splits it; returns user,
+-- host, resource, or nil, error for a string that is not a valid JID.
+local function prepped(jid)
+	local user, host, resource
+	if type(jid) == "string" then user, host, resource = jid_prepped_split(jid) end
+	if not host then return nil, ("not a valid JID: %s"):format(tostring(jid)) end
+	return { user = user, host = host, resource = resource }
+end
+
+-- A host name as typed, normalised; `hosts` (prosody.hosts) says which exist.
+-- Returns host, or nil, error.
+function M.host(name, hosts)
+	local j, err = prepped(name)
+	if not j then return nil, err end
+	if j.user or j.resource then return nil, ("expected a host name (got %s)"):format(tostring(name)) end
+	if not hosts[j.host] then return nil, "no such host: " .. j.host end
+	return j.host
+end
+
+-- "user@host" as typed, normalised and split; `hosts` (prosody.hosts) says which
+-- hosts exist. Returns user, host; or nil, error.
+function M.user_jid(jid, hosts)
+	local j, err = prepped(jid)
+	if not j then return nil, err end
+	if not j.user or j.resource then
 		return nil, ("expected a bare JID user@host (got %s)"):format(tostring(jid))
 	end
-	return user, host
+	if not hosts[j.host] then return nil, "no such host: " .. j.host end
+	return j.user, j.host
 end
 
 local function fail(what, err, code)
@@ -37,10 +59,12 @@ end
 
 -- list user@host [max]: one line per message, oldest first, without deleting.
 function M.list(db, user, host, print, max)
-	max = max and tonumber(max) or 50
-	if math_type(max) ~= "integer" or max < 1 then
+	local n = 50
+	if max ~= nil then n = tonumber(max) end
+	if math_type(n) ~= "integer" or n < 1 then
 		return nil, ("max must be a whole number >= 1 (got %s)"):format(tostring(max))
 	end
+	max = n
 	local items, err, code = db:list(host, user, 0, max)
 	if not items then return fail("list", err, code) end
 	for _, it in ipairs(items) do

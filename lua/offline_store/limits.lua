@@ -133,4 +133,17 @@ function M.compile(rule_name, access, acl, is_admin)
 	end
 end
 
+-- Says which limits a host runs with, for the info line at load: the rule's name and
+-- clauses, or the built-in default. `defined` is false when `access` has no such rule.
+function M.describe(rule_name, access)
+	local rule = type(access) == "table" and access[rule_name] or nil
+	local clauses = {}
+	for i, clause in ipairs(rule or M.DEFAULT_RULE) do
+		clauses[i] = ("%s %s"):format(tostring(clause.acl), tostring(clause.value))
+	end
+	local text = ("rule %s: %s%s"):format(rule_name, table.concat(clauses, ", "),
+		rule and "" or " (built-in default)")
+	return text, rule ~= nil
+end
+
 return M

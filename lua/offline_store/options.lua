@@ -1,0 +1,160 @@
+-- offline_store.options: the plugin's options for one host, read through a getter and
+-- checked with errors that name the option; the names it knows (to warn about misspelt
+-- ones); and where a host's store lives, said without secrets, for the log.
+
+local offline_store = require "offline_store"
+local limits = require "offline_store.limits"
+local resolve_relative_path = require "util.paths".resolve_relative_path
+
+local type, tostring, pairs, ipairs, select, sort, concat, min = type, tostring, pairs, ipairs, select, table.sort, table.concat, math.min
+
+local M = {}
+
+-- Every option the plugin reads. An option that adds to these must be listed here,
+-- or it is warned about as unknown at load.
+M.KNOWN = {
+	offline_backend = true, offline_store_groupchat_messages = true,
+	offline_access_max_user_messages = true, offline_expiry_sweep = true,
+	offline_sqlite_file = true, offline_sqlite_synchronous = true, offline_sqlite_busy_timeout = true,
+	offline_postgres = true, offline_library_path = true,
+}
+
+local SWEEPS = { hourly = true, daily = true, weekly = true }
+
+-- Facade fields, by the Prosody option they come from.
+local FIELD_OPTION = { file = "offline_sqlite_file", synchronous = "offline_sqlite_synchronous",
+	busy_timeout = "offline_sqlite_busy_timeout", backend = "offline_backend", postgres = "offline_postgres" }
+
+local function want(name, ok, v, accepted)
+	if ok then return true end
+	return nil, ("%s must be %s (got %s)"):format(name, accepted, type(v) == "string" and ("%q"):format(v) or tostring(v))
+end
+
+-- Reads one host's settings. get(name) returns an option's value or nil;
+-- data_path resolves a relative sqlite file. Returns a settings table
+-- { groupchat, rule_name, rule_named, sweep, store = { backend, ... } }, or nil
+-- and an error that names the option.
+function M.read(get, data_path)
+	local function opt(name, default)
+		local v = get(name)
+		if v == nil then return default end
+		return v
+	end
+	local s = {}
+	local backend_option = opt("offline_backend", "sqlite")
+	local ok, err = want("offline_backend", type(backend_option) == "string", backend_option, "a string")
+	if not ok then return nil, err end
+	s.groupchat = opt("offline_store_groupchat_messages", false)
+	ok, err = want("offline_store_groupchat_messages", type(s.groupchat) == "boolean", s.groupchat, "true or false")
+	if not ok then return nil, err end
+	s.rule_named = get("offline_access_max_user_messages") ~= nil
+	s.rule_name = opt("offline_access_max_user_messages", limits.DEFAULT_RULE_NAME)
+	s.sweep = opt("offline_expiry_sweep", "daily")
+	ok, err = want("offline_expiry_sweep", s.sweep == false or SWEEPS[s.sweep], s.sweep,
+		'"hourly", "daily", "weekly" or false')
+	if not ok then return nil, err end
+
+	local backend, berr = offline_store.resolve_backend(backend_option, get("offline_postgres") ~= nil)
+	if not backend then return nil, "offline_backend: " .. berr end
+	s.store = { backend = backend }
+	if backend == "sqlite" then
+		local file = opt("offline_sqlite_file", "offline.sqlite")
+		ok, err = want("offline_sqlite_file", type(file) == "string" and file ~= "", file, "a file path")
+		if not ok then return nil, err end
+		s.store.file = resolve_relative_path(data_path, file)
+		s.store.synchronous = opt("offline_sqlite_synchronous", "normal")
+		s.store.busy_timeout = opt("offline_sqlite_busy_timeout", 2000)
+	elseif backend == "postgres" then
+		s.store.postgres = get("offline_postgres")
+	end
+	local _, cerr = offline_store.check_config(s.store)
+	if cerr then
+		-- name the Prosody option, not the facade's field
+		return nil, (cerr:gsub("^([%w_]+)", function(field) return FIELD_OPTION[field] or field end))
+	end
+	return s
+end
+
+-- The options (sorted names) whose change between two settings' stores needs the
+-- store opened again.
+function M.store_changes(old, new)
+	local a, b = offline_store.check_config(old), offline_store.check_config(new)
+	local out = {}
+	for field, option in pairs(FIELD_OPTION) do
+		if a[field] ~= b[field] then out[#out + 1] = option end
+	end
+	sort(out)
+	return out
+end
+
+-- Levenshtein distance, for suggesting the option that was meant.
+local function distance(a, b)
+	local prev = {}
+	for j = 0, #b do prev[j] = j end
+	for i = 1, #a do
+		local cur = { [0] = i }
+		for j = 1, #b do
+			local cost = a:byte(i) == b:byte(j) and 0 or 1
+			cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+		end
+		prev = cur
+	end
+	return prev[#b]
+end
+
+-- The unknown offline_* names among the keys of each given option table (e.g. a
+-- host's section and the global one), sorted, each as a warning text that names the
+-- closest known option when there is one near enough.
+function M.unknown(...)
+	local seen, out = {}, {}
+	for i = 1, select("#", ...) do
+		local options = select(i, ...)
+		for name in pairs(options or {}) do
+			if type(name) == "string" and name:match("^offline_") and not M.KNOWN[name] and not seen[name] then
+				seen[name] = true
+				local best, best_d
+				for known in pairs(M.KNOWN) do
+					local d = distance(name, known)
+					if d <= 3 and (not best_d or d < best_d or (d == best_d and known < best)) then best, best_d = known, d end
+				end
+				out[#out + 1] = ("unknown option %s is ignored%s"):format(name,
+					best and (" (did you mean " .. best .. "?)") or "")
+			end
+		end
+	end
+	sort(out)
+	return out
+end
+
+-- Splits a libpq connection string (key=value words, or a postgres:// URI) into
+-- host, port and dbname: the password never reaches a log line.
+local function conninfo_fields(conninfo)
+	local f = {}
+	local uri = conninfo:match("^postgres[%w]*://(.*)$")
+	if uri then
+		local authority, path = uri:match("^([^/?]*)/?([^?]*)")
+		local hostport = authority:match("@([^@]*)$") or authority
+		f.host, f.port = hostport:match("^([^:]*):?(%d*)$")
+		f.dbname = path
+	else
+		for key, value in conninfo:gmatch("(%w+)%s*=%s*('?[^' ]*'?)") do
+			f[key] = value:gsub("^'(.*)'$", "%1")
+		end
+	end
+	return f
+end
+
+-- Where a store's data lives, for the info line at load.
+function M.where(store)
+	if store.backend == "sqlite" then return "sqlite file " .. store.file end
+	if store.backend == "memory" then return "memory (inside the server process, lost at restart)" end
+	local conninfo = offline_store.check_config(store).postgres
+	local f = conninfo_fields(conninfo)
+	local parts = {}
+	for _, key in ipairs { "host", "port", "dbname" } do
+		if f[key] and f[key] ~= "" then parts[#parts + 1] = key .. "=" .. f[key] end
+	end
+	return "postgres " .. (#parts > 0 and concat(parts, " ") or "(libpq defaults)")
+end
+
+return M
