@@ -169,6 +169,15 @@ end
 --- A host: options validated at load, and again at each config reload.
 local settings, settings_err = read_options(host)
 if not settings then refuse(settings_err) end
+
+-- The store is opened here, before any hook exists: one that cannot be opened
+-- stops the module before it handles anything (Prosody then bounces messages
+-- to offline users itself), whereas a failure in module.load would leave the
+-- hooks running without a store. PostgreSQL away at start is the exception:
+-- the module comes up, answers stores with the storage-failure error and
+-- opens the store on use once the database is back (see usable_batch below).
+local opened, open_err = open_store(host, settings)
+if not opened and settings.store.backend ~= "postgres" then refuse(open_err) end
 local store_groupchat = settings.groupchat
 
 -- Admins per SPEC §5: roles on 13 (module:may), is_admin on 0.12. Asked only
@@ -325,11 +334,38 @@ local function attach(new_db)
 	stores[host] = guarded
 end
 
+-- A store that could not be opened at load (PostgreSQL away) is tried again
+-- when a message or a login needs it, at most once every REOPEN_EVERY seconds:
+-- each try blocks for up to the connection timeout (connect_timeout, 2 s
+-- unless offline_postgres sets it).
+local REOPEN_EVERY = 5
+local reopen_at = 0
+
+-- The batch over the store, or nil and why there is none.
+local function usable_batch()
+	if b then return b end
+	local t = time_now()
+	if t < reopen_at then return nil, open_err end
+	reopen_at = t + REOPEN_EVERY
+	local new_db, err = open_store(host, settings)
+	if not new_db then
+		open_err = err
+		return nil, err
+	end
+	attach(new_db)
+	module:log("info", "Offline store open after all: %s", tostring(db))
+	return b
+end
+
 function module.load()
 	if not db then -- (else: restored from a reload)
-		local new_db, err = open_store(host, settings)
-		if not new_db then refuse(err) end
-		attach(new_db)
+		if opened then
+			attach(opened)
+		else
+			reopen_at = time_now() + REOPEN_EVERY
+			module:log("error", "%s; until it opens (tried again on use, at most every %d s) messages "
+				.. "to offline users get the storage-failure error", open_err, REOPEN_EVERY)
+		end
 	end
 	module:log("debug", "Offline store open: %s", tostring(db))
 end
@@ -376,8 +412,10 @@ end
 
 -- One store: through the batch, or (a re-queue) at once on the idle db.
 local function put(requeued, stanza, username, from, xml, ts, expire, limit)
-	if requeued then return b:idle():store(host, username, from, xml, ts, expire, limit) end
-	return b:store(stanza, host, username, from, xml, ts, expire, limit)
+	local batch, err = usable_batch()
+	if not batch then return nil, err, 0 end
+	if requeued then return batch:idle():store(host, username, from, xml, ts, expire, limit) end
+	return batch:store(stanza, host, username, from, xml, ts, expire, limit)
 end
 
 -- Runs for every message to an offline user. db:store takes the stanza and
@@ -467,7 +505,9 @@ module:hook("message/offline/broadcast", function(event)
 	local origin = event.origin
 	local username = origin.username
 	local started = timed and time_now()
-	local items, err, code = b:idle():pop(host, username, now_us())
+	local batch, err = usable_batch()
+	local items, code = nil, 0
+	if batch then items, err, code = batch:idle():pop(host, username, now_us()) end
 	if started then m_pop:sample(time_now() - started) end
 	if not items then
 		m_failed:with_labels("pop"):add(1)
@@ -500,7 +540,7 @@ end, -1)
 local usermanager = require "core.usermanager"
 
 module:hook_global("user-deleted", function(event)
-	if event.host ~= host or not db then return end
+	if event.host ~= host or not usable_batch() then return end
 	local n, err = b:idle():remove_user(host, event.username)
 	if n then
 		module:log("debug", "Removed %d offline messages of deleted user %s@%s", n, event.username, host)
@@ -511,6 +551,7 @@ module:hook_global("user-deleted", function(event)
 end)
 
 local function sweep()
+	if not usable_batch() then return end -- (PostgreSQL away since the start)
 	-- (through the stand-in: user_exists may wait, and stores may come meanwhile)
 	local ok, msg = admin.expire(guarded, now_us())
 	module:log(ok and "info" or "error", "Expiry sweep: %s", msg)

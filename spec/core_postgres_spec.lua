@@ -352,6 +352,115 @@ function TestPostgresConnection:test_server_errors_carry_the_sqlstate()
 end
 
 ---------------------------------------------------------------------------------------------------
+-- A COMMIT whose answer is lost with the connection (spec/support/pg_proxy.lua drops it right
+-- after forwarding COMMIT, or instead of forwarding it): the call learns what the server did
+-- before it answers. A pop that committed returns the messages (the caller delivers them); one
+-- that did not fails and leaves them stored. Never lost, never reported failed when done.
+TestPostgresInDoubt = {}
+
+function TestPostgresInDoubt:setUp()
+	self.srv = server()
+	self.dir = support.tmpdir()
+	assert(support.exec(format("%s %s %d %s >%s 2>&1 & echo $! >%s", LUA, q(ROOT .. "/spec/support/pg_proxy.lua"),
+		self.srv.port, q(self.dir), q(self.dir .. "/proxy.log"), q(self.dir .. "/pid"))))
+	local deadline = socket.gettime() + 10
+	while not support.read(self.dir .. "/port") do
+		assert(socket.gettime() < deadline, "the proxy did not start: " .. (support.read(self.dir .. "/proxy.log") or ""))
+		socket.sleep(0.02)
+	end
+	local conninfo, schema = self.srv:fresh_conninfo()
+	self.schema = schema
+	self.db = assert(core.open_postgres((conninfo:gsub("port=%d+", "port=" .. support.read(self.dir .. "/port")))))
+end
+
+function TestPostgresInDoubt:tearDown()
+	if self.db then self.db:close() end
+	if self.dir then
+		support.write(self.dir .. "/stop", "")
+		local pid = support.read(self.dir .. "/pid")
+		if pid and pid:match("^%d+") then support.exec("kill " .. pid:match("^%d+") .. " 2>/dev/null") end
+		support.rmrf(self.dir)
+	end
+end
+
+-- Arms the proxy for the next COMMIT; returns a function that asserts it fired.
+function TestPostgresInDoubt:arm(mode)
+	support.write(self.dir .. "/arm", mode)
+	return function()
+		lu.assertEquals(support.read(self.dir .. "/fired"), mode, "the proxy dropped the COMMIT")
+		os.remove(self.dir .. "/fired")
+	end
+end
+
+-- Rows of bob in the database, asked directly (not through the store under test).
+function TestPostgresInDoubt:stored()
+	return tonumber(self.srv:psql(format("SELECT count(*) FROM %s.offline_message", self.schema)))
+end
+
+function TestPostgresInDoubt:fill(n)
+	for i = 1, n do lu.assertEquals(self.db:store(H, "bob", FROM, "m" .. i, T0), i) end
+end
+
+function TestPostgresInDoubt:test_pop_committed_but_answer_lost_returns_the_messages()
+	self:fill(3)
+	local fired = self:arm("after")
+	local items, err, code = self.db:pop(H, "bob", T0)
+	fired()
+	lu.assertEquals(self:stored(), 0, "the server committed the pop")
+	lu.assertNotNil(items, "the pop took effect, so it must not say it failed (the messages would be lost): "
+		.. tostring(err) .. " " .. tostring(code))
+	lu.assertEquals({ items[1].xml, items[2].xml, items[3].xml }, { "m1", "m2", "m3" })
+	-- the store goes on: the counter was deleted with the rows, new messages queue afresh
+	lu.assertEquals(self.db:store(H, "bob", FROM, "later", T0), 1)
+	lu.assertEquals(#assert_counter(self.db, "bob"), 1)
+end
+
+function TestPostgresInDoubt:test_pop_whose_commit_never_arrived_fails_and_keeps_them()
+	self:fill(3)
+	local fired = self:arm("before")
+	local items, err, code = self.db:pop(H, "bob", T0)
+	fired()
+	lu.assertNil(items, "the pop did not take effect")
+	lu.assertEquals(code, 0)
+	lu.assertStrContains(err, "rolled back")
+	lu.assertEquals(self:stored(), 3, "the messages stay stored")
+	local again = assert(self.db:pop(H, "bob", T0))
+	lu.assertEquals(#again, 3)
+	lu.assertEquals(self:stored(), 0)
+end
+
+-- The old session still holds its transaction open (its client vanished without a word): the
+-- store ends it (same role), and then knows it was rolled back.
+function TestPostgresInDoubt:test_pop_whose_old_session_lingers_fails_and_keeps_them()
+	self:fill(2)
+	local fired = self:arm("hold")
+	local started = socket.gettime()
+	local items, err = self.db:pop(H, "bob", T0)
+	fired()
+	lu.assertNil(items)
+	lu.assertStrContains(err, "rolled back")
+	lu.assertTrue(socket.gettime() - started < 3, "resolved in good time")
+	lu.assertEquals(self:stored(), 2)
+	lu.assertEquals(#assert(self.db:pop(H, "bob", T0)), 2)
+end
+
+function TestPostgresInDoubt:test_remove_user_committed_but_answer_lost_counts_them()
+	self:fill(2)
+	local fired = self:arm("after")
+	local n, err = self.db:remove_user(H, "bob")
+	fired()
+	lu.assertEquals(self:stored(), 0)
+	lu.assertEquals(n, 2, tostring(err))
+	self:fill(1)
+	fired = self:arm("before")
+	n, err = self.db:remove_user(H, "bob")
+	fired()
+	lu.assertNil(n)
+	lu.assertStrContains(err, "rolled back")
+	lu.assertEquals(self:stored(), 1)
+end
+
+---------------------------------------------------------------------------------------------------
 TestPostgresOpen = {}
 
 function TestPostgresOpen:setUp() self.srv = server() end

@@ -7,6 +7,7 @@ local offline = require "support.offline"
 local st = require "util.stanza"
 local datetime = require "util.datetime"
 local socket = require "socket"
+local support = require "support.util"
 
 local NS_DELAY = offline.NS_DELAY
 local start, login, online, chat = offline.start, offline.login, offline.online, offline.chat
@@ -467,5 +468,42 @@ function TestBadConfig:test_module_refuses_to_load_naming_the_option()
 	a:send(chat("bob@localhost", "ok1", "fine"))
 	a:ping()
 	lu.assertEquals(ids(collect_offline(srv, "bob")), { "ok1" })
+	a:close()
+end
+
+---------------------------------------------------------------------------------------------------
+-- The store cannot be opened at start (offline_sqlite_file holds something that is not our
+-- database): the module is not loaded, with an error naming the option, and leaves no hook
+-- behind, so every message to an offline user gets Prosody's own bounce (cancel,
+-- service-unavailable) instead of silence.
+TestStoreCannotOpen = {}
+
+function TestStoreCannotOpen:setUp()
+	self.dir = support.tmpdir()
+	self.file = self.dir .. "/notes.txt"
+	support.write(self.file, "shopping list: not an offline-store database\n")
+	self.srv = start { host = ("offline_sqlite_file = %q"):format(self.file) }
+end
+
+function TestStoreCannotOpen:tearDown()
+	if self.srv then self.srv:cleanup() end
+	support.rmrf(self.dir)
+end
+
+function TestStoreCannotOpen:test_every_message_is_bounced_and_the_error_names_the_file()
+	local srv = self.srv
+	local a = online(srv, "alice")
+	for i = 1, 3 do a:send(chat("bob@localhost", "n" .. i, "while the store cannot open")) end
+	local back = messages(a:ping())
+	lu.assertEquals(ids(back), { "n1", "n2", "n3" }, "every message is answered")
+	for _, m in ipairs(back) do
+		lu.assertEquals(error_of(m), { type = "error", etype = "cancel", condition = "service-unavailable" })
+	end
+	lu.assertEquals(#collect_offline(srv, "bob"), 0)
+	local log = srv:log()
+	lu.assertStrContains(log, "offline_sqlite_file = " .. self.file)
+	lu.assertStrContains(log, "file is not a database; mod_offline is not loaded on localhost")
+	lu.assertNotStrContains(log, "attempt to index a nil value")
+	lu.assertEquals(support.read(self.file), "shopping list: not an offline-store database\n", "the file is untouched")
 	a:close()
 end

@@ -48,7 +48,15 @@
  * the connection is down (lost, unreachable, or refused at open). A lost
  * connection fails the call in flight (its transaction is rolled back by the
  * server, nothing is half-written); the next call reconnects first, at most
- * once per backoff interval, so a dead server does not stall every call. */
+ * once per backoff interval, so a dead server does not stall every call.
+ *
+ * In doubt: a connection lost after COMMIT was sent and before its answer
+ * came leaves the outcome unknown. pop, remove and remove_user learn their
+ * transaction's id while they hold the user's lock, and then reconnect and
+ * ask the server (txid_status) before answering: committed is a success
+ * (pop returns what it read), rolled back a failure. store is one statement
+ * in its own implicit transaction and is not resolved: if its answer is lost
+ * it reports failure although the message may be stored. */
 #define _POSIX_C_SOURCE 200809L
 
 #include <limits.h>
@@ -67,6 +75,8 @@
 #define BACKOFF_MIN_MS 250
 #define BACKOFF_MAX_MS 8000
 #define MAX_PARAMS 9
+#define IN_DOUBT_WAIT_MS 3000 /* the longest a lost COMMIT's outcome is waited for */
+#define IN_DOUBT_POLL_MS 20
 
 enum {
 	ST_QUEUE_GET, ST_QUEUE_LOCK, ST_STORE, ST_SCAN, ST_DEL_UPTO, ST_DEL_IDS, ST_LIST,
@@ -113,7 +123,8 @@ static const struct {
 } statements[ST__COUNT] = {
 	[ST_QUEUE_GET] = {"SELECT count, bytes FROM offline_queue "
 	                  "WHERE host = $1::bytea AND username = $2::bytea", 2},
-	[ST_QUEUE_LOCK] = {"SELECT count FROM offline_queue "
+	/* also the transaction's id, to learn its fate should COMMIT's answer be lost */
+	[ST_QUEUE_LOCK] = {"SELECT count, txid_current() FROM offline_queue "
 	                   "WHERE host = $1::bytea AND username = $2::bytea FOR UPDATE", 2},
 	/* $3 ts, $4 expire, $5 sender, $6 stanza, $7 meta, $8 max count, $9 max bytes */
 	[ST_STORE] = {
@@ -176,6 +187,7 @@ typedef struct {
 	PGconn *conn;
 	PGresult *live;  /* a result being emitted; freed by the next call if an emit raised */
 	int prepared;    /* the statements exist on this session */
+	int pid;         /* the server process of the connection (its last good one) */
 	int backoff_ms;  /* 0, or the wait before the next reconnection attempt */
 	struct timespec retry_at;
 	char down[160];  /* why the last reconnection failed */
@@ -382,6 +394,31 @@ static void notice_hangup(pg *g) {
 	}
 }
 
+/* Reconnects a lost connection, at most once per backoff interval (so a
+ * dead server does not stall every call); blocks for up to connect_timeout. */
+static int reconnect(os_store *s, pg *g) {
+	g->prepared = 0;
+	if (g->backoff_ms > 0 && ms_until(&g->retry_at) > 0)
+		return os_fail(s, 0, "PostgreSQL is unreachable (next reconnection attempt in %lld ms): %s",
+		               (long long)ms_until(&g->retry_at), g->down);
+	PQreset(g->conn);
+	if (PQstatus(g->conn) != CONNECTION_OK) {
+		tidy(g->down, sizeof g->down, PQerrorMessage(g->conn));
+		g->backoff_ms = g->backoff_ms ? g->backoff_ms * 2 : BACKOFF_MIN_MS;
+		if (g->backoff_ms > BACKOFF_MAX_MS)
+			g->backoff_ms = BACKOFF_MAX_MS;
+		clock_gettime(CLOCK_MONOTONIC, &g->retry_at);
+		g->retry_at.tv_sec += g->backoff_ms / 1000;
+		g->retry_at.tv_nsec += (long)(g->backoff_ms % 1000) * 1000000L;
+		if (g->retry_at.tv_nsec >= 1000000000L)
+			g->retry_at.tv_sec++, g->retry_at.tv_nsec -= 1000000000L;
+		return os_fail(s, 0, "PostgreSQL is unreachable (reconnecting failed): %s", g->down);
+	}
+	g->backoff_ms = 0;
+	g->pid = PQbackendPID(g->conn);
+	return OS_OK;
+}
+
 /* Every call starts here: frees a result an abandoned call left behind,
  * reconnects a lost connection (with backoff), re-prepares the statements
  * and rolls back a transaction an abandoned call left open. */
@@ -391,31 +428,88 @@ static int ready(os_store *s, pg *g) {
 		g->live = NULL;
 	}
 	notice_hangup(g);
-	if (PQstatus(g->conn) != CONNECTION_OK) {
-		g->prepared = 0;
-		if (g->backoff_ms > 0 && ms_until(&g->retry_at) > 0)
-			return os_fail(s, 0, "PostgreSQL is unreachable (next reconnection attempt in %lld ms): %s",
-			               (long long)ms_until(&g->retry_at), g->down);
-		PQreset(g->conn);
-		if (PQstatus(g->conn) != CONNECTION_OK) {
-			tidy(g->down, sizeof g->down, PQerrorMessage(g->conn));
-			g->backoff_ms = g->backoff_ms ? g->backoff_ms * 2 : BACKOFF_MIN_MS;
-			if (g->backoff_ms > BACKOFF_MAX_MS)
-				g->backoff_ms = BACKOFF_MAX_MS;
-			clock_gettime(CLOCK_MONOTONIC, &g->retry_at);
-			g->retry_at.tv_sec += g->backoff_ms / 1000;
-			g->retry_at.tv_nsec += (long)(g->backoff_ms % 1000) * 1000000L;
-			if (g->retry_at.tv_nsec >= 1000000000L)
-				g->retry_at.tv_sec++, g->retry_at.tv_nsec -= 1000000000L;
-			return os_fail(s, 0, "PostgreSQL is unreachable (reconnecting failed): %s", g->down);
-		}
-		g->backoff_ms = 0;
-	}
+	if (PQstatus(g->conn) != CONNECTION_OK && reconnect(s, g) != OS_OK)
+		return OS_FAIL;
 	if (!g->prepared && prepare_all(s, g) != OS_OK)
 		return OS_FAIL;
 	if (PQtransactionStatus(g->conn) != PQTRANS_IDLE)
 		command(g, "ROLLBACK");
 	return OS_OK;
+}
+
+/* What became of transaction `xid`, asked on a new connection: 'c'ommitted,
+ * 'a'borted, 'i'n progress, or 0 when the server could not say. */
+static char xact_status(pg *g, int64_t xid) {
+	char num[24];
+	const char *val[1];
+	PGresult *r;
+	char st = 0;
+	snprintf(num, sizeof num, "%lld", (long long)xid);
+	val[0] = num;
+	r = PQexecParams(g->conn, "SELECT txid_status($1::int8)", 1, NULL, val, NULL, NULL, 0);
+	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
+		st = PQgetvalue(r, 0, 0)[0];
+	PQclear(r);
+	return st;
+}
+
+static void sleep_ms(long ms) {
+	struct timespec t;
+	t.tv_sec = ms / 1000;
+	t.tv_nsec = (ms % 1000) * 1000000L;
+	nanosleep(&t, NULL);
+}
+
+/* Called when the connection was lost with COMMIT of transaction `xid` sent
+ * and its answer missing: the transaction may or may not have committed.
+ * Reconnects and asks the server. A transaction still running is the old
+ * server process that has not noticed the lost client yet (or whose COMMIT
+ * never arrived): it is terminated (our own role may), which settles it,
+ * and waited for, up to IN_DOUBT_WAIT_MS. Returns OS_OK when it committed,
+ * OS_FAIL when it did not, and `unknown` when the server cannot tell (it is
+ * unreachable, or the wait ran out). The failure message stays that of the
+ * lost COMMIT, with the outcome added. */
+static int resolve(os_store *s, pg *g, int64_t xid, int unknown) {
+	int old_pid = g->pid, waited = 0, terminated = 0;
+	char lost[sizeof s->errmsg];
+	memcpy(lost, s->errmsg, sizeof lost);
+	if (xid <= 0)
+		return unknown;
+	g->backoff_ms = 0; /* one attempt now, whatever the backoff said */
+	if (reconnect(s, g) != OS_OK) {
+		os_fail(s, 0, "%s; whether it committed is unknown", lost);
+		return unknown;
+	}
+	for (;;) {
+		char st = xact_status(g, xid);
+		if (st == 'c')
+			return OS_OK;
+		if (st == 'a') {
+			os_fail(s, 0, "%s; the transaction was rolled back", lost);
+			return OS_FAIL;
+		}
+		if (st != 'i' || waited >= IN_DOUBT_WAIT_MS)
+			break;
+		if (!terminated && waited >= 5 * IN_DOUBT_POLL_MS && old_pid > 0) {
+			char sql[64];
+			snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)", old_pid);
+			PQclear(PQexec(g->conn, sql));
+			terminated = 1;
+		}
+		sleep_ms(IN_DOUBT_POLL_MS);
+		waited += IN_DOUBT_POLL_MS;
+	}
+	os_fail(s, 0, "%s; whether it committed is unknown", lost);
+	return unknown;
+}
+
+/* Commits the transaction `xid` (from ST_QUEUE_LOCK); if its answer is lost
+ * with the connection, resolve()s what happened (`unknown` as there). */
+static int commit_xid(os_store *s, pg *g, int64_t xid, int unknown) {
+	int rc = commit(s, g);
+	if (rc != OS_OK && PQstatus(g->conn) != CONNECTION_OK)
+		rc = resolve(s, g, xid, unknown);
+	return rc;
 }
 
 static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
@@ -479,7 +573,7 @@ static int pg_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 	pg *g = s->impl;
 	PGresult *r = NULL;
 	params p;
-	int64_t returned = 0, last = 0;
+	int64_t returned = 0, last = 0, xid;
 	int rc = OS_OK, i, n;
 	*expired = 0;
 	if (ready(s, g) != OS_OK)
@@ -506,6 +600,7 @@ static int pg_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 		rc = commit(s, g);
 		goto done;
 	}
+	xid = col_i64(r, 0, 1);
 	PQclear(r);
 	/* A new statement, so a snapshot taken after the lock (see 3. above). */
 	r = run(g, ST_SCAN, &p);
@@ -534,7 +629,9 @@ static int pg_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 		if (!result_ok(r))
 			goto fail;
 	}
-	rc = commit(s, g);
+	/* In doubt and the server cannot tell: the messages go out, since a
+	 * message delivered twice is better than one lost. */
+	rc = commit_xid(s, g, xid, OS_OK);
 	goto done;
 fail:
 	rc = abort_tx(s, g, r);
@@ -602,6 +699,7 @@ static int locked_delete(os_store *s, const os_key *k, int which, const char *ar
 	pg *g = s->impl;
 	PGresult *r = NULL;
 	params p;
+	int64_t xid;
 	int rc;
 	*touched = 0;
 	if (ready(s, g) != OS_OK)
@@ -616,13 +714,14 @@ static int locked_delete(os_store *s, const os_key *k, int which, const char *ar
 		rc = commit(s, g);
 		goto done;
 	}
+	xid = col_i64(r, 0, 1);
 	PQclear(r);
 	p_bytes(&p, arg, (size_t)arg_n);
 	r = run(g, which, &p);
 	if (!result_ok(r))
 		goto fail;
 	*touched = col_i64(r, 0, 0);
-	rc = commit(s, g);
+	rc = commit_xid(s, g, xid, OS_FAIL);
 	if (rc != OS_OK)
 		*touched = 0;
 	goto done;
@@ -834,7 +933,7 @@ int os_postgres_open(os_store *s, const char *conninfo) {
 	char msg[200];
 	if (!g)
 		return os_fail(s, 0, "out of memory");
-	values[0] = "5";
+	values[0] = "2"; /* connecting blocks the caller (reconnections too) */
 	values[1] = "prosody-offline-store";
 	values[2] = conninfo;
 	values[3] = NULL;
@@ -849,6 +948,7 @@ int os_postgres_open(os_store *s, const char *conninfo) {
 		goto fail;
 	}
 	PQsetNoticeProcessor(g->conn, quiet, NULL);
+	g->pid = PQbackendPID(g->conn);
 	if (check_schema(s, g) != OS_OK || prepare_all(s, g) != OS_OK)
 		goto fail;
 	s->impl = g;
