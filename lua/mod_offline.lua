@@ -169,15 +169,6 @@ end
 --- A host: options validated at load, and again at each config reload.
 local settings, settings_err = read_options(host)
 if not settings then refuse(settings_err) end
-
--- The store is opened here, before any hook exists: one that cannot be opened
--- stops the module before it handles anything (Prosody then bounces messages
--- to offline users itself), whereas a failure in module.load would leave the
--- hooks running without a store. PostgreSQL away at start is the exception:
--- the module comes up, answers stores with the storage-failure error and
--- opens the store on use once the database is back (see usable_batch below).
-local opened, open_err = open_store(host, settings)
-if not opened and settings.store.backend ~= "postgres" then refuse(open_err) end
 local store_groupchat = settings.groupchat
 
 -- Admins per SPEC §5: roles on 13 (module:may), is_admin on 0.12. Asked only
@@ -197,6 +188,16 @@ local function compile_limits(s)
 end
 local limit_uncached, limit_err = compile_limits(settings)
 if not limit_uncached then refuse(limit_err) end
+
+-- The store is opened here, before any hook exists: one that cannot be opened
+-- stops the module before it handles anything (Prosody then bounces messages
+-- to offline users itself), whereas a failure in module.load would leave the
+-- hooks running without a store. PostgreSQL away at start is the exception:
+-- the module comes up, answers stores with the storage-failure error and
+-- opens the store on use once the database is back (see usable_batch below).
+local opened, open_err = open_store(host, settings)
+if not opened and settings.store.backend ~= "postgres" then refuse(open_err) end
+
 -- Every store asks for the recipient's limit (0.12's admin check reads
 -- storage): remembered per recipient (-1 for "infinity") until the config is
 -- reloaded, for up to LIMITS_KEPT recipients, then afresh. Kept in C, off the
