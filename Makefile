@@ -32,7 +32,7 @@ DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks 
 
 SPECS ?= spec/*_spec.lua
 
-.PHONY: all deps test test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml bench-batch
+.PHONY: all deps test test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml bench-batch bench-hash
 
 all: $(CORE)
 
@@ -92,6 +92,10 @@ bench-xml: $(CORE)
 
 bench-batch: $(CORE)
 	$(LUA) bench/batch.lua
+
+# Names chosen to collide under the tables' old unkeyed hash against random ones.
+bench-hash: $(CORE)
+	$(LUA) bench/hash_flood.lua
 
 # Per-call latency of postgres (its own throwaway server on loopback) next to sqlite.
 bench-postgres: $(CORE)
