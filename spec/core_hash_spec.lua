@@ -47,13 +47,17 @@ function TestCoreHash:test_siphash_2_4_published_values()
 	end
 end
 
--- A queue's key is host, 0xff, user, however the bytes fall across SipHash's 8-byte words.
+-- A queue's key is host, 0xff, user, however the bytes fall across SipHash's 8-byte words,
+-- short (hashed joined) or long (hashed as it comes).
 function TestCoreHash:test_a_queue_key_is_host_ff_user()
-	local s, key = counting(40):gsub("\255", ""), ("k"):rep(16)
-	for cut = 0, #s do
-		local host, user = s:sub(1, cut), s:sub(cut + 1)
-		lu.assertEquals(core._hash(host, user), core._hash(host .. "\255" .. user), cut)
-		lu.assertEquals(core._hash(host, user, key), core._hash(host .. "\255" .. user, nil, key), cut)
+	local key = ("k"):rep(16)
+	for _, s in ipairs({ counting(40), counting(200) .. counting(100) }) do
+		s = s:gsub("\255", "")
+		for cut = 0, #s do
+			local host, user = s:sub(1, cut), s:sub(cut + 1)
+			lu.assertEquals(core._hash(host, user), core._hash(host .. "\255" .. user), cut)
+			lu.assertEquals(core._hash(host, user, key), core._hash(host .. "\255" .. user, nil, key), cut)
+		end
 	end
 	lu.assertEquals(core._hash(HOST, "alice"), core._hash(HOST, "alice"), "stable within a process")
 	lu.assertErrorMsgContains("must be 16 bytes", core._hash, "a", nil, "short")
