@@ -26,22 +26,6 @@ typedef struct {
 	os_str host, user;
 } os_key;
 
-/* FNV-1a: os_fnv(OS_FNV_START, p, n) hashes n bytes; chains to hash more. */
-#define OS_FNV_START 14695981039346656037u
-static inline uint64_t os_fnv(uint64_t h, const char *p, size_t n) {
-	size_t i;
-	for (i = 0; i < n; i++)
-		h = (h ^ (unsigned char)p[i]) * 1099511628211u;
-	return h;
-}
-
-/* FNV-1a over host, a separator that cannot occur in a JID part, user. */
-static inline uint64_t os_key_hash(const os_key *k) {
-	uint64_t h = os_fnv(OS_FNV_START, k->host.p, k->host.n);
-	h = os_fnv(h, "\xff", 1);
-	return os_fnv(h, k->user.p, k->user.n);
-}
-
 /* Keys kept in hash tables (the memory backend's queues, the sqlite counter
  * cache) are stored as host then user, back to back. */
 static inline int os_key_is(const char *key, size_t host_n, size_t user_n, const os_key *k) {

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "hash.h"
 
 typedef struct mnode {
 	struct mnode *next;

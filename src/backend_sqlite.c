@@ -37,6 +37,7 @@
 #include <sqlite3.h>
 
 #include "backend.h"
+#include "hash.h"
 
 #define SCHEMA_VERSION 4
 #define APPLICATION_ID 0x4f464c53 /* "OFLS" */

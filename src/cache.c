@@ -19,6 +19,7 @@
 #include <lua.h>
 
 #include "cache.h"
+#include "hash.h"
 
 #define CACHE_MT "offline_store.cache"
 #define MIN_SLOTS 64
@@ -39,7 +40,7 @@ typedef struct {
 
 /* (0 marks an empty slot) */
 static uint64_t hash_of(const char *p, size_t n) {
-	uint64_t h = os_fnv(OS_FNV_START, p, n);
+	uint64_t h = os_hash(p, n);
 	return h ? h : 1;
 }
 

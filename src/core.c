@@ -11,6 +11,7 @@
 
 #include "backend.h"
 #include "cache.h"
+#include "hash.h"
 #include "xml.h"
 
 #define STORE_MT "offline_store.db"
@@ -408,6 +409,24 @@ static const luaL_Reg metamethods[] = {
 	{NULL, NULL},
 };
 
+/* core._hash(a [, b [, key]]) -> integer: internal, for the specs. The hash
+ * of a (core.cache's keys) or of a, "\xff", b (the backends' queue keys, a the
+ * host and b the user) that the tables use, under the process key or under
+ * the given 16-byte key. */
+static int l_hash(lua_State *L) {
+	size_t an, bn, kn;
+	const char *a = luaL_checklstring(L, 1, &an), *b = luaL_optlstring(L, 2, NULL, &bn),
+	           *key = luaL_optlstring(L, 3, NULL, &kn);
+	uint64_t h;
+	luaL_argcheck(L, !key || kn == 16, 3, "must be 16 bytes");
+	if (key)
+		h = os_siphash((const unsigned char *)key, a, an, b, b ? bn : 0);
+	else
+		h = b ? os_hash_pair(a, an, b, bn) : os_hash(a, an);
+	lua_pushinteger(L, (lua_Integer)h);
+	return 1;
+}
+
 static const luaL_Reg functions[] = {
 	{"open_sqlite", l_open_sqlite},
 	{"open_memory", l_open_memory},
@@ -416,11 +435,13 @@ static const luaL_Reg functions[] = {
 	{"parse", os_xml_parse},
 	{"delay", os_xml_delay},
 	{"cache", os_cache_new},
+	{"_hash", l_hash},
 	{NULL, NULL},
 };
 
 __attribute__((visibility("default"))) int luaopen_offline_store_core(lua_State *L) {
 	luaL_checkversion(L);
+	os_hash_init();
 	if (luaL_newmetatable(L, STORE_MT)) {
 		luaL_setfuncs(L, metamethods, 0);
 		luaL_newlib(L, methods);
