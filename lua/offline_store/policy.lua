@@ -227,7 +227,6 @@ local function stanza_of(xml)
 	end
 	return stanza, err
 end
-M.stanza_of = stanza_of
 
 -- Turns a stored item back into a stanza ready to send: exactly one delay,
 -- from the host, stamped with the storage time. Returns nil, error if the
