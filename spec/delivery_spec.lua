@@ -46,9 +46,9 @@ local function queued(srv, user)
 end
 
 -- Runs fn(db) on the server's store file with the server stopped, then starts it
--- again. (Prosody -D forks after the module opened the file, and the daemon does
--- not inherit sqlite's POSIX locks: a second connection closing next to it would
--- take the WAL away from under it.)
+-- again. (Prosody -D forks after loading modules; had sqlite taken its POSIX locks
+-- before the fork, the daemon would not hold them, and a second connection closing
+-- next to it would take the WAL away from under it. Stopped, nothing can race.)
 local function with_file(srv, fn)
 	srv:stop()
 	local db = assert(core.open_sqlite(srv.dir .. "/data/offline.sqlite"))
