@@ -358,10 +358,33 @@ local function usable_batch()
 	return b
 end
 
+-- Rows kept by earlier versions under "HOST!unparsable" (no limit, kept past
+-- the account): moved into their users' queues as set-aside rows (see
+-- set_aside below), once. Costs one look-up at load when there are none. Run
+-- from the loop, not at load: Prosody -D forks after loading modules, and a
+-- daemon does not inherit the locks sqlite takes on its first read.
+local function adopt_unparsable()
+	local db_ = guarded
+	if not db_ then return end
+	local old = host .. "!unparsable"
+	for _, u in ipairs(db_:users(old) or {}) do
+		local items, moved = db_:list(old, u.user) or {}, true
+		for _, item in ipairs(items) do
+			moved = db_:store(host, u.user, item.from, item.xml, item.ts, item.expire, nil, nil, core.SET_ASIDE)
+				and moved
+		end
+		if moved and db_:remove_user(old, u.user) then
+			module:log("info", "Moved %d undeliverable offline messages of %s@%s from %q into their queue, set aside",
+				#items, u.user, host, old)
+		end
+	end
+end
+
 function module.load()
 	if not db then -- (else: restored from a reload)
 		if opened then
 			attach(opened)
+			module:add_timer(0, adopt_unparsable)
 		else
 			reopen_at = time_now() + REOPEN_EVERY
 			module:log("error", "%s; until it opens (tried again on use, at most every %d s) messages "
@@ -498,9 +521,34 @@ end, -1)
 
 --- Delivery.
 
--- Keeps a stored row that no longer parses, under a key no real host can
--- have, so it is neither lost nor in the way; the operator can inspect it.
-local QUARANTINE = host .. "!unparsable"
+-- A row that cannot be turned back into a stanza (damaged, or written by
+-- another program) is set aside once: stored again in the recipient's own
+-- queue with core.SET_ASIDE as its meta, which pop skips from then on. It
+-- counts toward their limits, shows in `offline list` and goes with delete,
+-- purge, expiry and the account; it is never retried nor logged again.
+local SET_ASIDE = core.SET_ASIDE
+
+local function set_aside(username, item, why)
+	local n, id_or_err, code = b:idle():store(host, username, item.from, item.xml, item.ts, item.expire,
+		nil, nil, SET_ASIDE)
+	m_failed:with_labels("deliver"):add(1)
+	if n then
+		module:log("error", "Offline message %d for %s@%s cannot be delivered (%s); set aside in their queue "
+			.. "as message %d (`offline list`)", item.id, username, host, tostring(why), id_or_err)
+	else
+		module:log("error", "Offline message %d for %s@%s cannot be delivered (%s), and setting it aside "
+			.. "failed: %s (code %s); it is lost", item.id, username, host, tostring(why), id_or_err, tostring(code))
+	end
+end
+
+-- One row, isolated: a row that cannot be turned into a stanza, or whose
+-- sending raises, never stops the rows after it (run under pcall).
+local function deliver_one(origin, item)
+	local stanza, err = policy.delivery(item, host)
+	if not stanza then return false, err end
+	origin.send(stanza)
+	return true
+end
 
 module:hook("message/offline/broadcast", function(event)
 	local origin = event.origin
@@ -518,14 +566,11 @@ module:hook("message/offline/broadcast", function(event)
 	end
 	local sent = 0
 	for _, item in ipairs(items) do
-		local stanza, perr = policy.delivery(item, host)
-		if stanza then
-			origin.send(stanza)
+		local ok, delivered, why = pcall(deliver_one, origin, item)
+		if ok and delivered then
 			sent = sent + 1
 		else
-			module:log("error", "Offline message %d for %s@%s no longer parses (%s); kept aside under %q",
-				item.id, username, host, perr, QUARANTINE)
-			b:idle():store(QUARANTINE, username, item.from, item.xml, item.ts, nil, nil, nil, item.meta)
+			set_aside(username, item, ok and why or delivered)
 		end
 	end
 	if sent > 0 then

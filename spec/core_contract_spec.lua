@@ -184,6 +184,64 @@ local function contract(open, finish)
 		lu.assertEquals(self.db:remove("ab", "c", { ids[1].id }), 0, "another user's id is not removed")
 	end
 
+	-- A row stored with meta = core.SET_ASIDE (a message that could not be
+	-- delivered) stays in its queue through every pop, counted and listed.
+	function T:test_set_aside_rows_stay_through_pop()
+		local db = self.db
+		fill(db, 2, H, U, "a")
+		local _, aside = assert(db:store(H, U, FROM, "<damaged", T0, nil, nil, nil, core.SET_ASIDE))
+		fill(db, 2, H, U, "b")
+		-- (a meta that only starts like the marker is any row's)
+		assert(db:store(H, U, FROM, "c", T0, nil, nil, nil, core.SET_ASIDE .. "x"))
+		lu.assertEquals(db:count(H, U), 6)
+		lu.assertEquals({ db:store(H, U, FROM, "over", T0, nil, 6) }, { false, "limit", 6 },
+			"it counts toward the limit")
+		local items, expired = db:pop(H, U, T0)
+		lu.assertEquals(xmls(items), { "a1", "a2", "b1", "b2", "c" })
+		lu.assertEquals(expired, 0)
+		lu.assertEquals({ db:count(H, U) }, { 1, #"<damaged" })
+		assert_counter(db)
+		local listed = db:list(H, U)
+		lu.assertEquals(#listed, 1)
+		lu.assertEquals({ listed[1].id, listed[1].xml, listed[1].meta }, { aside, "<damaged", core.SET_ASIDE })
+		lu.assertEquals(#db:pop(H, U, T0), 0, "not handed out again")
+		lu.assertEquals(db:count(H, U), 1)
+		-- pop's max counts the rows it hands out, not the one it steps over
+		fill(db, 3, H, U, "d")
+		lu.assertEquals(xmls(db:pop(H, U, T0, 2)), { "d1", "d2" })
+		lu.assertEquals(db:count(H, U), 2)
+		assert_counter(db)
+		lu.assertEquals(xmls(db:pop(H, U, T0)), { "d3" })
+		-- new messages queue behind it and pop as usual
+		fill(db, 1, H, U, "e")
+		lu.assertEquals(xmls(db:pop(H, U, T0)), { "e1" })
+		lu.assertEquals(db:count(H, U), 1)
+		assert_counter(db)
+	end
+
+	function T:test_set_aside_rows_go_with_every_removal()
+		local db = self.db
+		local function aside(user, ts, expire)
+			return select(2, assert(db:store(H, user, FROM, "<damaged", ts, expire, nil, nil, core.SET_ASIDE)))
+		end
+		local id = aside("r1", T0)
+		fill(db, 1, H, "r1")
+		lu.assertEquals(db:remove(H, "r1", { id }), 1, "remove")
+		aside("r2", T0)
+		lu.assertEquals(db:remove_user(H, "r2"), 1, "remove_user")
+		aside("r3", T0, T0 + 10)
+		lu.assertEquals(#db:pop(H, "r3", T0 + 20), 0)
+		lu.assertEquals(db:delete_expired(T0 + 20), 1, "delete_expired")
+		aside("r4", T0)
+		lu.assertEquals(db:delete_older_than(T0 + 1), 1, "delete_older_than")
+		aside("r5", T0 + 100)
+		local users = db:users(H)
+		lu.assertEquals(#users, 2)
+		lu.assertEquals({ users[2].user, users[2].count }, { "r5", 1 }, "users")
+		lu.assertEquals(db:remove_host(H), 2, "remove_host")
+		for _, user in ipairs { "r1", "r2", "r3", "r4", "r5" } do lu.assertEquals(db:count(H, user), 0, user) end
+	end
+
 	function T:test_binary_payloads_round_trip()
 		local nul = "a\0b\0\0c"
 		local bad_utf8 = "\xff\xfe\xc3\x28 \xed\xa0\x80"

@@ -255,6 +255,90 @@ function TestDelivery:test_unparsable_row()
 	lu.assertIsString(err)
 end
 
+-- What Prosody's stream parser builds from the network: a namespaced attribute keeps
+-- its "URI\1name" key whatever the URI holds, and xml:NAME other than lang, space,
+-- base and id stays "XML-namespace\1NAME". Stored and delivered, the stanza has the
+-- same attributes (xml:NAME written as such), and what Prosody writes for it is XML
+-- that expat reads back to them.
+local NS_XML = "http://www.w3.org/XML/1998/namespace"
+
+local function odd_message(build)
+	local m = msg()
+	m.attr["urn:a b\1x"] = "1"
+	m.attr["urn:q'\"<>& z\1y"] = "v'<&>\""
+	m.attr[NS_XML .. "\1foo"] = "bar"
+	m.attr["xml:lang"] = "en"
+	m:tag("x", { xmlns = "urn:example:x" })
+	m.tags[#m.tags].attr[NS_XML .. "\1other"] = "o"
+	if build then build(m) end
+	m:reset()
+	return m
+end
+
+local function reparsed_by_expat(stanza)
+	local attrs = {}
+	local parser = require "lxp".new({ StartElement = function(_, name, attr)
+		local copy = {}
+		for _, k in ipairs(attr) do copy[k] = attr[k] end
+		attrs[#attrs + 1] = { name = name, attr = copy }
+	end }, "\1")
+	local ok, err = parser:parse(tostring(stanza))
+	if ok then ok, err = parser:parse() end
+	lu.assertNotNil(ok, "what Prosody writes is well-formed: " .. tostring(err))
+	return attrs
+end
+
+local function check_odd(out)
+	lu.assertEquals(out.attr["urn:a b\1x"], "1")
+	lu.assertEquals(out.attr["urn:q'\"<>& z\1y"], "v'<&>\"")
+	lu.assertEquals(out.attr["xml:foo"], "bar")
+	lu.assertEquals(out.attr["xml:lang"], "en")
+	lu.assertEquals(out:get_child("x", "urn:example:x").attr["xml:other"], "o")
+	lu.assertEquals(out:get_child_text("body"), "hello")
+	lu.assertEquals(#out:get_child("delay", "urn:xmpp:delay"), 1)
+	local seen = reparsed_by_expat(out)
+	lu.assertEquals(seen[1].attr["urn:a b\1x"], "1")
+	lu.assertEquals(seen[1].attr["urn:q'\"<>& z\1y"], "v'<&>\"")
+	lu.assertEquals(seen[1].attr[NS_XML .. "\1foo"], "bar")
+	lu.assertEquals(seen[1].attr[NS_XML .. "\1lang"], "en")
+	lu.assertEquals(seen[3].attr[NS_XML .. "\1other"], "o")
+end
+
+function TestDelivery:test_odd_attributes_round_trip()
+	local m = odd_message()
+	local xml = policy.stored_xml(m)
+	lu.assertEquals(xml, tostring(m), "stored as tostring writes it")
+	check_odd(assert(policy.delivery({ xml = xml, ts = NOW }, HOST)))
+end
+
+-- Deeper than core.parse goes: read by the Lua reader, with the same result.
+function TestDelivery:test_odd_attributes_in_a_deep_tree()
+	local m = odd_message(function(x)
+		for _ = 1, 300 do x:tag("deep") end
+		x.last_add[#x.last_add].attr["urn:a b\1deep"] = "d"
+	end)
+	local out = assert(policy.delivery({ xml = policy.stored_xml(m), ts = NOW }, HOST))
+	check_odd(out)
+	local el, depth = out:get_child("x", "urn:example:x").tags[1], 1
+	while el.tags[1] do el, depth = el.tags[1], depth + 1 end
+	lu.assertEquals(depth, 300)
+	lu.assertEquals(el.attr["urn:a b\1deep"], "d")
+end
+
+-- Whatever a row holds, turning it into a stanza returns a stanza or nil and an
+-- error: it never raises.
+function TestDelivery:test_never_raises()
+	local rows = { "", "<", "<m", "<m>", "<m/><n/>", "<!DOCTYPE m><m/>", "<m><!-- c --></m>", "<?pi?><m/>",
+		"<m xmlns:p='urn:a b' p:x='1' p:x='2'/>", "<m xmlns:ns1='http://www.w3.org/XML/1998/namespace' ns1:a='1'",
+		"<m a='\1'/>", "<m>\255\254</m>", "<p:m/>", "<m xmlns:p=''/>", ("<a>"):rep(5000) }
+	for i, xml in ipairs(rows) do
+		local ok, out, err = pcall(policy.delivery, { xml = xml, ts = NOW }, HOST)
+		lu.assertTrue(ok, "row " .. i .. " raised: " .. tostring(out))
+		lu.assertNil(out, "row " .. i)
+		lu.assertIsString(err, "row " .. i)
+	end
+end
+
 TestErrors = {}
 
 local function check_error(reply, etype, code, condition, text)

@@ -64,6 +64,40 @@ function TestSerialize:test_skip_delays_top_level_only()
 	lu.assertEquals(out, tostring(m), "only the two top-level delays are left out")
 end
 
+-- What db:store keeps is, byte for byte, tostring of a copy without the top-level
+-- delays: with only delays as children, that copy is an empty element.
+function TestSerialize:test_skip_delays_only_delays_gives_self_closing()
+	local m = st.message({ to = "bob@example.org", id = "d" })
+		:tag("delay", { xmlns = "urn:xmpp:delay", stamp = "2020-01-01T00:00:00Z" }):up()
+		:tag("x", { xmlns = "jabber:x:delay", stamp = "20200101T00:00:00" }):up()
+	local out = serialize(m, true)
+	m:maptags(function() return nil end)
+	lu.assertEquals(#m, 0)
+	lu.assertEquals(out, tostring(m))
+	lu.assertStrContains(out, "/>")
+	-- an empty text node is a child: tostring writes a start and an end tag
+	local t = st.message({ id = "t" }):tag("delay", { xmlns = "urn:xmpp:delay" }):up()
+	t[#t + 1] = ""
+	local with_text = serialize(t, true)
+	t:maptags(function() return nil end)
+	lu.assertEquals(with_text, tostring(t))
+end
+
+-- tostring leaves out an xmlns equal to the parent's by Lua equality: a number
+-- equal to the parent's number too (past util.stanza's checks, as a module could).
+function TestSerialize:test_numeric_xmlns_equal_to_parent()
+	local m = st.stanza("a")
+	m.attr.xmlns = 1
+	local child = st.stanza("b")
+	child.attr.xmlns = 1
+	m:add_direct_child(child)
+	local other = st.stanza("c")
+	other.attr.xmlns = "1" -- a string is not equal to the number: written
+	m:add_direct_child(other)
+	same(m, "numeric xmlns")
+	lu.assertEquals(serialize(m), "<a xmlns='1'><b/><c xmlns='1'/></a>")
+end
+
 function TestSerialize:test_bad_trees_raise_like_tostring()
 	lu.assertErrorMsgContains("bad argument", serialize, "<message/>")
 	local bad = st.message()

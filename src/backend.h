@@ -45,6 +45,19 @@ typedef struct {
 	os_str from, xml, meta; /* meta.p == NULL: no metadata */
 } os_item;
 
+/* A row set aside: its message could not be turned back into a stanza (damaged,
+ * or written by another program), so the plugin stored it again with exactly
+ * these bytes as its meta. pop neither emits nor deletes such a row (nor counts
+ * it toward its max or in *expired), so its cost is a skipped row; every other operation treats it as any row: it counts in count and bytes (so
+ * toward the recipient's limits), list returns it, and remove, remove_user,
+ * remove_host, delete_expired and delete_older_than delete it. Plain
+ * characters, so the SQL backends write it as a literal. Callers must not use
+ * this meta value for other rows. */
+#define OS_SET_ASIDE "offline-store:set-aside"
+static inline int os_is_set_aside(os_str meta) {
+	return meta.p && meta.n == sizeof OS_SET_ASIDE - 1 && memcmp(meta.p, OS_SET_ASIDE, meta.n) == 0;
+}
+
 typedef struct {
 	int64_t max_count; /* OS_NONE: unlimited */
 	int64_t max_bytes; /* OS_NONE: unlimited */

@@ -96,6 +96,13 @@ static int is_expired(const mnode *n, int64_t now) {
 	return n->expire != OS_NONE && n->expire <= now;
 }
 
+static int is_set_aside(const mnode *n) {
+	os_str meta;
+	meta.p = n->has_meta ? n->data + n->from_n + n->xml_n : NULL;
+	meta.n = n->meta_n;
+	return os_is_set_aside(meta);
+}
+
 static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_limit *lim,
                      int64_t *count, int64_t *id) {
 	mstore *m = s->impl;
@@ -153,7 +160,7 @@ static int mem_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
                    os_emit_item emit, void *ud, int64_t *expired) {
 	mstore *m = s->impl;
 	mqueue **slot = find_slot(m, k, os_key_hash(k)), *q = *slot;
-	mnode *n, *end;
+	mnode *n, *end, *kept = NULL, **kept_next = &kept, *kept_last = NULL;
 	int64_t returned = 0;
 	*expired = 0;
 	if (!q)
@@ -161,7 +168,7 @@ static int mem_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 	/* First emit, then unlink: if emit raises, the queue is untouched. */
 	for (n = q->head; n && (max == OS_NONE || returned < max); n = n->next) {
 		os_item it;
-		if (is_expired(n, now))
+		if (is_set_aside(n) || is_expired(n, now))
 			continue;
 		to_item(n, &it);
 		emit(ud, &it);
@@ -170,14 +177,22 @@ static int mem_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 	end = n;
 	for (n = q->head; n != end;) {
 		mnode *next = n->next;
-		*expired += is_expired(n, now);
-		q->count--;
-		q->bytes -= (int64_t)n->xml_n;
-		free(n);
+		if (is_set_aside(n)) { /* stays, in order, ahead of the rows not reached */
+			*kept_next = kept_last = n;
+			kept_next = &n->next;
+		} else {
+			*expired += is_expired(n, now);
+			q->count--;
+			q->bytes -= (int64_t)n->xml_n;
+			free(n);
+		}
 		n = next;
 	}
-	q->head = end;
+	*kept_next = end;
+	q->head = kept;
 	if (!end)
+		q->tail = kept_last;
+	if (!q->head)
 		drop_queue(m, slot);
 	return OS_OK;
 }

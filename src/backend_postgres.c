@@ -80,7 +80,7 @@
 
 enum {
 	ST_QUEUE_GET, ST_QUEUE_LOCK, ST_STORE, ST_SCAN, ST_DEL_UPTO, ST_DEL_IDS, ST_LIST,
-	ST_HOST_DEL, ST_EXPIRED_DEL, ST_OLDER_DEL, ST_USERS,
+	ST_HOST_DEL, ST_EXPIRED_DEL, ST_OLDER_DEL, ST_USERS, ST_POP_DEL,
 	ST__COUNT
 };
 
@@ -158,6 +158,8 @@ static const struct {
 	                              "WHERE ts < $1::int8)", "m.ts < $1::int8"), 1},
 	[ST_USERS] = {"SELECT username, count, bytes FROM offline_queue "
 	              "WHERE host = $1::bytea AND count > 0 ORDER BY username", 1},
+	/* pop's: $3 the last id read; rows set aside stay (see OS_SET_ASIDE) */
+	[ST_POP_DEL] = {USER_DELETE("id <= $3::int8 AND meta IS DISTINCT FROM '" OS_SET_ASIDE "'::bytea"), 3},
 };
 
 /* Table names carry a prefix: the database is usually shared with
@@ -612,6 +614,8 @@ static int pg_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 		os_item it;
 		read_item(r, i, &it);
 		last = it.id;
+		if (os_is_set_aside(it.meta))
+			continue;
 		if (it.expire != OS_NONE && it.expire <= now) {
 			(*expired)++;
 			continue;
@@ -625,7 +629,7 @@ static int pg_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 	if (last > 0) {
 		p.n = 2;
 		p_i64(&p, last);
-		r = run(g, ST_DEL_UPTO, &p);
+		r = run(g, ST_POP_DEL, &p);
 		if (!result_ok(r))
 			goto fail;
 	}

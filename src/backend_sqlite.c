@@ -78,7 +78,9 @@ static const char *const sql_text[ST__COUNT] = {
 	[ST_MSG_LIST] =
 		"SELECT id, ts, expire, sender, stanza, meta FROM message "
 		"WHERE qid = (SELECT id FROM queue WHERE host = ?1 AND user = ?2) AND id > ?3 ORDER BY id",
-	[ST_MSG_DEL_UPTO] = "DELETE FROM message WHERE qid = ?1 AND id <= ?2",
+	/* (rows set aside stay: see OS_SET_ASIDE) */
+	[ST_MSG_DEL_UPTO] = "DELETE FROM message WHERE qid = ?1 AND id <= ?2 "
+	                    "AND meta IS NOT CAST('" OS_SET_ASIDE "' AS BLOB)",
 	[ST_MSG_DEL_ID] = "DELETE FROM message WHERE qid = ?1 AND id = ?2 RETURNING length(stanza)",
 	[ST_USER_DEL_MSGS] = "DELETE FROM message WHERE qid = ?1",
 	[ST_HOST_DEL_MSGS] = "DELETE FROM message WHERE qid IN (SELECT id FROM queue WHERE host = ?1)",
@@ -783,6 +785,8 @@ static int sq_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 		os_item it;
 		read_item(st, &it);
 		last = it.id;
+		if (os_is_set_aside(it.meta))
+			continue;
 		seen++;
 		seen_bytes += (int64_t)it.xml.n;
 		if (it.expire != OS_NONE && it.expire <= now) {
@@ -799,7 +803,7 @@ static int sq_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 		return abort_tx(s, q);
 	if (seen > 0) {
 		/* Inside BEGIN IMMEDIATE nobody else writes, so the rows up to the
-		 * last id read are exactly the rows read. */
+		 * last id read, but those set aside, are exactly the rows counted. */
 		st = stmt(q, ST_MSG_DEL_UPTO);
 		sqlite3_bind_int64(st, 1, qid);
 		sqlite3_bind_int64(st, 2, last);

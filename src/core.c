@@ -452,5 +452,7 @@ __attribute__((visibility("default"))) int luaopen_offline_store_core(lua_State 
 	luaL_newlib(L, functions);
 	lua_pushliteral(L, "0.1.0");
 	lua_setfield(L, -2, "version");
+	lua_pushliteral(L, OS_SET_ASIDE); /* the meta of a row set aside (backend.h) */
+	lua_setfield(L, -2, "SET_ASIDE");
 	return 1;
 }

@@ -144,9 +144,12 @@ static int ser_el(lua_State *L, sbuf *b, int el, int pns, int skip_delays, int d
 	while (lua_next(L, attr)) {
 		const char *k, *v, *sep;
 		size_t kn, vn;
+		int same_ns;
 		if (lua_type(L, -2) != LUA_TSTRING)
 			luaL_error(L, "serialize: an attribute name of <%s> is not a string", name);
 		k = lua_tolstring(L, -2, &kn);
+		/* (compared before ser_str turns a number into a string on the stack) */
+		same_ns = pns && kn == 5 && memcmp(k, "xmlns", 5) == 0 && lua_rawequal(L, -1, pns);
 		v = ser_str(L, -1, &vn, "an attribute value");
 		sep = memchr(k, '\1', kn);
 		if (sep) { /* "ns\1name": a namespaced attribute, declared in place */
@@ -163,7 +166,7 @@ static int ser_el(lua_State *L, sbuf *b, int el, int pns, int skip_delays, int d
 			SB_LIT(b, "='");
 			sb_escaped(b, v, vn);
 			SB_LIT(b, "'");
-		} else if (!(kn == 5 && memcmp(k, "xmlns", 5) == 0 && pns && lua_rawequal(L, -1, pns))) {
+		} else if (!same_ns) {
 			ser_attr(b, k, kn, v, vn);
 		}
 		lua_pop(L, 1);
@@ -172,25 +175,34 @@ static int ser_el(lua_State *L, sbuf *b, int el, int pns, int skip_delays, int d
 	if (len == 0) {
 		SB_LIT(b, "/>");
 	} else {
+		size_t open_at = b->n, written = 0;
 		SB_LIT(b, ">");
 		lua_getfield(L, attr, "xmlns"); /* the children's parent namespace */
 		myns = lua_gettop(L);
 		for (i = 1; i <= len; i++) {
 			if (lua_rawgeti(L, el, (lua_Integer)i) == LUA_TTABLE) {
 				int child = lua_gettop(L);
-				if (!(skip_delays && is_delay(L, child)) &&
-				    ser_el(L, b, child, myns, 0, depth + 1) != 0)
-					return -1;
+				if (!(skip_delays && is_delay(L, child))) {
+					if (ser_el(L, b, child, myns, 0, depth + 1) != 0)
+						return -1;
+					written++;
+				}
 			} else {
 				s = ser_str(L, -1, &n, "a text node");
 				sb_escaped(b, s, n);
+				written++;
 			}
 			lua_pop(L, 1);
 		}
 		lua_pop(L, 1); /* myns */
-		SB_LIT(b, "</");
-		sb_add(b, name, namelen);
-		SB_LIT(b, ">");
+		if (written == 0) { /* only delays, left out: tostring of a copy without them */
+			b->n = open_at;
+			SB_LIT(b, "/>");
+		} else {
+			SB_LIT(b, "</");
+			sb_add(b, name, namelen);
+			SB_LIT(b, ">");
+		}
 	}
 	lua_pop(L, 2); /* attr, name */
 	return 0;

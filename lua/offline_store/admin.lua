@@ -10,6 +10,8 @@ local floor, type, tonumber, tostring, math_type = math.floor, type, tonumber, t
 local M = {}
 
 local DAY_US = 86400 * 1000000
+-- the meta of a message set aside because it could not be delivered
+local SET_ASIDE = require "offline_store.core".SET_ASIDE
 
 function M.now_us()
 	return floor(require "util.time".now() * 1000000)
@@ -68,8 +70,9 @@ function M.list(db, user, host, print, max)
 	local items, err, code = db:list(host, user, 0, max)
 	if not items then return fail("list", err, code) end
 	for _, it in ipairs(items) do
-		print(("%d  %s  from %s  %d bytes%s"):format(it.id, datetime.datetime(it.ts // 1000000), it.from, #it.xml,
-			it.expire and ("  expires " .. datetime.datetime(it.expire // 1000000)) or ""))
+		print(("%d  %s  from %s  %d bytes%s%s"):format(it.id, datetime.datetime(it.ts // 1000000), it.from, #it.xml,
+			it.expire and ("  expires " .. datetime.datetime(it.expire // 1000000)) or "",
+			it.meta == SET_ASIDE and "  [undeliverable]" or ""))
 	end
 	local total = db:count(host, user)
 	return true, ("Listed %d of %d offline messages of %s@%s"):format(#items, total or #items, user, host)

@@ -4,11 +4,12 @@
 -- arguments, so it is unit-tested without a server.
 
 local st = require "util.stanza"
-local xml_parse = require "util.xml".parse
+local lxp = require "lxp"
 local datetime = require "util.datetime"
 local jid_split = require "util.jid".split
 
-local tonumber, floor, tostring, ipairs, getmetatable = tonumber, math.floor, tostring, ipairs, getmetatable
+local tonumber, floor, tostring, ipairs, getmetatable, setmetatable =
+	tonumber, math.floor, tostring, ipairs, getmetatable, setmetatable
 
 local M = {}
 
@@ -145,10 +146,87 @@ end
 -- The stored XML is what core.serialize wrote: core.parse reads that subset in
 -- C, into the tree util.xml.parse would give; it returns nil for anything else
 -- (rows from other writers, trees too deep for C, namespaced attributes, tabs or
--- newlines in attribute values), which util.xml.parse then reads.
+-- newlines in attribute values), which read_xml below then reads.
 local parse, add_delay = core.parse, core.delay
 local stanza_mt = getmetatable(st.stanza("x"))
 local STAMP_MAX = 253402300799 -- 9999-12-31T23:59:59Z: the last stamp with a four-digit year
+
+local NS_XML = "http://www.w3.org/XML/1998/namespace"
+local XML_NS_KEY = NS_XML .. "\1" -- the start of an xml:NAME attribute's key from expat
+-- What tostring (and core.serialize) writes for such a key, which expat refuses
+-- (only the prefix xml may name that namespace), and what it means.
+local XML_NS_DECL = " xmlns:(ns%d+)='http://www%.w3%.org/XML/1998/namespace' %1:"
+local XML_NS_DECL_PLAIN = "='" .. NS_XML .. "' "
+
+local function stop(parser) parser:stop() end
+
+-- The tree util.xml.parse gives, without its stanza:tag checks, and built the
+-- way Prosody's stream parser builds a stanza from the network: a namespaced
+-- attribute keeps its "URI\1name" key whatever the URI holds (util.stanza's
+-- name check would refuse a URI with a space, a quote, <, > or &, which the
+-- stream accepted), and every attribute in the XML namespace becomes xml:NAME.
+-- Returns the tree, or nil and util.xml's error text. Never raises.
+local function read_xml(xml)
+	local top, open, depth = nil, {}, 0
+	local handler = { StartDoctypeDecl = stop, Comment = stop, ProcessingInstruction = stop }
+	function handler:StartElement(tagname, attr)
+		local ns, name = tagname:match("^([^\1]*)\1(.*)$")
+		if not ns then
+			name = tagname
+		elseif ns ~= "" then
+			attr.xmlns = ns
+		end
+		for i = 1, #attr do
+			local k = attr[i]
+			attr[i] = nil
+			if k:sub(1, #XML_NS_KEY) == XML_NS_KEY then
+				attr["xml:" .. k:sub(#XML_NS_KEY + 1)] = attr[k]
+				attr[k] = nil
+			end
+		end
+		local el = setmetatable({ name = name, attr = attr, tags = {} }, stanza_mt)
+		local parent = open[depth]
+		if parent then
+			parent[#parent + 1] = el
+			parent.tags[#parent.tags + 1] = el
+		else
+			top = el
+		end
+		depth = depth + 1
+		open[depth] = el
+	end
+	function handler:CharacterData(data)
+		local el = open[depth]
+		el[#el + 1] = data
+	end
+	function handler:EndElement()
+		open[depth] = nil
+		depth = depth - 1
+	end
+	local parser = lxp.new(handler, "\1")
+	local ok, err, line, col = parser:parse(xml)
+	if ok then ok, err, line, col = parser:parse() end
+	if ok and top then return top end
+	return nil, ("%s (line %d, col %d))"):format(tostring(err), line or 0, col or 0)
+end
+
+-- The stanza a stored row holds: core.parse for what it reads, else read_xml;
+-- a row with xml:NAME attributes (other than those Prosody's stream parser
+-- names itself, e.g. xml:lang) was written with a prefix bound to the XML
+-- namespace, which read_xml reads once that is written as xml: again (only
+-- markup holds quotes unescaped, so the pattern matches nothing else; and
+-- only XML that expat refused is rewritten).
+local function stanza_of(xml)
+	local stanza = parse(xml, stanza_mt)
+	if stanza then return stanza end
+	local err
+	stanza, err = read_xml(xml)
+	if not stanza and xml:find(XML_NS_DECL_PLAIN, 1, true) then
+		local rewritten, n = xml:gsub(XML_NS_DECL, " xml:")
+		if n > 0 then stanza = read_xml(rewritten) end
+	end
+	return stanza, err
+end
 
 -- Turns a stored item back into a stanza ready to send: exactly one delay,
 -- from the host, stamped with the storage time. Returns nil, error if the
@@ -156,12 +234,8 @@ local STAMP_MAX = 253402300799 -- 9999-12-31T23:59:59Z: the last stamp with a fo
 -- without util.stanza's checks of the host, the stamp and the text on every
 -- delivered message.)
 function M.delivery(item, host)
-	local stanza = parse(item.xml, stanza_mt)
-	if not stanza then
-		local err
-		stanza, err = xml_parse(item.xml)
-		if not stanza then return nil, err end
-	end
+	local stanza, err = stanza_of(item.xml)
+	if not stanza then return nil, err end
 	-- (a stamp core.delay cannot write, from a forged or foreign row, is clamped:
 	-- a delivery must not fail after the pop)
 	local secs = item.ts // 1000000

@@ -167,7 +167,10 @@ static os_str pick_from(reader *r) {
 static os_str pick_meta(reader *r) {
 	os_str m;
 	switch (u8(r) % 4) {
-	case 2: m.p = ""; m.n = 0; return m;
+	case 2: /* empty, or the marker of a row set aside (backend.h), which pop skips */
+		m.p = u8(r) & 1 ? OS_SET_ASIDE : "";
+		m.n = strlen(m.p);
+		return m;
 	case 3: return take(r, u8(r) % 16);
 	default: m.p = NULL; m.n = 0; return m;
 	}
@@ -567,7 +570,7 @@ static void op_pop(reader *r) {
 	}
 	cx.nwant = 0;
 	for (i = 0; i < nmsg && (max == OS_NONE || returned < max); i++) {
-		if (!of_key(&msgs[i], h, u))
+		if (!of_key(&msgs[i], h, u) || os_is_set_aside(msgs[i].meta))
 			continue;
 		visit[nvisit++] = i;
 		if (is_expired(&msgs[i], now)) {
