@@ -10,8 +10,14 @@ local floor, type, tonumber, tostring, math_type = math.floor, type, tonumber, t
 local M = {}
 
 local DAY_US = 86400 * 1000000
--- the meta of a message set aside because it could not be delivered
-local SET_ASIDE = require "offline_store.core".SET_ASIDE
+-- The meta of a message set aside because it could not be delivered. Read
+-- when first needed: this module is required before the plugin has found the
+-- C library (the shell's commands must exist even when that fails).
+local set_aside_meta
+local function set_aside(meta)
+	set_aside_meta = set_aside_meta or require "offline_store.core".SET_ASIDE
+	return meta == set_aside_meta
+end
 
 function M.now_us()
 	return floor(require "util.time".now() * 1000000)
@@ -72,7 +78,7 @@ function M.list(db, user, host, print, max)
 	for _, it in ipairs(items) do
 		print(("%d  %s  from %s  %d bytes%s%s"):format(it.id, datetime.datetime(it.ts // 1000000), it.from, #it.xml,
 			it.expire and ("  expires " .. datetime.datetime(it.expire // 1000000)) or "",
-			it.meta == SET_ASIDE and "  [undeliverable]" or ""))
+			set_aside(it.meta) and "  [undeliverable]" or ""))
 	end
 	local total = db:count(host, user)
 	return true, ("Listed %d of %d offline messages of %s@%s"):format(#items, total or #items, user, host)
