@@ -1021,41 +1021,71 @@ static int pragma_int(sqlite3 *db, const char *sql, int64_t *out) {
 }
 
 /* Brings the schema to SCHEMA_VERSION, refusing files that are not ours
- * or that a newer build wrote. Never drops or rewrites existing data. */
+ * or that a newer build wrote. Never drops or rewrites existing data.
+ * Reading the version and migrating happen in one write transaction: another
+ * process opening the same file at the same moment waits for the lock (the busy
+ * timeout) and then reads the schema this one left, instead of migrating the
+ * file a second time from a version it read before this one committed. A
+ * failure rolls every step back, leaving the file as it was. */
 static int check_schema(os_store *s, sqlite3 *db, const char *path) {
 	int64_t version = 0, app = 0, tables = 0;
-	char sql[96];
-	if (pragma_int(db, "PRAGMA application_id", &app) != SQLITE_OK ||
+	char sql[96], *err = NULL;
+	int rc = OS_FAIL;
+	if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK ||
+	    pragma_int(db, "PRAGMA application_id", &app) != SQLITE_OK ||
 	    pragma_int(db, "PRAGMA user_version", &version) != SQLITE_OK ||
-	    pragma_int(db, "SELECT count(*) FROM sqlite_schema", &tables) != SQLITE_OK)
-		return os_fail(s, sqlite3_extended_errcode(db), "%s: %s", path, sqlite3_errmsg(db));
-	if (tables > 0 && app != APPLICATION_ID)
-		return os_fail(s, SQLITE_NOTADB,
-		               "%s: not an offline-store database (it holds other tables); "
-		               "refusing to touch it", path);
-	if (version > SCHEMA_VERSION)
-		return os_fail(s, SQLITE_NOTADB,
-		               "%s: schema version %lld was written by a newer offline-store "
-		               "(this build knows up to %d); refusing to touch it",
-		               path, (long long)version, SCHEMA_VERSION);
-	while (version < SCHEMA_VERSION) {
-		char *err = NULL;
+	    pragma_int(db, "SELECT count(*) FROM sqlite_schema", &tables) != SQLITE_OK) {
+		os_fail(s, sqlite3_extended_errcode(db), "%s: %s", path, sqlite3_errmsg(db));
+		goto done;
+	}
+	if (tables > 0 && app != APPLICATION_ID) {
+		os_fail(s, SQLITE_NOTADB,
+		        "%s: not an offline-store database (it holds other tables); refusing to touch it",
+		        path);
+		goto done;
+	}
+	if (version > SCHEMA_VERSION) {
+		os_fail(s, SQLITE_NOTADB,
+		        "%s: schema version %lld was written by a newer offline-store "
+		        "(this build knows up to %d); refusing to touch it",
+		        path, (long long)version, SCHEMA_VERSION);
+		goto done;
+	}
+	for (; version < SCHEMA_VERSION; version++) {
 		snprintf(sql, sizeof sql, "PRAGMA user_version = %lld; PRAGMA application_id = %d;",
 		         (long long)version + 1, APPLICATION_ID);
-		if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK ||
-		    sqlite3_exec(db, migrations[version], NULL, NULL, &err) != SQLITE_OK ||
-		    sqlite3_exec(db, sql, NULL, NULL, &err) != SQLITE_OK ||
-		    sqlite3_exec(db, "COMMIT", NULL, NULL, &err) != SQLITE_OK) {
+		if (sqlite3_exec(db, migrations[version], NULL, NULL, &err) != SQLITE_OK ||
+		    sqlite3_exec(db, sql, NULL, NULL, &err) != SQLITE_OK) {
 			os_fail(s, sqlite3_extended_errcode(db), "%s: migrating schema to version %lld: %s",
 			        path, (long long)version + 1, err ? err : sqlite3_errmsg(db));
-			sqlite3_free(err);
-			if (!sqlite3_get_autocommit(db))
-				sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
-			return OS_FAIL;
+			goto done;
 		}
-		version++;
 	}
-	return OS_OK;
+	if (sqlite3_exec(db, "COMMIT", NULL, NULL, &err) != SQLITE_OK) {
+		os_fail(s, sqlite3_extended_errcode(db), "%s: committing the schema: %s", path,
+		        err ? err : sqlite3_errmsg(db));
+		goto done;
+	}
+	rc = OS_OK;
+done:
+	sqlite3_free(err);
+	if (!sqlite3_get_autocommit(db))
+		sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+	return rc;
+}
+
+/* Switches the file to WAL (a no-op once it is). Leaving rollback mode needs
+ * the file to itself for a moment, and sqlite answers "busy" at once, without
+ * waiting in the busy handler, when another process is opening or switching
+ * the same file just then: so that answer is retried for the busy timeout. */
+static int set_wal(sqlite3 *db, int timeout_ms) {
+	int rc, waited = 0;
+	while ((rc = sqlite3_exec(db, "PRAGMA journal_mode = WAL", NULL, NULL, NULL)) != SQLITE_OK &&
+	       (rc & 0xff) == SQLITE_BUSY && waited < timeout_ms) {
+		sqlite3_sleep(10);
+		waited += 10;
+	}
+	return rc;
 }
 
 static int memstatus_tried;
@@ -1091,9 +1121,9 @@ int os_sqlite_open(os_store *s, const os_sqlite_config *cfg) {
 	 * anything could write to it. */
 	if (check_schema(s, q->db, cfg->path) != OS_OK)
 		goto fail;
-	mode = sqlite3_mprintf("PRAGMA journal_mode = WAL; PRAGMA synchronous = %s;",
-	                       cfg->synchronous_full ? "FULL" : "NORMAL");
-	if (!mode || sqlite3_exec(q->db, mode, NULL, NULL, NULL) != SQLITE_OK) {
+	mode = sqlite3_mprintf("PRAGMA synchronous = %s;", cfg->synchronous_full ? "FULL" : "NORMAL");
+	if (set_wal(q->db, cfg->busy_timeout_ms) != SQLITE_OK || !mode ||
+	    sqlite3_exec(q->db, mode, NULL, NULL, NULL) != SQLITE_OK) {
 		os_fail(s, sqlite3_extended_errcode(q->db), "%s: %s", cfg->path, sqlite3_errmsg(q->db));
 		goto fail;
 	}
