@@ -68,7 +68,9 @@ typedef struct {
 
 /* Emit callbacks return 0 to go on. They may raise a Lua error (out of
  * memory); backends must therefore tolerate being abandoned mid-call and
- * recover on the next call (see os_sqlite "recover"). */
+ * recover on the next call (see os_sqlite "recover"). They may also run Lua
+ * code (finalizers); core.c keeps that code from entering the same store
+ * while the backend call is under way (os_store.busy). */
 typedef void (*os_emit_item)(void *ud, const os_item *item);
 typedef void (*os_emit_user)(void *ud, os_str user, int64_t count, int64_t bytes);
 
@@ -106,6 +108,7 @@ struct os_store {
 	const os_backend *be; /* NULL once closed */
 	void *impl;
 	int in_batch;         /* a batch is open (see batch_begin) */
+	int busy;             /* a backend call that calls back into Lua is running (core.c) */
 	int errcode;          /* backend's raw code of the last failure */
 	char errmsg[256];     /* its text */
 };
