@@ -445,7 +445,41 @@ end
 
 function TestSqlite:test_bad_open_arguments_raise()
 	lu.assertErrorMsgContains("string expected", function() core.open_sqlite() end)
-	lu.assertErrorMsgContains("must not be negative", function() core.open_sqlite(self.file, false, -1) end)
+	lu.assertErrorMsgContains("must be 0 to 2147483647", function() core.open_sqlite(self.file, false, -1) end)
+	-- sqlite takes an int: 4294967301 must not become 5 ms
+	lu.assertErrorMsgContains("must be 0 to 2147483647", function() core.open_sqlite(self.file, false, 4294967301) end)
+	lu.assertErrorMsgContains("must be 0 to 2147483647", function() core.open_sqlite(self.file, false, 2147483648) end)
+	assert(core.open_sqlite(self.file, false, 2147483647)):close()
+end
+
+-- Strings longer than an int: a 4 GiB + 5 stanza was bound as its first 5 bytes, a
+-- key as its first byte. Needs about 7 GB of memory, so it runs only
+-- with OFFLINE_STORE_BIG_TESTS=1. Over sqlite's own limit (a billion bytes) the bind
+-- says SQLITE_TOOBIG, now checked; beyond 2 GiB the core refuses first.
+function TestSqlite:test_strings_over_the_length_limits_are_refused_whole()
+	lu.skipIf(os.getenv("OFFLINE_STORE_BIG_TESTS") ~= "1", "set OFFLINE_STORE_BIG_TESTS=1 to run (about 7 GB)")
+	local db = assert(core.open_sqlite(self.file))
+	local over_sqlite = ("x"):rep(1000000001)
+	local ok, msg, code = db:store(H, U, FROM, over_sqlite, T0)
+	lu.assertNil(ok)
+	lu.assertStrContains(msg, "too big")
+	lu.assertEquals(primary(code), 18) -- SQLITE_TOOBIG
+	over_sqlite = nil
+	collectgarbage()
+	local half = ("x"):rep(0x7fffffff) -- (the string library makes nothing longer)
+	local over_int = half .. half .. "xxxxxxx" -- 2^32 + 5 bytes
+	half = nil
+	ok, msg = db:store(H, U, FROM, over_int, T0)
+	lu.assertNil(ok)
+	lu.assertStrContains(msg, "message too large to store")
+	lu.assertErrorMsgContains("longer than 2147483647 bytes", db.store, db, H, over_int, FROM, "<m/>", T0)
+	lu.assertErrorMsgContains("longer than 2147483647 bytes", db.count, db, over_int, U)
+	over_int = nil
+	collectgarbage()
+	lu.assertEquals({ db:count(H, U) }, { 0, 0 }, "nothing was stored")
+	lu.assertEquals({ db:count(H, "x") }, { 0, 0 }, "nothing under a cut key either")
+	lu.assertEquals(db:store(H, U, FROM, "<m/>", T0), 1, "the store works on")
+	db:close()
 end
 
 if not _RUNNER then os.exit(lu.LuaUnit.run()) end

@@ -5,6 +5,7 @@
 #ifndef OFFLINE_STORE_BACKEND_H
 #define OFFLINE_STORE_BACKEND_H
 
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -21,6 +22,10 @@
 enum { OS_OK = 0, OS_LIMIT = 1, OS_FAIL = 2 };
 
 typedef struct { const char *p; size_t n; } os_str;
+
+/* The longest string a backend is handed: core.c refuses longer ones, so every
+ * length fits the int that sqlite's and libpq's calls take. */
+#define OS_MAX_LEN INT_MAX
 
 typedef struct {
 	os_str host, user;

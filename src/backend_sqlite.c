@@ -251,9 +251,21 @@ static sqlite3_stmt *stmt(sq *q, int which) {
 	return st;
 }
 
-static void bind_key(sqlite3_stmt *st, const os_key *k) {
-	sqlite3_bind_text(st, 1, k->host.p, (int)k->host.n, SQLITE_STATIC);
-	sqlite3_bind_text(st, 2, k->user.p, (int)k->user.n, SQLITE_STATIC);
+/* Strings are bound by the 64-bit calls, which take a length as it is: one over
+ * sqlite's limit (a billion bytes unless built otherwise) is refused with
+ * SQLITE_TOOBIG, never cut. Every bind of a string is checked: SQLITE_OK or the
+ * error (the connection's error message says which). */
+static int bind_text(sqlite3_stmt *st, int i, os_str v) {
+	return sqlite3_bind_text64(st, i, v.p, (sqlite3_uint64)v.n, SQLITE_STATIC, SQLITE_UTF8);
+}
+
+static int bind_blob(sqlite3_stmt *st, int i, os_str v) {
+	return sqlite3_bind_blob64(st, i, v.p, (sqlite3_uint64)v.n, SQLITE_STATIC);
+}
+
+static int bind_key(sqlite3_stmt *st, const os_key *k) {
+	int rc = bind_text(st, 1, k->host);
+	return rc == SQLITE_OK ? bind_text(st, 2, k->user) : rc;
 }
 
 /* Runs a statement that returns no rows; SQLITE_DONE on success. */
@@ -422,9 +434,10 @@ static int next_id(sq *q, int64_t *id) {
 static int queue_get(sq *q, const os_key *k, int64_t *qid, int64_t *count, int64_t *bytes) {
 	sqlite3_stmt *st = stmt(q, ST_QUEUE_GET);
 	int rc;
-	bind_key(st, k);
-	rc = sqlite3_step(st);
 	*qid = *count = *bytes = 0;
+	if ((rc = bind_key(st, k)) != SQLITE_OK)
+		return rc;
+	rc = sqlite3_step(st);
 	if (rc == SQLITE_ROW) {
 		*qid = sqlite3_column_int64(st, 0);
 		*count = sqlite3_column_int64(st, 1);
@@ -470,7 +483,8 @@ static int queue_add(sq *q, const os_key *k, int64_t *qid, int64_t bytes) {
 		return run(st);
 	}
 	st = stmt(q, ST_QUEUE_NEW);
-	bind_key(st, k);
+	if ((rc = bind_key(st, k)) != SQLITE_OK)
+		return rc;
 	sqlite3_bind_int64(st, 3, bytes);
 	if ((rc = run(st)) == SQLITE_DONE)
 		*qid = sqlite3_last_insert_rowid(q->db);
@@ -513,8 +527,10 @@ static int from_in_xml(os_str xml, os_str *from) {
 	return 0;
 }
 
-/* Binds a message row to ?(base + 1) .. ?(base + 7) of an insert. */
-static void bind_row(sqlite3_stmt *st, int base, const msg_row *r) {
+/* Binds a message row to ?(base + 1) .. ?(base + 7) of an insert; SQLITE_OK or
+ * the error. */
+static int bind_row(sqlite3_stmt *st, int base, const msg_row *r) {
+	int rc = SQLITE_OK;
 	sqlite3_bind_int64(st, base + 1, r->qid);
 	sqlite3_bind_int64(st, base + 2, r->id);
 	sqlite3_bind_int64(st, base + 3, r->ts);
@@ -525,12 +541,14 @@ static void bind_row(sqlite3_stmt *st, int base, const msg_row *r) {
 	if (r->own_from)
 		sqlite3_bind_zeroblob(st, base + 5, 0); /* the stanza's own: read back from it */
 	else
-		sqlite3_bind_text(st, base + 5, r->from.p, (int)r->from.n, SQLITE_STATIC);
-	sqlite3_bind_blob(st, base + 6, r->xml.p, (int)r->xml.n, SQLITE_STATIC);
-	if (r->meta.p)
-		sqlite3_bind_blob(st, base + 7, r->meta.p, (int)r->meta.n, SQLITE_STATIC);
-	else
+		rc = bind_text(st, base + 5, r->from);
+	if (rc == SQLITE_OK)
+		rc = bind_blob(st, base + 6, r->xml);
+	if (rc == SQLITE_OK && r->meta.p)
+		rc = bind_blob(st, base + 7, r->meta);
+	else if (rc == SQLITE_OK)
 		sqlite3_bind_null(st, base + 7);
+	return rc;
 }
 
 /* The statement that inserts (or counts in) k <= STMT_ROWS rows: one pass
@@ -581,7 +599,8 @@ static int write_rows(sq *q, int update, int n) {
 				r->xml.p = p->arena + r->xml_at;
 				r->from.p = p->arena + r->from_at; /* (unused when own_from) */
 				r->meta.p = r->meta_at < 0 ? NULL : p->arena + r->meta_at;
-				bind_row(st, 7 * i, r);
+				if ((rc = bind_row(st, 7 * i, r)) != SQLITE_OK)
+					return rc;
 			}
 		}
 		if ((rc = run(st)) != SQLITE_DONE)
@@ -723,8 +742,7 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 	if (s->in_batch)
 		return defer_store(s, q, &r, add);
 	st = stmt(q, ST_MSG_INSERT);
-	bind_row(st, 0, &r);
-	if (run(st) != SQLITE_DONE)
+	if (bind_row(st, 0, &r) != SQLITE_OK || run(st) != SQLITE_DONE)
 		return store_abort(s, q);
 	return commit(s, q);
 }
@@ -825,7 +843,8 @@ static int sq_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
 	int rc = SQLITE_DONE;
 	rollback(q);
 	st = stmt(q, ST_MSG_LIST);
-	bind_key(st, k);
+	if (bind_key(st, k) != SQLITE_OK)
+		return sqfail(s, q->db);
 	sqlite3_bind_int64(st, 3, after_id);
 	while ((max == OS_NONE || n < max) && (rc = sqlite3_step(st)) == SQLITE_ROW) {
 		os_item it;
@@ -899,13 +918,11 @@ static int sq_remove_host(os_store *s, os_str host, int64_t *touched) {
 	if (begin(s, q) != OS_OK)
 		return OS_FAIL;
 	st = stmt(q, ST_HOST_DEL_MSGS);
-	sqlite3_bind_text(st, 1, host.p, (int)host.n, SQLITE_STATIC);
-	if (run(st) != SQLITE_DONE)
+	if (bind_text(st, 1, host) != SQLITE_OK || run(st) != SQLITE_DONE)
 		return abort_tx(s, q);
 	*touched = sqlite3_changes(q->db);
 	st = stmt(q, ST_HOST_DEL_QUEUE);
-	sqlite3_bind_text(st, 1, host.p, (int)host.n, SQLITE_STATIC);
-	if (run(st) != SQLITE_DONE)
+	if (bind_text(st, 1, host) != SQLITE_OK || run(st) != SQLITE_DONE)
 		return abort_tx(s, q);
 	return commit(s, q);
 }
@@ -946,7 +963,8 @@ static int sq_users(os_store *s, os_str host, os_emit_user emit, void *ud) {
 	int rc;
 	rollback(q);
 	st = stmt(q, ST_USERS);
-	sqlite3_bind_text(st, 1, host.p, (int)host.n, SQLITE_STATIC);
+	if (bind_text(st, 1, host) != SQLITE_OK)
+		return sqfail(s, q->db);
 	while ((rc = sqlite3_step(st)) == SQLITE_ROW)
 		emit(ud, column_str(st, 0), sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2));
 	sqlite3_reset(st);

@@ -59,10 +59,17 @@ static os_str check_str(lua_State *L, int arg) {
 	return r;
 }
 
+/* A host or user name. */
+static os_str check_name(lua_State *L, int arg) {
+	os_str r = check_str(L, arg);
+	luaL_argcheck(L, r.n <= OS_MAX_LEN, arg, "longer than 2147483647 bytes");
+	return r;
+}
+
 static os_key check_key(lua_State *L) {
 	os_key k;
-	k.host = check_str(L, 2);
-	k.user = check_str(L, 3);
+	k.host = check_name(L, 2);
+	k.user = check_name(L, 3);
 	return k;
 }
 
@@ -91,14 +98,17 @@ static os_store *new_store(lua_State *L) {
 	return s;
 }
 
-/* core.open_sqlite(path [, synchronous_full [, busy_timeout_ms]]) -> db | fail, msg, code */
+/* core.open_sqlite(path [, synchronous_full [, busy_timeout_ms]]) -> db | fail, msg, code
+ * busy_timeout_ms: 0 to 2147483647 (sqlite takes an int); 2000 when not given. */
 static int l_open_sqlite(lua_State *L) {
 	os_sqlite_config cfg;
 	os_store *s;
+	lua_Integer busy;
 	cfg.path = luaL_checkstring(L, 1);
 	cfg.synchronous_full = lua_toboolean(L, 2);
-	cfg.busy_timeout_ms = (int)luaL_optinteger(L, 3, 2000);
-	luaL_argcheck(L, cfg.busy_timeout_ms >= 0, 3, "must not be negative");
+	busy = luaL_optinteger(L, 3, 2000);
+	luaL_argcheck(L, busy >= 0 && busy <= INT_MAX, 3, "must be 0 to 2147483647 (milliseconds)");
+	cfg.busy_timeout_ms = (int)busy;
 	s = new_store(L);
 	if (os_sqlite_open(s, &cfg) != OS_OK)
 		return push_fail(L, s);
@@ -149,6 +159,10 @@ static int l_store(lua_State *L) {
 		lua_pushboolean(L, 0);
 		lua_pushliteral(L, "too deep");
 		return 2;
+	}
+	if (m.from.n > OS_MAX_LEN || m.xml.n > OS_MAX_LEN || m.meta.n > OS_MAX_LEN) {
+		os_fail(s, 0, "message too large to store: more than %d bytes in one field", OS_MAX_LEN);
+		return push_fail(L, s);
 	}
 	check_state(L, s, 0);
 	rc = s->be->store(s, &k, &m, &lim, &count, &id);
@@ -326,7 +340,7 @@ static int l_remove_user(lua_State *L) {
 /* db:remove_host(host) -> n | fail, msg, code */
 static int l_remove_host(lua_State *L) {
 	os_store *s = check_idle(L);
-	os_str host = check_str(L, 2);
+	os_str host = check_name(L, 2);
 	int64_t touched = 0;
 	int rc;
 	check_state(L, s, 1);
@@ -371,7 +385,7 @@ static int run_users(emitting *e, collector *c) {
 static int l_users(lua_State *L) {
 	emitting e;
 	e.s = check_idle(L);
-	e.host = check_str(L, 2);
+	e.host = check_name(L, 2);
 	e.run = run_users;
 	if (call_emitting(L, &e) != OS_OK)
 		return push_fail(L, e.s);
