@@ -43,6 +43,62 @@ local function assert_counter(db, host, user)
 	lu.assertEquals({ c, b }, { tc, tb }, "counter disagrees with the stored rows")
 end
 
+-- Whether f is running further up the stack (a finalizer sees the core call it runs in).
+local function on_stack(f)
+	for level = 3, 200 do
+		local info = debug.getinfo(level, "f")
+		if not info then return false end
+		if info.func == f then return true end
+	end
+	return false
+end
+
+-- Runs call() while finalizers keep firing inside it: the collector starts a cycle as
+-- soon as the last one ends and works fast (pause 50, step multiplier 1000), and each
+-- finalizer arms the next. Each one that finds `inside` (a core method) on the stack
+-- runs reenter() and keeps what it raised (a finalizer's own error would only be a
+-- warning). Returns call()'s results and the list of errors.
+local function with_finalizers(inside, reenter, call)
+	local errors, armed = {}, true
+	local function arm()
+		setmetatable({}, { __gc = function()
+			if not armed then return end
+			if on_stack(inside) then
+				local ok, err = pcall(reenter)
+				errors[#errors + 1] = ok and "(no error)" or tostring(err)
+			end
+			arm()
+		end })
+	end
+	collectgarbage("incremental", 50, 1000)
+	collectgarbage() -- (so that the next cycle starts at once)
+	for _ = 1, 10 do arm() end -- (one may stay reachable from a stale stack slot)
+	local r = table.pack(pcall(call))
+	armed = false
+	collectgarbage("incremental", 200, 100) -- Lua's defaults
+	collectgarbage()
+	if not r[1] then error(r[2], 0) end
+	return errors, table.unpack(r, 2, r.n)
+end
+
+local BUSY = "offline_store: store is busy (re-entrant call from a callback)"
+
+-- Every error in errors is the busy one, and there is at least one.
+local function assert_all_busy(errors, what)
+	lu.assertTrue(#errors > 0, what .. ": no finalizer ran inside the call (the test did not test)")
+	for _, e in ipairs(errors) do lu.assertStrContains(e, BUSY, false, what) end
+end
+
+-- A stanza tree built by hand whose child's name is looked up through __index,
+-- which runs action() (a metamethod that runs while db:store serializes).
+local function tree_with_hook(action)
+	local child = setmetatable({ attr = {} }, { __index = function(_, k)
+		if k == "name" then action(); return "hook" end
+	end })
+	return { name = "message", attr = { to = "bob@example.org" }, child }
+end
+local HOOKED = "<message to='bob@example.org'><hook/></message>"
+
 -- open() returns a fresh store; finish(), if given, runs once after the class.
 local function contract(open, finish)
 	local T = { teardownClass = finish }
@@ -523,6 +579,74 @@ local function contract(open, finish)
 		lu.assertEquals(count, 2)
 		lu.assertTrue(id > 0)
 		lu.assertEquals(xmls(db:pop(H, U, T0)), { "kept1", "after" })
+	end
+
+
+	-- Re-entrancy: Lua code that runs in the middle of a core call (a finalizer, while
+	-- pop, list or users build their result tables) and calls the same store again
+	-- gets a clear error; the outer call finishes intact. (Before: use after free,
+	-- a NULL dereference or a corrupted queue.)
+	function T:test_finalizer_reentering_pop_gets_busy_error()
+		local db = self.db
+		local tree = { name = "message", attr = {}, "nested" }
+		local actions = {
+			close = function() db:close() end,
+			pop = function() db:pop(H, U, T0) end,
+			store = function() db:store(H, U, FROM, tree, T0) end,
+			list = function() db:list(H, U) end,
+			remove_user = function() db:remove_user(H, U) end,
+			begin = function() db:begin() end,
+		}
+		for _, name in ipairs({ "close", "pop", "store", "list", "remove_user", "begin" }) do
+			fill(db, 300, H, U, name)
+			local errors, items = with_finalizers(db.pop, actions[name], function() return db:pop(H, U, T0) end)
+			assert_all_busy(errors, name)
+			lu.assertEquals(#items, 300, name)
+			for i, it in ipairs(items) do lu.assertEquals(it.xml, name .. i) end
+			lu.assertEquals({ db:count(H, U) }, { 0, 0 }, name .. ": the pop took them all")
+		end
+		lu.assertEquals(db:store(H, U, FROM, "after", T0), 1, "the store works on")
+	end
+
+	function T:test_finalizer_reentering_list_and_users_gets_busy_error()
+		local db = self.db
+		fill(db, 300)
+		local errors, items = with_finalizers(db.list, function() db:close() end, function() return db:list(H, U) end)
+		assert_all_busy(errors, "close in list")
+		lu.assertEquals(#items, 300)
+		errors, items = with_finalizers(db.list, function() db:pop(H, U, T0) end, function() return db:list(H, U) end)
+		assert_all_busy(errors, "pop in list")
+		lu.assertEquals(#items, 300)
+		for i = 1, 300 do fill(db, 1, H, "user" .. i) end
+		local users
+		errors, users = with_finalizers(db.users, function() db:remove_host(H) end, function() return db:users(H) end)
+		assert_all_busy(errors, "remove_host in users")
+		lu.assertEquals(#users, 301)
+		lu.assertEquals(db:count(H, U), 300, "nothing was removed")
+	end
+
+	-- db:store serializes a stanza before it touches the store, calling no backend while
+	-- Lua code may run: what that code did to the store is checked afterwards.
+	function T:test_metamethod_closing_the_store_while_store_serializes()
+		local db = self.db
+		lu.assertErrorMsgContains("attempt to use a closed offline store", db.store, db, H, U, FROM,
+			tree_with_hook(function() db:close() end), T0)
+		self.db = open() -- for tearDown
+	end
+
+	-- A store from inside another store's serialization has its own buffer: each stanza
+	-- is stored as it was written.
+	function T:test_metamethod_storing_while_store_serializes()
+		local db = self.db
+		local done = false
+		local outer = tree_with_hook(function()
+			if done then return end
+			done = true
+			assert(db:store(H, U, FROM, { name = "inner", attr = { a = "1" }, "text" }, T0))
+			lu.assertEquals(core.serialize({ name = "x", attr = {}, "nested serialize" }), "<x>nested serialize</x>")
+		end)
+		lu.assertEquals(db:store(H, U, FROM, outer, T0), 2)
+		lu.assertEquals(xmls(db:list(H, U)), { "<inner a='1'>text</inner>", HOOKED })
 	end
 
 	function T:test_to_be_closed_and_gc()

@@ -393,9 +393,100 @@ function TestSqlite:test_failed_migration_is_rolled_back()
 	lu.assertEquals(sqlite3(self.file, "PRAGMA user_version"), "2\n")
 end
 
+-- Several processes opening one fresh file at the same moment (prosodyctl next to a
+-- starting server, two hosts, two nodes): each one must find the schema either absent or
+-- complete, never migrate it a second time. 4 processes per file, released together by a
+-- fifo (each reads it until the writer closes it), each opens, stores one message, closes.
+-- (Before reading and migrating the schema under one write lock, about half failed.)
+function TestSqlite:test_concurrent_openers_of_a_fresh_file_all_succeed()
+	local N, FILES = 4, 30
+	local child = self.dir .. "/child.lua"
+	support.write(child, ([[
+		package.cpath = %q
+		local core = require "offline_store.core"
+		local file, fifo, user = ...
+		local f = assert(io.open(fifo, "r"))
+		assert(io.open(fifo .. "." .. user, "w")):close()
+		f:read("a"); f:close()
+		local db, msg = core.open_sqlite(file, false, 10000)
+		if not db then print("open: " .. msg) os.exit(1) end
+		local ok, why = db:store(%q, user, %q, "<m>" .. user .. "</m>", %d)
+		if not ok then print("store: " .. why) os.exit(1) end
+		db:close()
+		print("ok")
+	]]):format(package.cpath, H, FROM, T0))
+	child = support.quote(child)
+	-- the child loads the same core build, so it needs the same preloaded runtime (test-asan)
+	local env = "env LD_PRELOAD=" .. support.quote(os.getenv("LD_PRELOAD") or "") .. " "
+	local failures = {}
+	for f = 1, FILES do
+		local file, fifo = ("%s/race%d.sqlite"):format(self.dir, f), ("%s/go%d"):format(self.dir, f)
+		local script = { "mkfifo " .. support.quote(fifo) }
+		for i = 1, N do
+			script[#script + 1] = ("%slua5.4 %s %s %s u%d > %s 2>&1 < /dev/null &"):format(env, child,
+				support.quote(file), support.quote(fifo), i, support.quote(("%s/out%d.%d"):format(self.dir, f, i)))
+		end
+		-- the writer waits until every child has the fifo open; all read EOF when it leaves
+		script[#script + 1] = ("exec 3>%s; while [ $(ls %s.u* | wc -l) -lt %d ]; do sleep 0.01; done; exec 3>&-; wait")
+			:format(support.quote(fifo), support.quote(fifo), N)
+		assert(support.sh(table.concat(script, "\n")))
+		for i = 1, N do
+			local out = support.read(("%s/out%d.%d"):format(self.dir, f, i)) or "(no output)"
+			if out ~= "ok\n" then failures[#failures + 1] = ("file %d, process %d: %s"):format(f, i, out) end
+		end
+		local db, msg = core.open_sqlite(file)
+		if not db then
+			failures[#failures + 1] = ("file %d: reopen: %s"):format(f, msg)
+		else
+			for i = 1, N do
+				local items = db:list(H, "u" .. i)
+				if not items or #items ~= 1 or items[1].xml ~= "<m>u" .. i .. "</m>" then
+					failures[#failures + 1] = ("file %d: u%d's message is missing"):format(f, i)
+				end
+			end
+			db:close()
+		end
+	end
+	lu.assertEquals(failures, {})
+end
+
 function TestSqlite:test_bad_open_arguments_raise()
 	lu.assertErrorMsgContains("string expected", function() core.open_sqlite() end)
-	lu.assertErrorMsgContains("must not be negative", function() core.open_sqlite(self.file, false, -1) end)
+	lu.assertErrorMsgContains("must be 0 to 2147483647", function() core.open_sqlite(self.file, false, -1) end)
+	-- sqlite takes an int: 4294967301 must not become 5 ms
+	lu.assertErrorMsgContains("must be 0 to 2147483647", function() core.open_sqlite(self.file, false, 4294967301) end)
+	lu.assertErrorMsgContains("must be 0 to 2147483647", function() core.open_sqlite(self.file, false, 2147483648) end)
+	assert(core.open_sqlite(self.file, false, 2147483647)):close()
+end
+
+-- Strings longer than an int: a 4 GiB + 5 stanza was bound as its first 5 bytes, a
+-- key as its first byte. Needs about 7 GB of memory, so it runs only
+-- with OFFLINE_STORE_BIG_TESTS=1. Over sqlite's own limit (a billion bytes) the bind
+-- says SQLITE_TOOBIG, now checked; beyond 2 GiB the core refuses first.
+function TestSqlite:test_strings_over_the_length_limits_are_refused_whole()
+	lu.skipIf(os.getenv("OFFLINE_STORE_BIG_TESTS") ~= "1", "set OFFLINE_STORE_BIG_TESTS=1 to run (about 7 GB)")
+	local db = assert(core.open_sqlite(self.file))
+	local over_sqlite = ("x"):rep(1000000001)
+	local ok, msg, code = db:store(H, U, FROM, over_sqlite, T0)
+	lu.assertNil(ok)
+	lu.assertStrContains(msg, "too big")
+	lu.assertEquals(primary(code), 18) -- SQLITE_TOOBIG
+	over_sqlite = nil
+	collectgarbage()
+	local half = ("x"):rep(0x7fffffff) -- (the string library makes nothing longer)
+	local over_int = half .. half .. "xxxxxxx" -- 2^32 + 5 bytes
+	half = nil
+	ok, msg = db:store(H, U, FROM, over_int, T0)
+	lu.assertNil(ok)
+	lu.assertStrContains(msg, "message too large to store")
+	lu.assertErrorMsgContains("longer than 2147483647 bytes", db.store, db, H, over_int, FROM, "<m/>", T0)
+	lu.assertErrorMsgContains("longer than 2147483647 bytes", db.count, db, over_int, U)
+	over_int = nil
+	collectgarbage()
+	lu.assertEquals({ db:count(H, U) }, { 0, 0 }, "nothing was stored")
+	lu.assertEquals({ db:count(H, "x") }, { 0, 0 }, "nothing under a cut key either")
+	lu.assertEquals(db:store(H, U, FROM, "<m/>", T0), 1, "the store works on")
+	db:close()
 end
 
 if not _RUNNER then os.exit(lu.LuaUnit.run()) end

@@ -51,3 +51,22 @@ function TestCoreXml:test_delay_bad_arguments_change_nothing()
 	end
 	lu.assertEquals(core.serialize(t), "<message><body>b</body></message>")
 end
+
+-- Lua code that runs while core.serialize writes (here a metamethod giving a child's
+-- name; a finalizer could do the same) and serializes another tree does not write
+-- into the buffer being filled; nor does an error there spoil the next call.
+function TestCoreXml:test_serialize_from_inside_serialize()
+	local inner = {}
+	local child = setmetatable({ attr = {} }, { __index = function(_, k)
+		if k == "name" then
+			inner[#inner + 1] = core.serialize({ name = "inner", attr = { a = "1" }, "text" })
+			return "hook"
+		end
+	end })
+	lu.assertEquals(core.serialize({ name = "outer", attr = { b = "2" }, "x", child, "y" }),
+		"<outer b='2'>x<hook/>y</outer>")
+	lu.assertEquals(inner, { "<inner a='1'>text</inner>" })
+	local bad = setmetatable({ attr = {} }, { __index = function() error("raised inside") end })
+	lu.assertErrorMsgContains("raised inside", core.serialize, { name = "m", attr = {}, bad })
+	lu.assertEquals(core.serialize({ name = "after", attr = {} }), "<after/>")
+end

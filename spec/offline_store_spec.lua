@@ -35,6 +35,11 @@ function TestFacade:test_config_errors_name_the_field()
 	lu.assertStrContains(err({ file = "/tmp/x", synchronous = "sometimes" }), 'synchronous must be "normal" or "full" (got "sometimes")')
 	lu.assertStrContains(err({ file = "/tmp/x", busy_timeout = 1.5 }), "busy_timeout must be a whole number")
 	lu.assertStrContains(err({ file = "/tmp/x", busy_timeout = -1 }), "busy_timeout must be a whole number")
+	-- sqlite takes an int: 4294967301 must not become 5 ms
+	lu.assertStrContains(err({ file = "/tmp/x", busy_timeout = 4294967301 }),
+		"busy_timeout must be a whole number of milliseconds from 0 to 2147483647 (got 4294967301)")
+	lu.assertStrContains(err({ file = "/tmp/x", busy_timeout = 2147483648 }), "from 0 to 2147483647")
+	lu.assertEquals(offline_store.check_config({ file = "/tmp/x", busy_timeout = 2147483647 }).busy_timeout, 2147483647)
 	lu.assertStrContains(err("memory"), "configuration must be a table")
 	lu.assertStrContains(err({ backend = "postgres" }), "postgres must be set for the postgres backend")
 	lu.assertEquals(offline_store.check_config({ file = "/tmp/x" }),

@@ -5,6 +5,7 @@
 #ifndef OFFLINE_STORE_BACKEND_H
 #define OFFLINE_STORE_BACKEND_H
 
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -21,6 +22,10 @@
 enum { OS_OK = 0, OS_LIMIT = 1, OS_FAIL = 2 };
 
 typedef struct { const char *p; size_t n; } os_str;
+
+/* The longest string a backend is handed: core.c refuses longer ones, so every
+ * length fits the int that sqlite's and libpq's calls take. */
+#define OS_MAX_LEN INT_MAX
 
 typedef struct {
 	os_str host, user;
@@ -65,7 +70,9 @@ typedef struct {
 
 /* Emit callbacks return 0 to go on. They may raise a Lua error (out of
  * memory); backends must therefore tolerate being abandoned mid-call and
- * recover on the next call (see os_sqlite "recover"). */
+ * recover on the next call (see os_sqlite "recover"). They may also run Lua
+ * code (finalizers); core.c keeps that code from entering the same store
+ * while the backend call is under way (os_store.busy). */
 typedef void (*os_emit_item)(void *ud, const os_item *item);
 typedef void (*os_emit_user)(void *ud, os_str user, int64_t count, int64_t bytes);
 
@@ -103,6 +110,7 @@ struct os_store {
 	const os_backend *be; /* NULL once closed */
 	void *impl;
 	int in_batch;         /* a batch is open (see batch_begin) */
+	int busy;             /* a backend call that calls back into Lua is running (core.c) */
 	int errcode;          /* backend's raw code of the last failure */
 	char errmsg[256];     /* its text */
 };

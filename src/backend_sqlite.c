@@ -254,9 +254,21 @@ static sqlite3_stmt *stmt(sq *q, int which) {
 	return st;
 }
 
-static void bind_key(sqlite3_stmt *st, const os_key *k) {
-	sqlite3_bind_text(st, 1, k->host.p, (int)k->host.n, SQLITE_STATIC);
-	sqlite3_bind_text(st, 2, k->user.p, (int)k->user.n, SQLITE_STATIC);
+/* Strings are bound by the 64-bit calls, which take a length as it is: one over
+ * sqlite's limit (a billion bytes unless built otherwise) is refused with
+ * SQLITE_TOOBIG, never cut. Every bind of a string is checked: SQLITE_OK or the
+ * error (the connection's error message says which). */
+static int bind_text(sqlite3_stmt *st, int i, os_str v) {
+	return sqlite3_bind_text64(st, i, v.p, (sqlite3_uint64)v.n, SQLITE_STATIC, SQLITE_UTF8);
+}
+
+static int bind_blob(sqlite3_stmt *st, int i, os_str v) {
+	return sqlite3_bind_blob64(st, i, v.p, (sqlite3_uint64)v.n, SQLITE_STATIC);
+}
+
+static int bind_key(sqlite3_stmt *st, const os_key *k) {
+	int rc = bind_text(st, 1, k->host);
+	return rc == SQLITE_OK ? bind_text(st, 2, k->user) : rc;
 }
 
 /* Runs a statement that returns no rows; SQLITE_DONE on success. */
@@ -425,9 +437,10 @@ static int next_id(sq *q, int64_t *id) {
 static int queue_get(sq *q, const os_key *k, int64_t *qid, int64_t *count, int64_t *bytes) {
 	sqlite3_stmt *st = stmt(q, ST_QUEUE_GET);
 	int rc;
-	bind_key(st, k);
-	rc = sqlite3_step(st);
 	*qid = *count = *bytes = 0;
+	if ((rc = bind_key(st, k)) != SQLITE_OK)
+		return rc;
+	rc = sqlite3_step(st);
 	if (rc == SQLITE_ROW) {
 		*qid = sqlite3_column_int64(st, 0);
 		*count = sqlite3_column_int64(st, 1);
@@ -473,7 +486,8 @@ static int queue_add(sq *q, const os_key *k, int64_t *qid, int64_t bytes) {
 		return run(st);
 	}
 	st = stmt(q, ST_QUEUE_NEW);
-	bind_key(st, k);
+	if ((rc = bind_key(st, k)) != SQLITE_OK)
+		return rc;
 	sqlite3_bind_int64(st, 3, bytes);
 	if ((rc = run(st)) == SQLITE_DONE)
 		*qid = sqlite3_last_insert_rowid(q->db);
@@ -516,8 +530,10 @@ static int from_in_xml(os_str xml, os_str *from) {
 	return 0;
 }
 
-/* Binds a message row to ?(base + 1) .. ?(base + 7) of an insert. */
-static void bind_row(sqlite3_stmt *st, int base, const msg_row *r) {
+/* Binds a message row to ?(base + 1) .. ?(base + 7) of an insert; SQLITE_OK or
+ * the error. */
+static int bind_row(sqlite3_stmt *st, int base, const msg_row *r) {
+	int rc = SQLITE_OK;
 	sqlite3_bind_int64(st, base + 1, r->qid);
 	sqlite3_bind_int64(st, base + 2, r->id);
 	sqlite3_bind_int64(st, base + 3, r->ts);
@@ -528,12 +544,14 @@ static void bind_row(sqlite3_stmt *st, int base, const msg_row *r) {
 	if (r->own_from)
 		sqlite3_bind_zeroblob(st, base + 5, 0); /* the stanza's own: read back from it */
 	else
-		sqlite3_bind_text(st, base + 5, r->from.p, (int)r->from.n, SQLITE_STATIC);
-	sqlite3_bind_blob(st, base + 6, r->xml.p, (int)r->xml.n, SQLITE_STATIC);
-	if (r->meta.p)
-		sqlite3_bind_blob(st, base + 7, r->meta.p, (int)r->meta.n, SQLITE_STATIC);
-	else
+		rc = bind_text(st, base + 5, r->from);
+	if (rc == SQLITE_OK)
+		rc = bind_blob(st, base + 6, r->xml);
+	if (rc == SQLITE_OK && r->meta.p)
+		rc = bind_blob(st, base + 7, r->meta);
+	else if (rc == SQLITE_OK)
 		sqlite3_bind_null(st, base + 7);
+	return rc;
 }
 
 /* The statement that inserts (or counts in) k <= STMT_ROWS rows: one pass
@@ -584,7 +602,8 @@ static int write_rows(sq *q, int update, int n) {
 				r->xml.p = p->arena + r->xml_at;
 				r->from.p = p->arena + r->from_at; /* (unused when own_from) */
 				r->meta.p = r->meta_at < 0 ? NULL : p->arena + r->meta_at;
-				bind_row(st, 7 * i, r);
+				if ((rc = bind_row(st, 7 * i, r)) != SQLITE_OK)
+					return rc;
 			}
 		}
 		if ((rc = run(st)) != SQLITE_DONE)
@@ -726,8 +745,7 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 	if (s->in_batch)
 		return defer_store(s, q, &r, add);
 	st = stmt(q, ST_MSG_INSERT);
-	bind_row(st, 0, &r);
-	if (run(st) != SQLITE_DONE)
+	if (bind_row(st, 0, &r) != SQLITE_OK || run(st) != SQLITE_DONE)
 		return store_abort(s, q);
 	return commit(s, q);
 }
@@ -830,7 +848,8 @@ static int sq_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
 	int rc = SQLITE_DONE;
 	rollback(q);
 	st = stmt(q, ST_MSG_LIST);
-	bind_key(st, k);
+	if (bind_key(st, k) != SQLITE_OK)
+		return sqfail(s, q->db);
 	sqlite3_bind_int64(st, 3, after_id);
 	while ((max == OS_NONE || n < max) && (rc = sqlite3_step(st)) == SQLITE_ROW) {
 		os_item it;
@@ -904,13 +923,11 @@ static int sq_remove_host(os_store *s, os_str host, int64_t *touched) {
 	if (begin(s, q) != OS_OK)
 		return OS_FAIL;
 	st = stmt(q, ST_HOST_DEL_MSGS);
-	sqlite3_bind_text(st, 1, host.p, (int)host.n, SQLITE_STATIC);
-	if (run(st) != SQLITE_DONE)
+	if (bind_text(st, 1, host) != SQLITE_OK || run(st) != SQLITE_DONE)
 		return abort_tx(s, q);
 	*touched = sqlite3_changes(q->db);
 	st = stmt(q, ST_HOST_DEL_QUEUE);
-	sqlite3_bind_text(st, 1, host.p, (int)host.n, SQLITE_STATIC);
-	if (run(st) != SQLITE_DONE)
+	if (bind_text(st, 1, host) != SQLITE_OK || run(st) != SQLITE_DONE)
 		return abort_tx(s, q);
 	return commit(s, q);
 }
@@ -951,7 +968,8 @@ static int sq_users(os_store *s, os_str host, os_emit_user emit, void *ud) {
 	int rc;
 	rollback(q);
 	st = stmt(q, ST_USERS);
-	sqlite3_bind_text(st, 1, host.p, (int)host.n, SQLITE_STATIC);
+	if (bind_text(st, 1, host) != SQLITE_OK)
+		return sqfail(s, q->db);
 	while ((rc = sqlite3_step(st)) == SQLITE_ROW)
 		emit(ud, column_str(st, 0), sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2));
 	sqlite3_reset(st);
@@ -1026,41 +1044,71 @@ static int pragma_int(sqlite3 *db, const char *sql, int64_t *out) {
 }
 
 /* Brings the schema to SCHEMA_VERSION, refusing files that are not ours
- * or that a newer build wrote. Never drops or rewrites existing data. */
+ * or that a newer build wrote. Never drops or rewrites existing data.
+ * Reading the version and migrating happen in one write transaction: another
+ * process opening the same file at the same moment waits for the lock (the busy
+ * timeout) and then reads the schema this one left, instead of migrating the
+ * file a second time from a version it read before this one committed. A
+ * failure rolls every step back, leaving the file as it was. */
 static int check_schema(os_store *s, sqlite3 *db, const char *path) {
 	int64_t version = 0, app = 0, tables = 0;
-	char sql[96];
-	if (pragma_int(db, "PRAGMA application_id", &app) != SQLITE_OK ||
+	char sql[96], *err = NULL;
+	int rc = OS_FAIL;
+	if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK ||
+	    pragma_int(db, "PRAGMA application_id", &app) != SQLITE_OK ||
 	    pragma_int(db, "PRAGMA user_version", &version) != SQLITE_OK ||
-	    pragma_int(db, "SELECT count(*) FROM sqlite_schema", &tables) != SQLITE_OK)
-		return os_fail(s, sqlite3_extended_errcode(db), "%s: %s", path, sqlite3_errmsg(db));
-	if (tables > 0 && app != APPLICATION_ID)
-		return os_fail(s, SQLITE_NOTADB,
-		               "%s: not an offline-store database (it holds other tables); "
-		               "refusing to touch it", path);
-	if (version > SCHEMA_VERSION)
-		return os_fail(s, SQLITE_NOTADB,
-		               "%s: schema version %lld was written by a newer offline-store "
-		               "(this build knows up to %d); refusing to touch it",
-		               path, (long long)version, SCHEMA_VERSION);
-	while (version < SCHEMA_VERSION) {
-		char *err = NULL;
+	    pragma_int(db, "SELECT count(*) FROM sqlite_schema", &tables) != SQLITE_OK) {
+		os_fail(s, sqlite3_extended_errcode(db), "%s: %s", path, sqlite3_errmsg(db));
+		goto done;
+	}
+	if (tables > 0 && app != APPLICATION_ID) {
+		os_fail(s, SQLITE_NOTADB,
+		        "%s: not an offline-store database (it holds other tables); refusing to touch it",
+		        path);
+		goto done;
+	}
+	if (version > SCHEMA_VERSION) {
+		os_fail(s, SQLITE_NOTADB,
+		        "%s: schema version %lld was written by a newer offline-store "
+		        "(this build knows up to %d); refusing to touch it",
+		        path, (long long)version, SCHEMA_VERSION);
+		goto done;
+	}
+	for (; version < SCHEMA_VERSION; version++) {
 		snprintf(sql, sizeof sql, "PRAGMA user_version = %lld; PRAGMA application_id = %d;",
 		         (long long)version + 1, APPLICATION_ID);
-		if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK ||
-		    sqlite3_exec(db, migrations[version], NULL, NULL, &err) != SQLITE_OK ||
-		    sqlite3_exec(db, sql, NULL, NULL, &err) != SQLITE_OK ||
-		    sqlite3_exec(db, "COMMIT", NULL, NULL, &err) != SQLITE_OK) {
+		if (sqlite3_exec(db, migrations[version], NULL, NULL, &err) != SQLITE_OK ||
+		    sqlite3_exec(db, sql, NULL, NULL, &err) != SQLITE_OK) {
 			os_fail(s, sqlite3_extended_errcode(db), "%s: migrating schema to version %lld: %s",
 			        path, (long long)version + 1, err ? err : sqlite3_errmsg(db));
-			sqlite3_free(err);
-			if (!sqlite3_get_autocommit(db))
-				sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
-			return OS_FAIL;
+			goto done;
 		}
-		version++;
 	}
-	return OS_OK;
+	if (sqlite3_exec(db, "COMMIT", NULL, NULL, &err) != SQLITE_OK) {
+		os_fail(s, sqlite3_extended_errcode(db), "%s: committing the schema: %s", path,
+		        err ? err : sqlite3_errmsg(db));
+		goto done;
+	}
+	rc = OS_OK;
+done:
+	sqlite3_free(err);
+	if (!sqlite3_get_autocommit(db))
+		sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+	return rc;
+}
+
+/* Switches the file to WAL (a no-op once it is). Leaving rollback mode needs
+ * the file to itself for a moment, and sqlite answers "busy" at once, without
+ * waiting in the busy handler, when another process is opening or switching
+ * the same file just then: so that answer is retried for the busy timeout. */
+static int set_wal(sqlite3 *db, int timeout_ms) {
+	int rc, waited = 0;
+	while ((rc = sqlite3_exec(db, "PRAGMA journal_mode = WAL", NULL, NULL, NULL)) != SQLITE_OK &&
+	       (rc & 0xff) == SQLITE_BUSY && waited < timeout_ms) {
+		sqlite3_sleep(10);
+		waited += 10;
+	}
+	return rc;
 }
 
 static int memstatus_tried;
@@ -1096,9 +1144,9 @@ int os_sqlite_open(os_store *s, const os_sqlite_config *cfg) {
 	 * anything could write to it. */
 	if (check_schema(s, q->db, cfg->path) != OS_OK)
 		goto fail;
-	mode = sqlite3_mprintf("PRAGMA journal_mode = WAL; PRAGMA synchronous = %s;",
-	                       cfg->synchronous_full ? "FULL" : "NORMAL");
-	if (!mode || sqlite3_exec(q->db, mode, NULL, NULL, NULL) != SQLITE_OK) {
+	mode = sqlite3_mprintf("PRAGMA synchronous = %s;", cfg->synchronous_full ? "FULL" : "NORMAL");
+	if (set_wal(q->db, cfg->busy_timeout_ms) != SQLITE_OK || !mode ||
+	    sqlite3_exec(q->db, mode, NULL, NULL, NULL) != SQLITE_OK) {
 		os_fail(s, sqlite3_extended_errcode(q->db), "%s: %s", cfg->path, sqlite3_errmsg(q->db));
 		goto fail;
 	}

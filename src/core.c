@@ -25,18 +25,32 @@ int os_fail(os_store *s, int code, const char *fmt, ...) {
 	return OS_FAIL;
 }
 
-static os_store *check_open(lua_State *L) {
-	os_store *s = luaL_checkudata(L, 1, STORE_MT);
+/* Lua code can run in the middle of a method: a finalizer at any allocation (while
+ * pop, list or users build their results, while an argument is converted), a
+ * metamethod while store serializes a stanza. If that code calls the same store,
+ * the store's state is checked again right before its backend runs (the store may
+ * have been closed, or a batch begun or ended, meanwhile), and while a backend is
+ * running with callbacks (call_emitting) the store is busy: every method, close
+ * included, raises instead of entering a backend that is half-way through. */
+static void check_state(lua_State *L, const os_store *s, int idle) {
+	if (s->busy)
+		luaL_error(L, "offline_store: store is busy (re-entrant call from a callback)");
 	if (!s->be)
 		luaL_error(L, "attempt to use a closed offline store");
+	if (idle && s->in_batch)
+		luaL_error(L, "a batch is open on this offline store: commit or roll it back first");
+}
+
+static os_store *check_open(lua_State *L) {
+	os_store *s = luaL_checkudata(L, 1, STORE_MT);
+	check_state(L, s, 0);
 	return s;
 }
 
 /* An open store with no batch open: every method but store and the batch's own. */
 static os_store *check_idle(lua_State *L) {
-	os_store *s = check_open(L);
-	if (s->in_batch)
-		luaL_error(L, "a batch is open on this offline store: commit or roll it back first");
+	os_store *s = luaL_checkudata(L, 1, STORE_MT);
+	check_state(L, s, 1);
 	return s;
 }
 
@@ -46,10 +60,17 @@ static os_str check_str(lua_State *L, int arg) {
 	return r;
 }
 
+/* A host or user name. */
+static os_str check_name(lua_State *L, int arg) {
+	os_str r = check_str(L, arg);
+	luaL_argcheck(L, r.n <= OS_MAX_LEN, arg, "longer than 2147483647 bytes");
+	return r;
+}
+
 static os_key check_key(lua_State *L) {
 	os_key k;
-	k.host = check_str(L, 2);
-	k.user = check_str(L, 3);
+	k.host = check_name(L, 2);
+	k.user = check_name(L, 3);
 	return k;
 }
 
@@ -78,14 +99,17 @@ static os_store *new_store(lua_State *L) {
 	return s;
 }
 
-/* core.open_sqlite(path [, synchronous_full [, busy_timeout_ms]]) -> db | fail, msg, code */
+/* core.open_sqlite(path [, synchronous_full [, busy_timeout_ms]]) -> db | fail, msg, code
+ * busy_timeout_ms: 0 to 2147483647 (sqlite takes an int); 2000 when not given. */
 static int l_open_sqlite(lua_State *L) {
 	os_sqlite_config cfg;
 	os_store *s;
+	lua_Integer busy;
 	cfg.path = luaL_checkstring(L, 1);
 	cfg.synchronous_full = lua_toboolean(L, 2);
-	cfg.busy_timeout_ms = (int)luaL_optinteger(L, 3, 2000);
-	luaL_argcheck(L, cfg.busy_timeout_ms >= 0, 3, "must not be negative");
+	busy = luaL_optinteger(L, 3, 2000);
+	luaL_argcheck(L, busy >= 0 && busy <= INT_MAX, 3, "must be 0 to 2147483647 (milliseconds)");
+	cfg.busy_timeout_ms = (int)busy;
 	s = new_store(L);
 	if (os_sqlite_open(s, &cfg) != OS_OK)
 		return push_fail(L, s);
@@ -137,6 +161,11 @@ static int l_store(lua_State *L) {
 		lua_pushliteral(L, "too deep");
 		return 2;
 	}
+	if (m.from.n > OS_MAX_LEN || m.xml.n > OS_MAX_LEN || m.meta.n > OS_MAX_LEN) {
+		os_fail(s, 0, "message too large to store: more than %d bytes in one field", OS_MAX_LEN);
+		return push_fail(L, s);
+	}
+	check_state(L, s, 0);
 	rc = s->be->store(s, &k, &m, &lim, &count, &id);
 	if (rc == OS_FAIL)
 		return push_fail(L, s);
@@ -181,18 +210,59 @@ static void collect_item(void *ud, const os_item *it) {
 	lua_rawseti(L, -2, ++c->n);
 }
 
-/* db:pop(host, user, now [, max]) -> items, expired | fail, msg, code */
-static int l_pop(lua_State *L) {
-	os_store *s = check_idle(L);
-	os_key k = check_key(L);
-	int64_t now = (int64_t)luaL_checkinteger(L, 4), max = opt_int(L, 5, 0), expired = 0;
+/* A backend call that emits into a table (pop, list, users), run by call_emitting. */
+typedef struct emitting {
+	os_store *s;
+	int (*run)(struct emitting *, collector *);
+	os_key k;
+	os_str host;
+	int64_t a, b, expired;
+	int rc;
+} emitting;
+
+static int run_emitting(lua_State *L) {
+	emitting *e = lua_touserdata(L, 1);
 	collector c;
 	c.L = L;
 	c.n = 0;
 	lua_newtable(L);
-	if (s->be->pop(s, &k, now, max, collect_item, &c, &expired) != OS_OK)
-		return push_fail(L, s);
-	lua_pushinteger(L, expired);
+	e->rc = e->run(e, &c);
+	return 1;
+}
+
+/* Runs e->run with the store busy (see check_state), in protected mode, so that
+ * busy is cleared on every way out: an emit callback can raise (out of memory),
+ * and its error is raised again once the store is usable. Leaves the table of
+ * what was emitted on the stack; returns the backend's result. */
+static int call_emitting(lua_State *L, emitting *e) {
+	int status;
+	check_state(L, e->s, 1);
+	e->s->busy = 1;
+	lua_pushcfunction(L, run_emitting);
+	lua_pushlightuserdata(L, e);
+	status = lua_pcall(L, 1, 1, 0);
+	e->s->busy = 0;
+	if (status != LUA_OK)
+		lua_error(L);
+	return e->rc;
+}
+
+static int run_pop(emitting *e, collector *c) {
+	return e->s->be->pop(e->s, &e->k, e->a, e->b, collect_item, c, &e->expired);
+}
+
+/* db:pop(host, user, now [, max]) -> items, expired | fail, msg, code */
+static int l_pop(lua_State *L) {
+	emitting e;
+	e.s = check_idle(L);
+	e.k = check_key(L);
+	e.a = (int64_t)luaL_checkinteger(L, 4);
+	e.b = opt_int(L, 5, 0);
+	e.expired = 0;
+	e.run = run_pop;
+	if (call_emitting(L, &e) != OS_OK)
+		return push_fail(L, e.s);
+	lua_pushinteger(L, e.expired);
 	return 2;
 }
 
@@ -201,6 +271,7 @@ static int l_count(lua_State *L) {
 	os_store *s = check_idle(L);
 	os_key k = check_key(L);
 	int64_t count, bytes;
+	check_state(L, s, 1);
 	if (s->be->count(s, &k, &count, &bytes) != OS_OK)
 		return push_fail(L, s);
 	lua_pushinteger(L, count);
@@ -208,17 +279,20 @@ static int l_count(lua_State *L) {
 	return 2;
 }
 
+static int run_list(emitting *e, collector *c) {
+	return e->s->be->list(e->s, &e->k, e->a, e->b, collect_item, c);
+}
+
 /* db:list(host, user [, after_id [, max]]) -> items | fail, msg, code */
 static int l_list(lua_State *L) {
-	os_store *s = check_idle(L);
-	os_key k = check_key(L);
-	int64_t after = (int64_t)luaL_optinteger(L, 4, 0), max = opt_int(L, 5, 0);
-	collector c;
-	c.L = L;
-	c.n = 0;
-	lua_newtable(L);
-	if (s->be->list(s, &k, after, max, collect_item, &c) != OS_OK)
-		return push_fail(L, s);
+	emitting e;
+	e.s = check_idle(L);
+	e.k = check_key(L);
+	e.a = (int64_t)luaL_optinteger(L, 4, 0);
+	e.b = opt_int(L, 5, 0);
+	e.run = run_list;
+	if (call_emitting(L, &e) != OS_OK)
+		return push_fail(L, e.s);
 	return 1;
 }
 
@@ -247,7 +321,9 @@ static int l_remove(lua_State *L) {
 			return luaL_argerror(L, 4, "ids must be integers");
 		lua_pop(L, 1);
 	}
-	int rc = s->be->remove(s, &k, ids, (size_t)n, &touched);
+	int rc;
+	check_state(L, s, 1);
+	rc = s->be->remove(s, &k, ids, (size_t)n, &touched);
 	return push_touched(L, s, rc, touched);
 }
 
@@ -256,16 +332,20 @@ static int l_remove_user(lua_State *L) {
 	os_store *s = check_idle(L);
 	os_key k = check_key(L);
 	int64_t touched = 0;
-	int rc = s->be->remove_user(s, &k, &touched);
+	int rc;
+	check_state(L, s, 1);
+	rc = s->be->remove_user(s, &k, &touched);
 	return push_touched(L, s, rc, touched);
 }
 
 /* db:remove_host(host) -> n | fail, msg, code */
 static int l_remove_host(lua_State *L) {
 	os_store *s = check_idle(L);
-	os_str host = check_str(L, 2);
+	os_str host = check_name(L, 2);
 	int64_t touched = 0;
-	int rc = s->be->remove_host(s, host, &touched);
+	int rc;
+	check_state(L, s, 1);
+	rc = s->be->remove_host(s, host, &touched);
 	return push_touched(L, s, rc, touched);
 }
 
@@ -298,16 +378,18 @@ static void collect_user(void *ud, os_str user, int64_t count, int64_t bytes) {
 	lua_rawseti(L, -2, ++c->n);
 }
 
+static int run_users(emitting *e, collector *c) {
+	return e->s->be->users(e->s, e->host, collect_user, c);
+}
+
 /* db:users(host) -> {{user=, count=, bytes=}, ...} | fail, msg, code */
 static int l_users(lua_State *L) {
-	os_store *s = check_idle(L);
-	os_str host = check_str(L, 2);
-	collector c;
-	c.L = L;
-	c.n = 0;
-	lua_newtable(L);
-	if (s->be->users(s, host, collect_user, &c) != OS_OK)
-		return push_fail(L, s);
+	emitting e;
+	e.s = check_idle(L);
+	e.host = check_name(L, 2);
+	e.run = run_users;
+	if (call_emitting(L, &e) != OS_OK)
+		return push_fail(L, e.s);
 	return 1;
 }
 
@@ -362,6 +444,8 @@ static int l_backend(lua_State *L) {
  * first (the caller commits itself to learn the outcome). */
 static int l_close(lua_State *L) {
 	os_store *s = luaL_checkudata(L, 1, STORE_MT);
+	if (s->busy)
+		check_state(L, s, 0); /* raises */
 	if (s->be) {
 		const os_backend *be = s->be;
 		if (s->in_batch) {

@@ -1,6 +1,7 @@
 /* The XML of util.stanza trees, in C: core.serialize writes what the store keeps.
- * It works on the Lua tables util.stanza builds (name, attr, children at 1..n) and
- * never calls back into Lua. It writes into one buffer kept per Lua state, so
+ * It works on the Lua tables util.stanza builds (name, attr, children at 1..n);
+ * Lua code runs only through their metamethods and finalizers (see take_buf).
+ * It writes into one buffer kept per Lua state, so
  * db:store given a stanza (core.c) makes no garbage at all, and core.serialize
  * only the result string. */
 #define _POSIX_C_SOURCE 200809L /* gmtime_r */
@@ -222,12 +223,17 @@ static const char buf_key = 0; /* its address keys the buffer in the registry */
 
 /* One output buffer per Lua state, kept between calls: serializing allocates
  * nothing once the buffer has grown to the stanza's size. A userdata in the
- * registry, so the state frees it when it closes. */
-static sbuf *state_buf(lua_State *L) {
+ * registry, so the state frees it when it closes. A call takes it out of the
+ * registry (onto the stack) while it writes and puts it back when done: Lua code
+ * that runs meanwhile (a metamethod, a finalizer) and serializes again finds none
+ * and makes its own, instead of writing into the one being filled. (If the call
+ * raises, its buffer is not put back and is collected.) */
+static sbuf *take_buf(lua_State *L) {
 	sbuf *b;
 	if (lua_rawgetp(L, LUA_REGISTRYINDEX, &buf_key) == LUA_TUSERDATA) {
 		b = lua_touserdata(L, -1);
-		lua_pop(L, 1);
+		lua_pushnil(L);
+		lua_rawsetp(L, LUA_REGISTRYINDEX, &buf_key);
 		return b;
 	}
 	lua_pop(L, 1);
@@ -237,19 +243,20 @@ static sbuf *state_buf(lua_State *L) {
 	lua_pushcfunction(L, sbuf_gc);
 	lua_setfield(L, -2, "__gc");
 	lua_setmetatable(L, -2);
-	lua_rawsetp(L, LUA_REGISTRYINDEX, &buf_key);
 	return b;
 }
 
 int os_xml_write(lua_State *L, int idx, int skip_delays, const char **p, size_t *n) {
-	sbuf *b = state_buf(L);
 	int top = lua_gettop(L), rc;
+	sbuf *b = take_buf(L);
 	if (b->cap > KEEP_BUFFER) { /* left by a big stanza last time */
 		free(b->p);
 		b->p = NULL, b->cap = 0;
 	}
 	b->n = 0, b->oom = 0;
 	rc = ser_el(L, b, lua_absindex(L, idx), 0, skip_delays, 0);
+	lua_pushvalue(L, top + 1);
+	lua_rawsetp(L, LUA_REGISTRYINDEX, &buf_key); /* back, for the next call */
 	lua_settop(L, top);
 	if (b->oom)
 		return luaL_error(L, "serialize: out of memory");

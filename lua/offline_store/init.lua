@@ -120,8 +120,9 @@ function M.check_config(cfg)
 		end
 		out.synchronous = sync
 		local busy = cfg.busy_timeout or 2000
-		if math_type(busy) ~= "integer" or busy < 0 then
-			return nil, ("busy_timeout must be a whole number of milliseconds >= 0 (got %s)"):format(describe(busy))
+		if math_type(busy) ~= "integer" or busy < 0 or busy > 0x7fffffff then -- (sqlite takes an int)
+			return nil, ("busy_timeout must be a whole number of milliseconds from 0 to 2147483647 (got %s)")
+				:format(describe(busy))
 		end
 		out.busy_timeout = busy
 	end
