@@ -379,3 +379,33 @@ access = { max_user_offline_messages = { { acl = "all", value = 2 } } }
 	lu.assertStrContains(ctl(srv, "shell", "offline", "count", "bob@localhost"), "has 3 offline messages", "the running limit stays")
 	a:close()
 end
+
+---------------------------------------------------------------------------------------------------
+-- `prosody -D` loads its modules, then forks into the background: the daemon does not inherit
+-- the POSIX locks sqlite took in the process that opened the file. Another connection that then
+-- opens and closes the file (prosodyctl mod_offline, the sqlite3 shell) would take itself for the
+-- last one, checkpoint and delete the WAL under the daemon, whose later commits would vanish at
+-- the next restart. Every message stored around such a command must survive a restart.
+TestDaemonAndTools = {}
+
+function TestDaemonAndTools.teardownClass() if TestDaemonAndTools.srv then TestDaemonAndTools.srv:cleanup() end end
+
+function TestDaemonAndTools:test_commands_next_to_the_daemon_lose_nothing()
+	local srv = start {}
+	TestDaemonAndTools.srv = srv
+	local alice = online(srv, "alice")
+	local function send_some(from, to)
+		for i = from, to do send(alice, "bob@localhost", "d" .. i) end
+		alice:ping()
+	end
+	send_some(1, 3)
+	lu.assertStrContains(ctl(srv, "mod_offline", "count", "bob@localhost"), "has 3 offline messages")
+	send_some(4, 6)
+	lu.assertStrContains(sql(srv, "SELECT count(*) FROM message"), "6")
+	send_some(7, 9)
+	lu.assertStrContains(ctl(srv, "mod_offline", "count", "bob@localhost"), "has 9 offline messages")
+	send_some(10, 12)
+	alice:close()
+	srv:restart()
+	lu.assertEquals(login_and_count(srv, "bob"), 12, "every message stored around the commands survives a restart")
+end
