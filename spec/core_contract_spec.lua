@@ -16,7 +16,7 @@ local function fill(db, n, host, user, prefix, opts)
 	local ids = {}
 	for i = 1, n do
 		local count, id = db:store(host or H, user or U, FROM, (prefix or "m") .. i, T0 + i,
-			opts.expire, opts.max, opts.max_bytes, opts.meta)
+			opts.expire, opts.max, opts.max_bytes, opts.meta, opts.dedup and opts.dedup .. i)
 		assert(count, id)
 		ids[i] = id
 	end
@@ -662,6 +662,269 @@ local function contract(open, finish)
 			fill(db, 3)
 		end
 		collectgarbage(); collectgarbage()
+	end
+
+	-- Leases (acknowledged delivery): rows handed to a session stay stored, marked with
+	-- their owner, until confirmed (deleted) or released (free again, unchanged).
+	function T:test_lease_marks_rows_without_deleting_them()
+		local db = self.db
+		local ids = fill(db, 5)
+		local items, held = db:lease(H, U, "n1:1", T0, T0 + 100, 3)
+		lu.assertEquals(xmls(items), { "m1", "m2", "m3" })
+		lu.assertNil(held)
+		lu.assertEquals({ items[1].id, items[1].ts, items[1].from }, { ids[1], T0 + 1, FROM })
+		lu.assertNil(items[1].lease_owner, "the items a lease returns are as pop's")
+		lu.assertEquals(db:count(H, U), 5, "leased rows are still stored and counted")
+		assert_counter(db)
+		local listed = db:list(H, U)
+		for i = 1, 3 do
+			lu.assertEquals({ listed[i].lease_owner, listed[i].lease_until }, { "n1:1", T0 + 100 }, "m" .. i)
+		end
+		lu.assertEquals({ listed[4].lease_owner, listed[4].lease_until }, { nil, nil }, "a free row has no lease fields")
+		lu.assertEquals(xmls(db:lease(H, U, "n1:1", T0, T0 + 100)), { "m4", "m5" },
+			"rows already leased by the same owner are in flight: not returned again")
+		lu.assertEquals({ db:lease(H, U, "n1:1", T0, T0 + 100) }, { {} })
+		lu.assertEquals({ db:lease(H, "nobody", "n1:1", T0, T0 + 100) }, { {} }, "an empty queue")
+		lu.assertEquals(#db:lease(H, U, "n1:1", T0, T0 + 100, 0), 0)
+	end
+
+	function T:test_live_lease_holds_back_other_owners_and_pop()
+		local db = self.db
+		local ids = fill(db, 4)
+		lu.assertEquals(xmls(db:lease(H, U, "a", T0, T0 + 100, 2)), { "m1", "m2" })
+		lu.assertEquals({ db:lease(H, U, "b", T0 + 50, T0 + 150) }, { {}, T0 + 100 },
+			"the oldest row is another owner's: nothing, and until when")
+		lu.assertEquals({ db:pop(H, U, T0 + 50) }, { {}, 0, T0 + 100 }, "pop neither overtakes nor deletes it")
+		lu.assertEquals(db:count(H, U), 4)
+		fill(db, 1, H, U, "later")
+		lu.assertEquals(db:confirm(H, U, { ids[1], ids[2] }), 2, "confirm deletes the acked rows")
+		lu.assertEquals(db:count(H, U), 3)
+		assert_counter(db)
+		lu.assertEquals(xmls(db:lease(H, U, "b", T0 + 50, T0 + 150)), { "m3", "m4", "later1" },
+			"rows stored during a lease queue behind it")
+		lu.assertEquals(db:confirm(H, U, { ids[1] }), 0, "an acked row is gone")
+	end
+
+	function T:test_expired_lease_frees_its_rows()
+		local db = self.db
+		fill(db, 3)
+		lu.assertEquals(xmls(db:lease(H, U, "a", T0, T0 + 10, 1)), { "m1" })
+		lu.assertEquals(xmls(db:lease(H, U, "a", T0, T0 + 100, 1)), { "m2" })
+		-- at T0 + 10 m1's lease has run out (lease_until <= now), m2's lives
+		lu.assertEquals({ xmls(db:lease(H, U, "b", T0 + 10, T0 + 200)), (db:count(H, U)) }, { { "m1" }, 3 },
+			"the free head goes to another owner, who stops at the next live lease")
+		local items, expired, held = db:pop(H, U, T0 + 150)
+		lu.assertEquals({ #items, expired, held }, { 0, 0, T0 + 200 })
+		items, expired, held = db:pop(H, U, T0 + 200)
+		lu.assertEquals({ xmls(items), expired, held }, { { "m1", "m2", "m3" }, 0, nil },
+			"every lease ran out: pop takes all, in order")
+		lu.assertEquals(db:count(H, U), 0)
+	end
+
+	function T:test_pop_stops_at_a_live_lease_behind_free_rows()
+		local db = self.db
+		fill(db, 4)
+		lu.assertEquals(xmls(db:lease(H, U, "a", T0, T0 + 10, 1)), { "m1" })
+		lu.assertEquals(xmls(db:lease(H, U, "a", T0, T0 + 100, 2)), { "m2", "m3" })
+		local items, expired, held = db:pop(H, U, T0 + 20)
+		lu.assertEquals({ xmls(items), expired, held }, { { "m1" }, 0, nil }, "pop takes the free head only")
+		lu.assertEquals(xmls(db:list(H, U)), { "m2", "m3", "m4" })
+		assert_counter(db)
+	end
+
+	function T:test_release_gives_rows_back_unchanged()
+		local db = self.db
+		assert(db:store(H, U, FROM, "plain", T0 + 1))
+		assert(db:store(H, U, "carol@example.org", "<x/>", T0 + 2, T0 + 9999, nil, nil, "meta"))
+		assert(db:store(H, U, FROM, "third", T0 + 3, nil, nil, nil, nil, "dedup-3"))
+		assert(db:store(H, "carol", FROM, "carol's", T0 + 4))
+		local before = db:list(H, U)
+		lu.assertEquals(#db:lease(H, U, "a", T0, T0 + 100), 3)
+		lu.assertEquals(#db:lease(H, "carol", "a", T0, T0 + 100), 1)
+		lu.assertEquals(db:release(H, U, "b"), 0, "another owner's release")
+		lu.assertEquals(db:release(H, U, "a"), 3)
+		lu.assertEquals(db:list(H, U), before, "same ids, stamps, expiry, sender, meta; no lease")
+		lu.assertEquals(db:list(H, "carol")[1].lease_owner, "a", "another user's lease stays")
+		lu.assertEquals(db:release(H, U, "a"), 0)
+		local again = db:lease(H, U, "b", T0, T0 + 100)
+		lu.assertEquals(xmls(again), { "plain", "<x/>", "third" }, "released rows go out again in order")
+		lu.assertEquals({ again[2].id, again[2].ts, again[2].expire, again[2].meta, again[2].from },
+			{ before[2].id, T0 + 2, T0 + 9999, "meta", "carol@example.org" })
+		assert_counter(db)
+	end
+
+	function T:test_release_all_and_renew_by_owner_prefix()
+		local db = self.db
+		fill(db, 2, H, "u1"); fill(db, 2, H, "u2"); fill(db, 2, "other.org", "u3"); fill(db, 1, H, "u4")
+		lu.assertEquals(#db:lease(H, "u1", "n1:1", T0, T0 + 10), 2)
+		lu.assertEquals(#db:lease(H, "u2", "n1:2", T0, T0 + 10), 2)
+		lu.assertEquals(#db:lease("other.org", "u3", "n2:1", T0, T0 + 10), 2)
+		lu.assertEquals(#db:lease(H, "u4", "n1", T0, T0 + 10), 1)
+		lu.assertEquals(db:renew("n1:", T0 + 1000), 4, "n1:1 and n1:2, not n1 nor n2:1")
+		lu.assertEquals(db:list(H, "u1")[2].lease_until, T0 + 1000)
+		lu.assertEquals(db:list(H, "u4")[1].lease_until, T0 + 10)
+		lu.assertEquals({ db:lease(H, "u2", "x", T0 + 500, T0 + 600) }, { {}, T0 + 1000 }, "renewed: still held")
+		lu.assertEquals(#db:lease("other.org", "u3", "x", T0 + 500, T0 + 600), 2, "not renewed: ran out")
+		lu.assertEquals(db:release_all("n1:"), 4)
+		lu.assertNil(db:list(H, "u1")[1].lease_owner)
+		lu.assertEquals(db:list(H, "u4")[1].lease_owner, "n1")
+		lu.assertEquals(db:release_all("zzz"), 0)
+		lu.assertEquals(db:renew("", T0 + 5), 3, "the empty prefix: every lease")
+		lu.assertEquals(db:release_all(), 3)
+		lu.assertEquals(db:release_all(), 0)
+		for _, k in ipairs({ { H, "u1" }, { H, "u2" }, { "other.org", "u3" }, { H, "u4" } }) do
+			for _, it in ipairs(db:list(k[1], k[2])) do lu.assertNil(it.lease_owner) end
+			assert_counter(db, k[1], k[2])
+		end
+	end
+
+	function T:test_leased_rows_count_and_go_with_every_removal()
+		local db = self.db
+		fill(db, 3, H, U, "m", { max = 3 })
+		lu.assertEquals(#db:lease(H, U, "a", T0, T0 + 100), 3)
+		lu.assertEquals({ db:store(H, U, FROM, "over", T0, nil, 3) }, { false, "limit", 3 },
+			"leased rows count toward the limit until deleted")
+		lu.assertEquals({ db:count(H, U) }, { 3, 6 })
+		lu.assertEquals(db:remove_user(H, U), 3)
+		assert(db:store(H, U, FROM, "exp", T0, T0 + 5))
+		assert(db:store(H, U, FROM, "old", T0 - 100))
+		assert(db:store(H, U, FROM, "host", T0))
+		lu.assertEquals(#db:lease(H, U, "a", T0, T0 + 100), 3)
+		lu.assertEquals(db:delete_expired(T0 + 5), 1)
+		lu.assertEquals(db:delete_older_than(T0), 1)
+		lu.assertEquals(db:remove_host(H), 1)
+		lu.assertEquals({ db:count(H, U) }, { 0, 0 })
+		lu.assertEquals(db:release(H, U, "a"), 0)
+	end
+
+	function T:test_lease_deletes_expired_rows_and_skips_set_aside()
+		local db = self.db
+		assert(db:store(H, U, FROM, "gone", T0, T0 + 10))
+		assert(db:store(H, U, FROM, "<damaged", T0, nil, nil, nil, core.SET_ASIDE))
+		assert(db:store(H, U, FROM, "keep", T0, T0 + 1000))
+		assert(db:store(H, U, FROM, "gone2", T0, T0 + 20))
+		assert(db:store(H, U, FROM, "last", T0))
+		lu.assertEquals({ xmls(db:lease(H, U, "a", T0 + 500, T0 + 600)) }, { { "keep", "last" } })
+		lu.assertEquals(xmls(db:list(H, U)), { "<damaged", "keep", "last" }, "expired rows deleted as pop does")
+		assert_counter(db)
+		lu.assertNil(db:list(H, U)[1].lease_owner, "a set-aside row is never leased")
+		lu.assertEquals({ db:lease(H, U, "b", T0 + 500, T0 + 600) }, { {}, T0 + 600 })
+		lu.assertEquals(db:release(H, U, "a"), 2)
+		lu.assertEquals(xmls(db:pop(H, U, T0 + 500)), { "keep", "last" })
+	end
+
+	function T:test_lease_methods_check_arguments_and_batch()
+		local db = self.db
+		lu.assertError(db.lease, db, H, U, nil, T0, T0 + 1)
+		lu.assertError(db.lease, db, H, U, "a", nil, T0 + 1)
+		lu.assertError(db.lease, db, H, U, "a", T0, nil)
+		lu.assertError(db.lease, db, H, U, "a", T0, T0 + 1, -1)
+		lu.assertError(db.release, db, H, U, nil)
+		lu.assertError(db.renew, db, nil, T0)
+		lu.assertError(db.renew, db, "a", nil)
+		lu.assertError(db.release_all, db, {})
+		lu.assertError(db.confirm, db, H, U, { "x" })
+		lu.assertError(db.store, db, H, U, FROM, "x", T0, nil, nil, nil, nil, {})
+		if db:begin() then
+			for name, args in pairs({ lease = { H, U, "a", T0, T0 + 1 }, confirm = { H, U, {} },
+				release = { H, U, "a" }, release_all = {}, renew = { "a", T0 } }) do
+				lu.assertErrorMsgContains("a batch is open", db[name], db, table.unpack(args))
+			end
+			lu.assertTrue(db:commit())
+		end
+		db:close()
+		lu.assertErrorMsgContains("closed", db.lease, db, H, U, "a", T0, T0 + 1)
+		self.db = open()
+	end
+
+	function T:test_finalizer_reentering_lease_gets_busy_error()
+		local db = self.db
+		fill(db, 300)
+		local errors, items = with_finalizers(db.lease, function() db:release(H, U, "a") end,
+			function() return db:lease(H, U, "a", T0, T0 + 100) end)
+		assert_all_busy(errors, "release in lease")
+		lu.assertEquals(#items, 300)
+		lu.assertEquals(db:list(H, U)[300].lease_owner, "a")
+	end
+
+	-- Duplicates: a store with a dedup key the user's queue already holds stores nothing.
+	function T:test_dedup_refuses_the_same_key_twice()
+		local db = self.db
+		local A1, B1 = "alice@example.org\0o1", "carol@example.org\0o1"
+		lu.assertEquals(db:store(H, U, FROM, "first", T0, nil, nil, nil, nil, A1), 1)
+		lu.assertEquals({ db:store(H, U, FROM, "again", T0, nil, nil, nil, nil, A1) }, { false, "duplicate", 1 })
+		lu.assertEquals(db:store(H, U, FROM, "other sender", T0, nil, nil, nil, nil, B1), 2)
+		lu.assertEquals(db:store(H, "carol", FROM, "other user", T0, nil, nil, nil, nil, A1), 1)
+		lu.assertEquals(db:store(H, U, FROM, "no key", T0), 3)
+		lu.assertEquals(db:store(H, U, FROM, "no key", T0), 4, "without a key nothing is a duplicate")
+		lu.assertEquals({ db:store(H, U, FROM, "full", T0, nil, 4, nil, nil, A1) }, { false, "duplicate", 4 },
+			"a duplicate is a duplicate even when the queue is full")
+		lu.assertEquals({ db:store(H, U, FROM, "full", T0, nil, 4, nil, nil, "new") }, { false, "limit", 4 })
+		lu.assertEquals({ db:count(H, U) }, { 4, #"first" + #"other sender" + 2 * #"no key" })
+		lu.assertEquals(xmls(db:list(H, U)), { "first", "other sender", "no key", "no key" })
+		assert_counter(db)
+	end
+
+	function T:test_dedup_sees_leased_and_set_aside_rows_and_forgets_deleted_ones()
+		local db = self.db
+		local _, id1 = assert(db:store(H, U, FROM, "a", T0, nil, nil, nil, nil, "k1"))
+		assert(db:store(H, U, FROM, "<bad", T0, nil, nil, nil, core.SET_ASIDE, "k2"))
+		assert(db:store(H, U, FROM, "c", T0, nil, nil, nil, nil, "k3"))
+		lu.assertEquals(#db:lease(H, U, "n:1", T0, T0 + 100), 2)
+		lu.assertEquals({ db:store(H, U, FROM, "x", T0, nil, nil, nil, nil, "k1") }, { false, "duplicate", 3 }, "leased")
+		lu.assertEquals({ db:store(H, U, FROM, "x", T0, nil, nil, nil, nil, "k2") }, { false, "duplicate", 3 }, "set aside")
+		lu.assertEquals(db:release(H, U, "n:1"), 2)
+		lu.assertEquals({ db:store(H, U, FROM, "x", T0, nil, nil, nil, nil, "k3") }, { false, "duplicate", 3 },
+			"a released row keeps its key")
+		lu.assertEquals(db:confirm(H, U, { id1 }), 1)
+		lu.assertEquals(db:store(H, U, FROM, "a again", T0, nil, nil, nil, nil, "k1"), 3,
+			"a deleted row's key is forgotten")
+		lu.assertEquals(xmls(db:pop(H, U, T0)), { "c", "a again" })
+		lu.assertEquals(db:store(H, U, FROM, "c again", T0, nil, nil, nil, nil, "k3"), 2)
+		lu.assertEquals(db:remove_user(H, U), 2)
+		lu.assertEquals(db:store(H, U, FROM, "bad again", T0, nil, nil, nil, nil, "k2"), 1)
+		assert(db:store(H, U, FROM, "e", T0, T0 + 1, nil, nil, nil, "k4"))
+		lu.assertEquals(db:delete_expired(T0 + 1), 1)
+		lu.assertEquals(db:store(H, U, FROM, "e again", T0, nil, nil, nil, nil, "k4"), 2)
+		lu.assertEquals(db:remove_host(H), 2)
+		lu.assertEquals(db:store(H, U, FROM, "z", T0, nil, nil, nil, nil, "k4"), 1)
+		lu.assertEquals(db:delete_older_than(T0 + 1), 1)
+		lu.assertEquals(db:store(H, U, FROM, "z", T0, nil, nil, nil, nil, "k4"), 1)
+		lu.assertEquals(db:list(H, U)[1].dedup, nil, "the key is not part of the item")
+	end
+
+	-- In a batch (sqlite), a key is found among the rows the batch itself holds back
+	-- (written a chunk at a time), among rows of the batch already written, and among
+	-- committed rows; a duplicate leaves the batch open.
+	function T:test_dedup_inside_a_batch()
+		local db = self.db
+		assert(db:store(H, U, FROM, "committed", T0, nil, nil, nil, nil, "old"))
+		local batched = db:begin()
+		lu.assertEquals({ db:store(H, U, FROM, "x", T0, nil, nil, nil, nil, "old") }, { false, "duplicate", 1 })
+		lu.assertEquals(db:store(H, U, FROM, "new", T0, nil, nil, nil, nil, "new"), 2)
+		lu.assertEquals({ db:store(H, U, FROM, "x", T0, nil, nil, nil, nil, "new") }, { false, "duplicate", 2 },
+			"a row pending in the same batch")
+		lu.assertEquals(db:store(H, "carol", FROM, "new", T0, nil, nil, nil, nil, "new"), 1)
+		for i = 1, 300 do
+			lu.assertEquals(db:store(H, "dave", FROM, "d" .. i, T0, nil, nil, nil, nil, "d" .. i), i)
+		end
+		for i = 1, 300, 7 do
+			lu.assertEquals({ db:store(H, "dave", FROM, "again", T0, nil, nil, nil, nil, "d" .. i) },
+				{ false, "duplicate", 300 }, "d" .. i)
+		end
+		lu.assertEquals(db:store(H, U, FROM, "after", T0), 3, "the batch goes on")
+		lu.assertTrue(db:commit())
+		lu.assertEquals(xmls(db:list(H, U)), { "committed", "new", "after" })
+		lu.assertEquals(db:count(H, "dave"), 300)
+		assert_counter(db, H, "dave")
+		if batched then
+			assert(db:begin())
+			lu.assertEquals({ db:store(H, "dave", FROM, "x", T0, nil, nil, nil, nil, "d300") }, { false, "duplicate", 300 })
+			lu.assertEquals(db:store(H, "dave", FROM, "x", T0, nil, nil, nil, nil, "d301"), 301)
+			lu.assertTrue(db:rollback())
+			lu.assertEquals(db:store(H, "dave", FROM, "x", T0, nil, nil, nil, nil, "d301"), 301,
+				"a rolled back row's key is forgotten")
+		end
 	end
 
 	return T

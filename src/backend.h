@@ -19,7 +19,7 @@
 /* "No expiry" and "no limit" are both spelled with this value. */
 #define OS_NONE INT64_MIN
 
-enum { OS_OK = 0, OS_LIMIT = 1, OS_FAIL = 2 };
+enum { OS_OK = 0, OS_LIMIT = 1, OS_FAIL = 2, OS_DUP = 3 };
 
 typedef struct { const char *p; size_t n; } os_str;
 
@@ -44,10 +44,14 @@ static inline void os_key_copy(char *key, const os_key *k) {
 }
 
 /* One stored item as the backend hands it out; pointers are valid only
- * for the duration of the emit call. */
+ * for the duration of the emit call. lease_owner is set by list only (pop and
+ * lease emit it NULL); dedup is read by store only (backends emit it NULL). */
 typedef struct {
 	int64_t id, ts, expire; /* expire == OS_NONE: never */
 	os_str from, xml, meta; /* meta.p == NULL: no metadata */
+	os_str dedup;           /* p == NULL: none (see store) */
+	os_str lease_owner;     /* p == NULL: free; else leased until lease_until */
+	int64_t lease_until;
 } os_item;
 
 /* A row set aside: its message could not be turned back into a stanza (damaged,
@@ -78,12 +82,39 @@ typedef void (*os_emit_user)(void *ud, os_str user, int64_t count, int64_t bytes
 
 typedef struct os_store os_store;
 
+/* Leases (acknowledged delivery). A row is leased when it has an owner (any
+ * bytes) and a lease_until; the lease is live while lease_until > now, and a row
+ * whose lease ran out is free. Leasing changes no counter: a leased row is
+ * stored, counted, listed (with its owner) and deleted like any row.
+ *
+ * store: item->dedup.p non-NULL is a key; when a row of the user's queue (leased,
+ *   set aside, or written by the open batch but not committed, included) has the
+ *   same key, nothing is stored and OS_DUP is returned with *count the queue's
+ *   count. Checked before the limit; exact under concurrent writers. A row's key
+ *   goes with the row.
+ * pop and lease walk the user's rows in id order, skip set-aside rows, delete
+ *   expired ones (counted in *expired, pop only) and take free rows, up to max
+ *   (OS_NONE: all), stopping at the first row under a live lease that is not
+ *   the caller's (pop has no owner: every live lease stops it). pop deletes what
+ *   it takes; lease sets (owner, until) on it and skips rows that `owner` holds
+ *   already. When the walk stopped at such a lease having taken nothing, *held is
+ *   the latest lease_until among the user's live leases of other owners (pop:
+ *   of any owner); otherwise OS_NONE.
+ * release clears owner's leases on one user's rows; release_all clears every
+ *   lease, or (prefix non-NULL) every lease whose owner starts with *prefix;
+ *   renew sets lease_until = until on every lease whose owner starts with
+ *   prefix. *touched: rows changed. Rows keep their id, order and contents. */
 typedef struct {
 	const char *name;
 	int (*store)(os_store *, const os_key *, const os_item *, const os_limit *,
 	             int64_t *count, int64_t *id);
 	int (*pop)(os_store *, const os_key *, int64_t now, int64_t max,
-	           os_emit_item, void *ud, int64_t *expired);
+	           os_emit_item, void *ud, int64_t *expired, int64_t *held);
+	int (*lease)(os_store *, const os_key *, os_str owner, int64_t now, int64_t until,
+	             int64_t max, os_emit_item, void *ud, int64_t *held);
+	int (*release)(os_store *, const os_key *, os_str owner, int64_t *touched);
+	int (*release_all)(os_store *, const os_str *prefix, int64_t *touched);
+	int (*renew)(os_store *, os_str prefix, int64_t until, int64_t *touched);
 	int (*count)(os_store *, const os_key *, int64_t *count, int64_t *bytes);
 	int (*list)(os_store *, const os_key *, int64_t after_id, int64_t max,
 	            os_emit_item, void *ud);

@@ -1,7 +1,9 @@
 /* The memory backend: a chained hash table of per-user FIFOs, in process,
  * lost on restart (the seed's mnesia-in-RAM role). Every queue keeps its
  * own count and bytes, so store() checks the limit in O(1). Empty queues
- * are freed, so memory follows what is stored. */
+ * are freed, so memory follows what is stored. Rows with a dedup key are also
+ * in a second hash table, by (queue, key), so the duplicate check is O(1) too.
+ * The rows one lease call marks share one reference-counted owner. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,12 +11,24 @@
 #include "backend.h"
 #include "hash.h"
 
+typedef struct mowner {
+	size_t refs, n;
+	char p[];
+} mowner;
+
+struct mqueue;
+
 typedef struct mnode {
 	struct mnode *next;
 	int64_t id, ts, expire;
-	size_t from_n, xml_n, meta_n;
-	int has_meta;
-	char data[]; /* from, xml, meta, back to back */
+	size_t from_n, xml_n, meta_n, dedup_n;
+	int has_meta, has_dedup;
+	mowner *owner; /* NULL: free */
+	int64_t lease_until;
+	struct mnode *dnext;   /* the dedup table's chain (has_dedup only) */
+	const struct mqueue *dq; /* and the queue it belongs to */
+	uint64_t dhash;
+	char data[]; /* from, xml, meta, dedup, back to back */
 } mnode;
 
 typedef struct mqueue {
@@ -29,6 +43,8 @@ typedef struct mqueue {
 typedef struct {
 	mqueue **bucket;
 	size_t nbucket, nqueue; /* nbucket is a power of two */
+	mnode **dbucket;        /* rows with a dedup key, by (queue, key) */
+	size_t ndbucket, ndedup; /* ndbucket: 0, or a power of two */
 	int64_t last_id;
 } mstore;
 
@@ -63,10 +79,67 @@ static int grow(mstore *m) {
 	return 0;
 }
 
-static void free_nodes(mnode *n) {
+static const char *dedup_of(const mnode *n) {
+	return n->data + n->from_n + n->xml_n + n->meta_n;
+}
+
+/* The dedup table's slot pointing at q's row with key d, or at the NULL ending its chain. */
+static mnode **dedup_slot(mstore *m, const mqueue *q, os_str d, uint64_t h) {
+	mnode **slot = &m->dbucket[h & (m->ndbucket - 1)];
+	while (*slot && !((*slot)->dhash == h && (*slot)->dq == q && (*slot)->dedup_n == d.n &&
+	                  memcmp(dedup_of(*slot), d.p, d.n) == 0))
+		slot = &(*slot)->dnext;
+	return slot;
+}
+
+static uint64_t dedup_hash(const mqueue *q, os_str d) {
+	return os_hash_pair(q->key, q->host_n + q->user_n, d.p, d.n);
+}
+
+/* Doubles the dedup table (or makes its first 64 buckets); -1 when out of memory. */
+static int dedup_grow(mstore *m) {
+	size_t n = m->ndbucket ? m->ndbucket * 2 : 64, i;
+	mnode **b = calloc(n, sizeof *b);
+	if (!b)
+		return -1;
+	for (i = 0; i < m->ndbucket; i++) {
+		mnode *d = m->dbucket[i], *next;
+		for (; d; d = next) {
+			next = d->dnext;
+			d->dnext = b[d->dhash & (n - 1)];
+			b[d->dhash & (n - 1)] = d;
+		}
+	}
+	free(m->dbucket);
+	m->dbucket = b;
+	m->ndbucket = n;
+	return 0;
+}
+
+static void owner_unref(mowner *o) {
+	if (o && --o->refs == 0)
+		free(o);
+}
+
+/* Frees a row, taking it out of the dedup table and dropping its lease. */
+static void free_node(mstore *m, mnode *n) {
+	if (n->has_dedup) {
+		os_str d;
+		mnode **slot;
+		d.p = dedup_of(n), d.n = n->dedup_n;
+		slot = dedup_slot(m, n->dq, d, n->dhash);
+		if (*slot == n)
+			*slot = n->dnext;
+		m->ndedup--;
+	}
+	owner_unref(n->owner);
+	free(n);
+}
+
+static void free_nodes(mstore *m, mnode *n) {
 	while (n) {
 		mnode *next = n->next;
-		free(n);
+		free_node(m, n);
 		n = next;
 	}
 }
@@ -75,7 +148,7 @@ static void free_nodes(mnode *n) {
 static void drop_queue(mstore *m, mqueue **slot) {
 	mqueue *q = *slot;
 	*slot = q->hnext;
-	free_nodes(q->head);
+	free_nodes(m, q->head);
 	free(q);
 	m->nqueue--;
 }
@@ -90,6 +163,9 @@ static void to_item(const mnode *n, os_item *it) {
 	it->xml.n = n->xml_n;
 	it->meta.p = n->has_meta ? n->data + n->from_n + n->xml_n : NULL;
 	it->meta.n = n->meta_n;
+	it->dedup.p = it->lease_owner.p = NULL;
+	it->dedup.n = it->lease_owner.n = 0;
+	it->lease_until = 0;
 }
 
 static int is_expired(const mnode *n, int64_t now) {
@@ -109,11 +185,17 @@ static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_l
 	uint64_t h = os_key_hash(k);
 	mqueue **slot = find_slot(m, k, h), *q = *slot;
 	mnode *n;
+	size_t dedup_n = in->dedup.p ? in->dedup.n : 0;
 	*count = q ? q->count : 0;
+	if (q && in->dedup.p && m->ndbucket &&
+	    *dedup_slot(m, q, in->dedup, dedup_hash(q, in->dedup)))
+		return OS_DUP;
 	if ((lim->max_count != OS_NONE && *count + 1 > lim->max_count) ||
 	    (lim->max_bytes != OS_NONE && (q ? q->bytes : 0) + (int64_t)in->xml.n > lim->max_bytes))
 		return OS_LIMIT;
-	n = malloc(sizeof *n + in->from.n + in->xml.n + in->meta.n);
+	if (in->dedup.p && m->ndedup >= m->ndbucket && dedup_grow(m) != 0)
+		return os_fail(s, ENOMEM, "out of memory");
+	n = malloc(sizeof *n + in->from.n + in->xml.n + in->meta.n + dedup_n);
 	if (!n)
 		return os_fail(s, ENOMEM, "out of memory");
 	if (!q) {
@@ -144,6 +226,20 @@ static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_l
 	memcpy(n->data + n->from_n, in->xml.p, in->xml.n);
 	if (n->has_meta)
 		memcpy(n->data + n->from_n + n->xml_n, in->meta.p, n->meta_n);
+	n->owner = NULL;
+	n->lease_until = 0;
+	n->has_dedup = in->dedup.p != NULL;
+	n->dedup_n = dedup_n;
+	if (n->has_dedup) {
+		mnode **ds;
+		memcpy(n->data + n->from_n + n->xml_n + n->meta_n, in->dedup.p, dedup_n);
+		n->dq = q;
+		n->dhash = dedup_hash(q, in->dedup);
+		ds = &m->dbucket[n->dhash & (m->ndbucket - 1)];
+		n->dnext = *ds;
+		*ds = n;
+		m->ndedup++;
+	}
 	if (q->tail)
 		q->tail->next = n;
 	else
@@ -156,35 +252,77 @@ static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_l
 	return OS_OK;
 }
 
-static int mem_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
-                   os_emit_item emit, void *ud, int64_t *expired) {
+static int is_owner(const mnode *n, os_str owner) {
+	return n->owner && n->owner->n == owner.n && memcmp(n->owner->p, owner.p, owner.n) == 0;
+}
+
+/* A lease that lives at now and is not owner's (owner.p NULL: anybody's). */
+static int held_by_other(const mnode *n, os_str owner, int64_t now) {
+	return n->owner && n->lease_until > now && !(owner.p && is_owner(n, owner));
+}
+
+/* pop (who.p == NULL: deletes what it takes) and lease (marks it for who), as
+ * backend.h says. */
+static int take(os_store *s, const os_key *k, os_str who, int64_t now, int64_t until,
+                int64_t max, os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
 	mstore *m = s->impl;
 	mqueue **slot = find_slot(m, k, os_key_hash(k)), *q = *slot;
 	mnode *n, *end, *kept = NULL, **kept_next = &kept, *kept_last = NULL;
+	mowner *shared = NULL;
+	int owner = who.p != NULL;
 	int64_t returned = 0;
 	*expired = 0;
+	*held = OS_NONE;
 	if (!q)
 		return OS_OK;
-	/* First emit, then unlink: if emit raises, the queue is untouched. */
+	/* First emit, then change the queue: if emit raises, the queue is untouched. */
 	for (n = q->head; n && (max == OS_NONE || returned < max); n = n->next) {
 		os_item it;
-		if (is_set_aside(n) || is_expired(n, now))
+		if (is_set_aside(n) || is_expired(n, now) || (owner && is_owner(n, who) && n->lease_until > now))
 			continue;
+		if (held_by_other(n, who, now))
+			break;
 		to_item(n, &it);
 		emit(ud, &it);
 		returned++;
 	}
 	end = n;
+	if (returned == 0 && end && held_by_other(end, who, now)) {
+		for (n = end; n; n = n->next)
+			if (held_by_other(n, who, now) && !is_expired(n, now) &&
+			    (*held == OS_NONE || n->lease_until > *held))
+				*held = n->lease_until;
+	}
+	if (owner && returned > 0) {
+		if (!(shared = malloc(sizeof *shared + who.n)))
+			return os_fail(s, ENOMEM, "out of memory");
+		shared->refs = 0;
+		shared->n = who.n;
+		memcpy(shared->p, who.p, who.n);
+	}
 	for (n = q->head; n != end;) {
 		mnode *next = n->next;
-		if (is_set_aside(n)) { /* stays, in order, ahead of the rows not reached */
-			*kept_next = kept_last = n;
-			kept_next = &n->next;
-		} else {
-			*expired += is_expired(n, now);
+		if (is_expired(n, now) && !is_set_aside(n)) {
+			(*expired)++;
 			q->count--;
 			q->bytes -= (int64_t)n->xml_n;
-			free(n);
+			free_node(m, n);
+		} else {
+			if (owner && !is_set_aside(n) && !held_by_other(n, who, now) &&
+			    !(is_owner(n, who) && n->lease_until > now)) { /* taken: leased */
+				owner_unref(n->owner);
+				n->owner = shared;
+				shared->refs++;
+				n->lease_until = until;
+			}
+			if (!owner && !is_set_aside(n)) { /* taken: deleted */
+				q->count--;
+				q->bytes -= (int64_t)n->xml_n;
+				free_node(m, n);
+			} else { /* stays, in order, ahead of the rows not reached */
+				*kept_next = kept_last = n;
+				kept_next = &n->next;
+			}
 		}
 		n = next;
 	}
@@ -195,6 +333,20 @@ static int mem_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 	if (!q->head)
 		drop_queue(m, slot);
 	return OS_OK;
+}
+
+static int mem_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
+                   os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
+	os_str nobody = { NULL, 0 };
+	return take(s, k, nobody, now, 0, max, emit, ud, expired, held);
+}
+
+static int mem_lease(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
+                     int64_t max, os_emit_item emit, void *ud, int64_t *held) {
+	int64_t expired;
+	if (!owner.p)
+		owner.p = "";
+	return take(s, k, owner, now, until, max, emit, ud, &expired, held);
 }
 
 static int mem_count(os_store *s, const os_key *k, int64_t *count, int64_t *bytes) {
@@ -216,6 +368,11 @@ static int mem_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
 		if (n->id <= after_id)
 			continue;
 		to_item(n, &it);
+		if (n->owner) {
+			it.lease_owner.p = n->owner->p;
+			it.lease_owner.n = n->owner->n;
+			it.lease_until = n->lease_until;
+		}
 		emit(ud, &it);
 		i++;
 	}
@@ -235,7 +392,7 @@ static int64_t filter_queue(mstore *m, mqueue **slot, int (*drop)(const mnode *,
 			*p = n->next;
 			q->count--;
 			q->bytes -= (int64_t)n->xml_n;
-			free(n);
+			free_node(m, n);
 			gone++;
 		} else {
 			last = n;
@@ -336,6 +493,86 @@ static int mem_delete_older_than(os_store *s, int64_t cutoff, int64_t *touched) 
 	return OS_OK;
 }
 
+/* Calls f(node, arg) on every row (of one queue when q is set); returns how many
+ * rows it changed. */
+static int64_t each_row(mstore *m, mqueue *q, int (*f)(mnode *, const void *), const void *arg) {
+	int64_t changed = 0;
+	size_t i;
+	for (i = 0; i < m->nbucket; i++) {
+		mqueue *p;
+		for (p = q ? q : m->bucket[i]; p; p = q ? NULL : p->hnext) {
+			mnode *n;
+			for (n = p->head; n; n = n->next)
+				changed += f(n, arg);
+		}
+		if (q)
+			break;
+	}
+	return changed;
+}
+
+typedef struct {
+	os_str owner; /* p NULL: every lease */
+	int prefix;   /* owner is a prefix */
+	int64_t until; /* renew's */
+} lease_match;
+
+static int lease_matches(const mnode *n, const lease_match *lm) {
+	if (!n->owner)
+		return 0;
+	if (!lm->owner.p)
+		return 1;
+	if (lm->prefix)
+		return n->owner->n >= lm->owner.n && memcmp(n->owner->p, lm->owner.p, lm->owner.n) == 0;
+	return is_owner(n, lm->owner);
+}
+
+static int unlease(mnode *n, const void *arg) {
+	if (!lease_matches(n, arg))
+		return 0;
+	owner_unref(n->owner);
+	n->owner = NULL;
+	n->lease_until = 0;
+	return 1;
+}
+
+static int relet(mnode *n, const void *arg) {
+	const lease_match *lm = arg;
+	if (!lease_matches(n, lm))
+		return 0;
+	n->lease_until = lm->until;
+	return 1;
+}
+
+static int mem_release(os_store *s, const os_key *k, os_str owner, int64_t *touched) {
+	mstore *m = s->impl;
+	mqueue *q = *find_slot(m, k, os_key_hash(k));
+	lease_match lm;
+	lm.owner = owner, lm.prefix = 0, lm.until = 0;
+	if (!lm.owner.p)
+		lm.owner.p = "";
+	*touched = q ? each_row(m, q, unlease, &lm) : 0;
+	return OS_OK;
+}
+
+static int mem_release_all(os_store *s, const os_str *prefix, int64_t *touched) {
+	lease_match lm;
+	lm.owner.p = prefix ? (prefix->p ? prefix->p : "") : NULL;
+	lm.owner.n = prefix ? prefix->n : 0;
+	lm.prefix = 1, lm.until = 0;
+	*touched = each_row(s->impl, NULL, unlease, &lm);
+	return OS_OK;
+}
+
+static int mem_renew(os_store *s, os_str prefix, int64_t until, int64_t *touched) {
+	lease_match lm;
+	lm.owner.p = prefix.p ? prefix.p : "";
+	lm.owner.n = prefix.n;
+	lm.prefix = 1, lm.until = until;
+	*touched = each_row(s->impl, NULL, relet, &lm);
+	return OS_OK;
+}
+
 static int mem_users(os_store *s, os_str host, os_emit_user emit, void *ud) {
 	mstore *m = s->impl;
 	size_t i;
@@ -362,12 +599,13 @@ static void mem_close(os_store *s) {
 		while (m->bucket[i])
 			drop_queue(m, &m->bucket[i]);
 	free(m->bucket);
+	free(m->dbucket);
 	free(m);
 	s->impl = NULL;
 }
 
 static const os_backend memory_backend = {
-	"memory", mem_store, mem_pop, mem_count, mem_list, mem_remove, mem_remove_user,
+	"memory", mem_store, mem_pop, mem_lease, mem_release, mem_release_all, mem_renew, mem_count, mem_list, mem_remove, mem_remove_user,
 	mem_remove_host, mem_delete_expired, mem_delete_older_than, mem_users, mem_close,
 	NULL, NULL, /* no group commit */
 };

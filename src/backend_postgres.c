@@ -571,7 +571,8 @@ done:
 }
 
 static int pg_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
-                  os_emit_item emit, void *ud, int64_t *expired) {
+                  os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
+	*held = OS_NONE;
 	pg *g = s->impl;
 	PGresult *r = NULL;
 	params p;
@@ -846,8 +847,33 @@ static void pg_close(os_store *s) {
 	s->impl = NULL;
 }
 
+static int pg_lease(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
+                     int64_t max, os_emit_item emit, void *ud, int64_t *held) {
+	(void)k, (void)owner, (void)now, (void)until, (void)max, (void)emit, (void)ud;
+	*held = OS_NONE;
+	return os_fail(s, 0, "not implemented yet");
+}
+
+static int pg_release(os_store *s, const os_key *k, os_str owner, int64_t *touched) {
+	(void)k, (void)owner;
+	*touched = 0;
+	return os_fail(s, 0, "not implemented yet");
+}
+
+static int pg_release_all(os_store *s, const os_str *prefix, int64_t *touched) {
+	(void)prefix;
+	*touched = 0;
+	return os_fail(s, 0, "not implemented yet");
+}
+
+static int pg_renew(os_store *s, os_str prefix, int64_t until, int64_t *touched) {
+	(void)prefix, (void)until;
+	*touched = 0;
+	return os_fail(s, 0, "not implemented yet");
+}
+
 static const os_backend postgres_backend = {
-	"postgres", pg_store, pg_pop, pg_count, pg_list, pg_remove, pg_remove_user,
+	"postgres", pg_store, pg_pop, pg_lease, pg_release, pg_release_all, pg_renew, pg_count, pg_list, pg_remove, pg_remove_user,
 	pg_remove_host, pg_delete_expired, pg_delete_older_than, pg_users, pg_close,
 	NULL, NULL, /* no group commit */
 };

@@ -779,7 +779,8 @@ static void read_item(sqlite3_stmt *st, os_item *it) {
 }
 
 static int sq_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
-                  os_emit_item emit, void *ud, int64_t *expired) {
+                  os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
+	*held = OS_NONE;
 	sq *q = s->impl;
 	sqlite3_stmt *st;
 	int64_t qid, count, bytes, seen = 0, seen_bytes = 0, returned = 0, last = 0;
@@ -1022,8 +1023,33 @@ static int sq_batch_end(os_store *s, int do_commit) {
 	return OS_OK;
 }
 
+static int sq_lease(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
+                     int64_t max, os_emit_item emit, void *ud, int64_t *held) {
+	(void)k, (void)owner, (void)now, (void)until, (void)max, (void)emit, (void)ud;
+	*held = OS_NONE;
+	return os_fail(s, 0, "not implemented yet");
+}
+
+static int sq_release(os_store *s, const os_key *k, os_str owner, int64_t *touched) {
+	(void)k, (void)owner;
+	*touched = 0;
+	return os_fail(s, 0, "not implemented yet");
+}
+
+static int sq_release_all(os_store *s, const os_str *prefix, int64_t *touched) {
+	(void)prefix;
+	*touched = 0;
+	return os_fail(s, 0, "not implemented yet");
+}
+
+static int sq_renew(os_store *s, os_str prefix, int64_t until, int64_t *touched) {
+	(void)prefix, (void)until;
+	*touched = 0;
+	return os_fail(s, 0, "not implemented yet");
+}
+
 static const os_backend sqlite_backend = {
-	"sqlite", sq_store, sq_pop, sq_count, sq_list, sq_remove, sq_remove_user,
+	"sqlite", sq_store, sq_pop, sq_lease, sq_release, sq_release_all, sq_renew, sq_count, sq_list, sq_remove, sq_remove_user,
 	sq_remove_host, sq_delete_expired, sq_delete_older_than, sq_users, sq_close,
 	sq_batch_begin, sq_batch_end,
 };

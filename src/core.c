@@ -133,8 +133,10 @@ static int l_open_postgres(lua_State *L) {
 	return 1;
 }
 
-/* db:store(host, user, from, xml, ts [, expire [, max_count [, max_bytes [, meta]]]])
- *   -> count, id | false, "limit", count | false, "too deep" | fail, msg, code
+/* db:store(host, user, from, xml, ts [, expire [, max_count [, max_bytes [, meta [, dedup]]]]])
+ *   -> count, id | false, "limit", count | false, "duplicate", count | false, "too deep"
+ *    | fail, msg, code
+ * dedup (a string): nothing is stored when the user's queue holds a row with the same dedup.
  * xml is a string, or a util.stanza tree, stored as core.serialize(xml, true)
  * writes it (without the top element's delays) with no Lua string in between;
  * a tree deeper than the serializer goes gives false, "too deep", storing nothing. */
@@ -156,12 +158,18 @@ static int l_store(lua_State *L) {
 		m.meta.p = NULL, m.meta.n = 0;
 	else
 		m.meta = check_str(L, 10);
+	if (lua_isnoneornil(L, 11))
+		m.dedup.p = NULL, m.dedup.n = 0;
+	else
+		m.dedup = check_str(L, 11);
+	m.lease_owner.p = NULL, m.lease_owner.n = 0, m.lease_until = 0;
 	if (tree && os_xml_write(L, 5, 1, &m.xml.p, &m.xml.n) != 0) {
 		lua_pushboolean(L, 0);
 		lua_pushliteral(L, "too deep");
 		return 2;
 	}
-	if (m.from.n > OS_MAX_LEN || m.xml.n > OS_MAX_LEN || m.meta.n > OS_MAX_LEN) {
+	if (m.from.n > OS_MAX_LEN || m.xml.n > OS_MAX_LEN || m.meta.n > OS_MAX_LEN ||
+	    m.dedup.n > OS_MAX_LEN) {
 		os_fail(s, 0, "message too large to store: more than %d bytes in one field", OS_MAX_LEN);
 		return push_fail(L, s);
 	}
@@ -169,9 +177,9 @@ static int l_store(lua_State *L) {
 	rc = s->be->store(s, &k, &m, &lim, &count, &id);
 	if (rc == OS_FAIL)
 		return push_fail(L, s);
-	if (rc == OS_LIMIT) {
+	if (rc == OS_LIMIT || rc == OS_DUP) {
 		lua_pushboolean(L, 0);
-		lua_pushliteral(L, "limit");
+		lua_pushstring(L, rc == OS_LIMIT ? "limit" : "duplicate");
 		lua_pushinteger(L, count);
 		return 3;
 	}
@@ -185,12 +193,14 @@ typedef struct {
 	lua_Integer n;
 } collector;
 
-/* Appends {id=, ts=, expire=, from=, xml=, meta=} to the table on top. */
+/* Appends {id=, ts=, expire=, from=, xml=, meta=, lease_owner=, lease_until=} to
+ * the table on top. */
 static void collect_item(void *ud, const os_item *it) {
 	collector *c = ud;
 	lua_State *L = c->L;
 	/* sized for the fields it has: a table for 6 takes 8 slots, one for 4 takes 4 */
-	lua_createtable(L, 0, 4 + (it->expire != OS_NONE) + (it->meta.p != NULL));
+	lua_createtable(L, 0, 4 + (it->expire != OS_NONE) + (it->meta.p != NULL) +
+	                          2 * (it->lease_owner.p != NULL));
 	lua_pushinteger(L, it->id);
 	lua_setfield(L, -2, "id");
 	lua_pushinteger(L, it->ts);
@@ -207,16 +217,22 @@ static void collect_item(void *ud, const os_item *it) {
 		lua_pushlstring(L, it->meta.p, it->meta.n);
 		lua_setfield(L, -2, "meta");
 	}
+	if (it->lease_owner.p) {
+		lua_pushlstring(L, it->lease_owner.p, it->lease_owner.n);
+		lua_setfield(L, -2, "lease_owner");
+		lua_pushinteger(L, it->lease_until);
+		lua_setfield(L, -2, "lease_until");
+	}
 	lua_rawseti(L, -2, ++c->n);
 }
 
-/* A backend call that emits into a table (pop, list, users), run by call_emitting. */
+/* A backend call that emits into a table (pop, lease, list, users), run by call_emitting. */
 typedef struct emitting {
 	os_store *s;
 	int (*run)(struct emitting *, collector *);
 	os_key k;
-	os_str host;
-	int64_t a, b, expired;
+	os_str host, owner;
+	int64_t a, b, c, expired, held;
 	int rc;
 } emitting;
 
@@ -248,10 +264,20 @@ static int call_emitting(lua_State *L, emitting *e) {
 }
 
 static int run_pop(emitting *e, collector *c) {
-	return e->s->be->pop(e->s, &e->k, e->a, e->b, collect_item, c, &e->expired);
+	return e->s->be->pop(e->s, &e->k, e->a, e->b, collect_item, c, &e->expired, &e->held);
 }
 
-/* db:pop(host, user, now [, max]) -> items, expired | fail, msg, code */
+/* Pushes held (the end of the live lease that holds the queue back) unless OS_NONE. */
+static int push_held(lua_State *L, int n, int64_t held) {
+	if (held == OS_NONE)
+		return n;
+	lua_pushinteger(L, held);
+	return n + 1;
+}
+
+/* db:pop(host, user, now [, max]) -> items, expired [, leased_until] | fail, msg, code
+ * Rows under a live lease are neither returned nor deleted; when the oldest row
+ * to deliver is one, items is empty and leased_until says until when. */
 static int l_pop(lua_State *L) {
 	emitting e;
 	e.s = check_idle(L);
@@ -259,11 +285,34 @@ static int l_pop(lua_State *L) {
 	e.a = (int64_t)luaL_checkinteger(L, 4);
 	e.b = opt_int(L, 5, 0);
 	e.expired = 0;
+	e.held = OS_NONE;
 	e.run = run_pop;
 	if (call_emitting(L, &e) != OS_OK)
 		return push_fail(L, e.s);
 	lua_pushinteger(L, e.expired);
-	return 2;
+	return push_held(L, 2, e.held);
+}
+
+static int run_lease(emitting *e, collector *c) {
+	return e->s->be->lease(e->s, &e->k, e->owner, e->a, e->c, e->b, collect_item, c, &e->held);
+}
+
+/* db:lease(host, user, owner, now, until [, max]) -> items | {}, leased_until | fail, msg, code
+ * Marks up to max free rows (owner, until) and returns them, as pop would but
+ * without deleting them; see backend.h. */
+static int l_lease(lua_State *L) {
+	emitting e;
+	e.s = check_idle(L);
+	e.k = check_key(L);
+	e.owner = check_name(L, 4);
+	e.a = (int64_t)luaL_checkinteger(L, 5);
+	e.c = (int64_t)luaL_checkinteger(L, 6);
+	e.b = opt_int(L, 7, 0);
+	e.held = OS_NONE;
+	e.run = run_lease;
+	if (call_emitting(L, &e) != OS_OK)
+		return push_fail(L, e.s);
+	return push_held(L, 1, e.held);
 }
 
 /* db:count(host, user) -> count, bytes | fail, msg, code */
@@ -324,6 +373,44 @@ static int l_remove(lua_State *L) {
 	int rc;
 	check_state(L, s, 1);
 	rc = s->be->remove(s, &k, ids, (size_t)n, &touched);
+	return push_touched(L, s, rc, touched);
+}
+
+/* db:release(host, user, owner) -> n | fail, msg, code: owner's leases on the
+ * user's rows are cleared. */
+static int l_release(lua_State *L) {
+	os_store *s = check_idle(L);
+	os_key k = check_key(L);
+	os_str owner = check_name(L, 4);
+	int64_t touched = 0;
+	int rc;
+	check_state(L, s, 1);
+	rc = s->be->release(s, &k, owner, &touched);
+	return push_touched(L, s, rc, touched);
+}
+
+/* db:release_all([prefix]) -> n | fail, msg, code: every lease, or those whose
+ * owner starts with prefix. */
+static int l_release_all(lua_State *L) {
+	os_store *s = check_idle(L);
+	os_str prefix;
+	int64_t touched = 0;
+	int rc;
+	if (!lua_isnoneornil(L, 2))
+		prefix = check_name(L, 2);
+	check_state(L, s, 1);
+	rc = s->be->release_all(s, lua_isnoneornil(L, 2) ? NULL : &prefix, &touched);
+	return push_touched(L, s, rc, touched);
+}
+
+/* db:renew(prefix, until) -> n | fail, msg, code */
+static int l_renew(lua_State *L) {
+	os_store *s = check_idle(L);
+	os_str prefix = check_name(L, 2);
+	int64_t until = (int64_t)luaL_checkinteger(L, 3), touched = 0;
+	int rc;
+	check_state(L, s, 1);
+	rc = s->be->renew(s, prefix, until, &touched);
 	return push_touched(L, s, rc, touched);
 }
 
@@ -470,6 +557,11 @@ static int l_tostring(lua_State *L) {
 static const luaL_Reg methods[] = {
 	{"store", l_store},
 	{"pop", l_pop},
+	{"lease", l_lease},
+	{"confirm", l_remove}, /* an acked row: deleted (same as remove) */
+	{"release", l_release},
+	{"release_all", l_release_all},
+	{"renew", l_renew},
 	{"count", l_count},
 	{"list", l_list},
 	{"remove", l_remove},
