@@ -22,18 +22,32 @@ local NS_SID = "urn:xmpp:sid:0"
 local USERS = {}
 for _, u in ipairs { "alice", "carol", "b1", "b2", "b3", "b4", "b5", "b6", "b7" } do USERS[u] = offline.PW end
 
+-- SPEC_BACKEND=memory runs these on the memory store (backlogs sent by a client, no restart).
+local BACKEND = os.getenv("SPEC_BACKEND") or "sqlite"
+
 local function start()
 	return offline.start {
 		users = USERS,
 		modules_enabled = { "smacks" },
 		global = "smacks_hibernation_time = " .. HIBERNATE,
-		host = 'access = { max_user_offline_messages = { { acl = "all", value = "infinity" } } }',
+		host = 'access = { max_user_offline_messages = { { acl = "all", value = "infinity" } } }\n'
+			.. ("offline_backend = %q"):format(BACKEND),
 	}
 end
 
 -- Writes `n` messages m1..mn for `user` into the store with the server stopped, then starts
 -- it again. They were stored an hour ago, one microsecond apart.
 local function fill(srv, user, n)
+	if BACKEND == "memory" then
+		local a = online(srv, "alice")
+		for i = 1, n do
+			a:send(chat(user .. "@localhost", "m" .. i, tostring(i)))
+			if i % 500 == 0 then a:ping() end
+		end
+		a:ping()
+		a:close()
+		return
+	end
 	srv:stop()
 	local db = assert(core.open_sqlite(srv.dir .. "/data/offline.sqlite"))
 	local ok, err = pcall(function()
@@ -144,6 +158,7 @@ end
 -- 2. Same, but the server is SIGKILLed mid-delivery and restarted: nothing lost, and the only
 -- messages delivered twice are those sent and not acked (at most a page).
 function TestAcked:test_2_server_killed_loses_nothing()
+	if BACKEND == "memory" then lu.skip("the memory store does not outlive the process") end
 	local srv = self:server()
 	fill(srv, "b2", 2000)
 	local c = sm_login(srv, "b2", "phone")
@@ -151,8 +166,8 @@ function TestAcked:test_2_server_killed_loses_nothing()
 	lu.assertEquals(got1, range(1, #got1))
 	c:ack() -- acks everything read so far
 	local acked = #got1
-	c:ping()
-	local got2 = ids(c:read_messages(3 * PAGE, 1)) -- read on, never acked
+	local got2 = ids(c:ping()) -- read on, never acked
+	for _, id in ipairs(ids(c:read_messages(3 * PAGE, 1))) do got2[#got2 + 1] = id end
 	srv:kill()
 	c:drop()
 	srv:restart()
@@ -199,7 +214,7 @@ function TestAcked:test_4_resumed_session_keeps_its_lease()
 	local first = ids(c:read_messages(PAGE, 1))
 	lu.assertEquals(first, range(1, #first))
 	c:ack() -- (h = what was read; the rest of the page, if any, is re-sent at resume)
-	c:ping()
+	for _, id in ipairs(ids(c:ping())) do first[#first + 1] = id end -- (the next page may be on its way)
 	local h, previd = c.sm_h, c.sm_id
 	c:drop()
 	socket.sleep(0.3)
