@@ -243,7 +243,7 @@ function TestSqlite:test_file_is_wal_and_versioned()
 	local ok, out = support.sh("sqlite3 " .. support.quote(self.file)
 		.. " 'PRAGMA journal_mode; PRAGMA user_version; PRAGMA application_id'")
 	lu.assertTrue(ok, out)
-	lu.assertEquals(out, "wal\n4\n" .. 0x4f464c53 .. "\n")
+	lu.assertEquals(out, "wal\n5\n" .. 0x4f464c53 .. "\n")
 end
 
 -- A version 2 file as that release wrote it: messages clustered by (host, user, id),
@@ -306,11 +306,11 @@ function TestSqlite:test_version_2_file_is_migrated_losing_nothing()
 	})
 	lu.assertEquals(#db:pop(H, "carol", T0), 1)
 	db:close()
-	lu.assertEquals(sqlite3(self.file, "PRAGMA user_version"), "4\n")
+	lu.assertEquals(sqlite3(self.file, "PRAGMA user_version"), "5\n")
 	lu.assertStrContains(sqlite3(self.file, "SELECT sql FROM sqlite_schema WHERE name = 'message'"),
 		"id INTEGER PRIMARY KEY, qid INTEGER NOT NULL")
 	lu.assertEquals(sqlite3(self.file, "SELECT name FROM sqlite_schema WHERE tbl_name = 'message' ORDER BY name"),
-		"message\nmessage_expire\nmessage_queue\n")
+		"message\nmessage_dedup\nmessage_expire\nmessage_lease\nmessage_queue\n")
 end
 
 -- A version 3 file as that release wrote it: messages in a rowid table with their
@@ -361,10 +361,67 @@ function TestSqlite:test_version_3_file_is_migrated_losing_nothing()
 	lu.assertEquals(items("other.example", "bob"), { { 5, 1005, 9005, "alice@example.org", "<m>o</m>", "m" } })
 	lu.assertEquals(items("other.example", "carol"), { { 9, 1009, nil, "dave@example.org", "<m>c</m>" } })
 	db:close()
-	lu.assertEquals(sqlite3(self.file, "PRAGMA user_version"), "4\n")
+	lu.assertEquals(sqlite3(self.file, "PRAGMA user_version"), "5\n")
 	lu.assertEquals(sqlite3(self.file, "SELECT count(*) FROM message; SELECT count(*) FROM queue"), "0\n0\n")
 	lu.assertEquals(sqlite3(self.file, "SELECT name FROM sqlite_schema WHERE tbl_name IN ('message', 'queue') ORDER BY name"),
-		"message\nmessage_expire\nmessage_queue\nqueue\nsqlite_autoindex_queue_1\n")
+		"message\nmessage_dedup\nmessage_expire\nmessage_lease\nmessage_queue\nqueue\nsqlite_autoindex_queue_1\n")
+end
+
+-- A version 4 file as that release wrote it (queue ids, messages keyed by them): it
+-- gains the lease and dedup columns under the same write lock, every row kept as it
+-- was, counters included; the rows can then be leased and keyed.
+local V4_SCHEMA = [[
+PRAGMA journal_mode = WAL;
+CREATE TABLE sequence (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE queue (id INTEGER PRIMARY KEY AUTOINCREMENT, host TEXT NOT NULL, user TEXT NOT NULL,
+ count INTEGER NOT NULL, bytes INTEGER NOT NULL, UNIQUE (host, user));
+CREATE TABLE message (id INTEGER PRIMARY KEY, qid INTEGER NOT NULL, ts INTEGER NOT NULL,
+ expire INTEGER, sender TEXT NOT NULL, stanza BLOB NOT NULL, meta BLOB);
+CREATE INDEX message_queue ON message(qid);
+CREATE INDEX message_expire ON message(expire) WHERE expire IS NOT NULL;
+INSERT INTO sequence VALUES ('message', 21);
+INSERT INTO queue VALUES (1, 'example.org', 'bob', 3, 44);
+INSERT INTO queue VALUES (4, 'example.org', 'carol', 1, 8);
+INSERT INTO message VALUES (3, 1, 1003, NULL, 'alice@example.org', '<m>3</m>', NULL);
+INSERT INTO message VALUES (8, 4, 1008, 9008, 'dave@example.org', '<m>c</m>', x'6d');
+INSERT INTO message VALUES (11, 1, 1011, NULL, x'', '<message from=''a@b/c''/>', NULL);
+INSERT INTO message VALUES (20, 1, 1020, NULL, 'alice@example.org', 'offline-store', 'offline-store:set-aside');
+PRAGMA user_version = 4; PRAGMA application_id = 1330007123;
+]]
+
+function TestSqlite:test_version_4_file_gains_leases_and_keys_losing_nothing()
+	local script = self.file .. ".sql"
+	support.write(script, V4_SCHEMA)
+	assert(support.sh("sqlite3 " .. support.quote(self.file) .. " < " .. support.quote(script)))
+	local db = assert(core.open_sqlite(self.file))
+	lu.assertEquals({ db:count("example.org", "bob") }, { 3, 44 })
+	lu.assertEquals({ db:count("example.org", "carol") }, { 1, 8 })
+	local function rows(user)
+		local got = {}
+		for _, it in ipairs(assert(db:list("example.org", user))) do
+			got[#got + 1] = { it.id, it.ts, it.expire, it.from, it.xml, it.meta, it.lease_owner }
+		end
+		return got
+	end
+	local bob = {
+		{ 3, 1003, nil, "alice@example.org", "<m>3</m>" },
+		{ 11, 1011, nil, "a@b/c", "<message from='a@b/c'/>" },
+		{ 20, 1020, nil, "alice@example.org", "offline-store", core.SET_ASIDE },
+	}
+	lu.assertEquals(rows("bob"), bob)
+	lu.assertEquals(rows("carol"), { { 8, 1008, 9008, "dave@example.org", "<m>c</m>", "m" } })
+	lu.assertEquals(#db:lease("example.org", "bob", "n:1", 1000, 2000), 2)
+	lu.assertEquals({ db:store("example.org", "bob", FROM, "<m>new</m>", 1030, nil, nil, nil, nil, "k") }, { 4, 22 })
+	lu.assertEquals({ db:store("example.org", "bob", FROM, "<m>new</m>", 1030, nil, nil, nil, nil, "k") },
+		{ false, "duplicate", 4 })
+	lu.assertEquals(db:release_all(), 2)
+	local popped = {}
+	for i, it in ipairs(assert(db:pop("example.org", "bob", 1000))) do popped[i] = it.xml end
+	lu.assertEquals(popped, { "<m>3</m>", "<message from='a@b/c'/>", "<m>new</m>" })
+	db:close()
+	lu.assertEquals(sqlite3(self.file, "PRAGMA user_version"), "5\n")
+	lu.assertStrContains(sqlite3(self.file, "SELECT sql FROM sqlite_schema WHERE name = 'message'"),
+		"lease_owner BLOB, lease_until INTEGER, dedup BLOB")
 end
 
 -- A queue emptied and dropped never gives its id to another: a message row left

@@ -344,8 +344,6 @@ static int mem_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 static int mem_lease(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
                      int64_t max, os_emit_item emit, void *ud, int64_t *held) {
 	int64_t expired;
-	if (!owner.p)
-		owner.p = "";
 	return take(s, k, owner, now, until, max, emit, ud, &expired, held);
 }
 
@@ -549,8 +547,6 @@ static int mem_release(os_store *s, const os_key *k, os_str owner, int64_t *touc
 	mqueue *q = *find_slot(m, k, os_key_hash(k));
 	lease_match lm;
 	lm.owner = owner, lm.prefix = 0, lm.until = 0;
-	if (!lm.owner.p)
-		lm.owner.p = "";
 	*touched = q ? each_row(m, q, unlease, &lm) : 0;
 	return OS_OK;
 }

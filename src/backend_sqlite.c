@@ -39,7 +39,7 @@
 #include "backend.h"
 #include "hash.h"
 
-#define SCHEMA_VERSION 4
+#define SCHEMA_VERSION 5
 #define APPLICATION_ID 0x4f464c53 /* "OFLS" */
 
 enum {
@@ -49,8 +49,13 @@ enum {
 	ST_MSG_DEL_UPTO, ST_MSG_DEL_ID,
 	ST_USER_DEL_MSGS, ST_HOST_DEL_MSGS, ST_HOST_DEL_QUEUE, ST_DATA_VERSION,
 	ST_EXPIRED_SUB, ST_EXPIRED_DEL, ST_OLDER_SUB, ST_OLDER_DEL, ST_USERS,
+	ST_DEDUP_FIND, ST_MSG_LEASE, ST_MSG_DEL_EXPIRED_UPTO, ST_HELD, ST_RELEASE, ST_RELEASE_ALL,
+	ST_RENEW,
 	ST__COUNT
 };
+
+#define ITEM_COLUMNS "id, ts, expire, sender, stanza, meta, lease_owner, lease_until"
+#define NOT_SET_ASIDE "AND meta IS NOT CAST('" OS_SET_ASIDE "' AS BLOB)"
 
 /* Parameters: ?1 host, ?2 user where a statement finds a queue by its key;
  * ?1 the queue id (qid) where it has it already (store, pop, remove). */
@@ -70,17 +75,16 @@ static const char *const sql_text[ST__COUNT] = {
 	[ST_ID_BUMP] = "UPDATE sequence SET value = ?1 WHERE name = 'message'",
 	[ST_ID_GET] = "SELECT value FROM sequence WHERE name = 'message'",
 	[ST_MSG_INSERT] =
-		"INSERT INTO message(qid, id, ts, expire, sender, stanza, meta) "
-		"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+		"INSERT INTO message(qid, id, ts, expire, sender, stanza, meta, dedup) "
+		"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
 	[ST_MSG_SCAN] =
-		"SELECT id, ts, expire, sender, stanza, meta FROM message WHERE qid = ?1 ORDER BY id",
+		"SELECT " ITEM_COLUMNS " FROM message WHERE qid = ?1 ORDER BY id",
 	/* (outside a transaction: one statement, so one consistent read) */
 	[ST_MSG_LIST] =
-		"SELECT id, ts, expire, sender, stanza, meta FROM message "
+		"SELECT " ITEM_COLUMNS " FROM message "
 		"WHERE qid = (SELECT id FROM queue WHERE host = ?1 AND user = ?2) AND id > ?3 ORDER BY id",
 	/* (rows set aside stay: see OS_SET_ASIDE) */
-	[ST_MSG_DEL_UPTO] = "DELETE FROM message WHERE qid = ?1 AND id <= ?2 "
-	                    "AND meta IS NOT CAST('" OS_SET_ASIDE "' AS BLOB)",
+	[ST_MSG_DEL_UPTO] = "DELETE FROM message WHERE qid = ?1 AND id <= ?2 " NOT_SET_ASIDE,
 	[ST_MSG_DEL_ID] = "DELETE FROM message WHERE qid = ?1 AND id = ?2 RETURNING length(stanza)",
 	[ST_USER_DEL_MSGS] = "DELETE FROM message WHERE qid = ?1",
 	[ST_HOST_DEL_MSGS] = "DELETE FROM message WHERE qid IN (SELECT id FROM queue WHERE host = ?1)",
@@ -99,6 +103,28 @@ static const char *const sql_text[ST__COUNT] = {
 	[ST_OLDER_DEL] = "DELETE FROM message WHERE ts < ?1",
 	[ST_USERS] = "SELECT user, count, bytes FROM queue WHERE host = ?1 ORDER BY user",
 	[ST_DATA_VERSION] = "PRAGMA data_version",
+	/* ?2 the key (the unique index message_dedup) */
+	[ST_DEDUP_FIND] = "SELECT 1 FROM message WHERE qid = ?1 AND dedup = ?2",
+	/* lease's: the rows from ?2 to ?3 it read and took (free, not expired at ?6,
+	 * not set aside) get owner ?4 until ?5 */
+	[ST_MSG_LEASE] = "UPDATE message SET lease_owner = ?4, lease_until = ?5 "
+	                 "WHERE qid = ?1 AND id >= ?2 AND id <= ?3 "
+	                 "AND (lease_owner IS NULL OR lease_until <= ?6) "
+	                 "AND (expire IS NULL OR expire > ?6) " NOT_SET_ASIDE,
+	[ST_MSG_DEL_EXPIRED_UPTO] = "DELETE FROM message WHERE qid = ?1 AND id <= ?2 "
+	                            "AND expire <= ?3 " NOT_SET_ASIDE,
+	/* ?2 now, ?3 the owner whose leases do not count (NULL: none) */
+	[ST_HELD] = "SELECT max(lease_until) FROM message WHERE qid = ?1 AND lease_owner IS NOT NULL "
+	            "AND lease_until > ?2 AND (?3 IS NULL OR lease_owner IS NOT ?3) "
+	            "AND (expire IS NULL OR expire > ?2)",
+	[ST_RELEASE] = "UPDATE message SET lease_owner = NULL, lease_until = NULL "
+	               "WHERE qid = (SELECT id FROM queue WHERE host = ?1 AND user = ?2) "
+	               "AND lease_owner = ?3",
+	/* ?1 a prefix of the owner (a BLOB, so substr counts bytes), ?2 its length */
+	[ST_RELEASE_ALL] = "UPDATE message SET lease_owner = NULL, lease_until = NULL "
+	                   "WHERE lease_owner IS NOT NULL AND substr(lease_owner, 1, ?2) = ?1",
+	[ST_RENEW] = "UPDATE message SET lease_until = ?3 "
+	             "WHERE lease_owner IS NOT NULL AND substr(lease_owner, 1, ?2) = ?1",
 };
 
 /* ts has no index: only delete_older_than (an operator's purge) reads it, and
@@ -164,12 +190,23 @@ static const char schema_v4[] =
 	"CREATE INDEX message_queue ON message(qid);"
 	"CREATE INDEX message_expire ON message(expire) WHERE expire IS NOT NULL;";
 
+/* Version 5 adds leases (owner and until: NULL when free) and the dedup key, unique
+ * per queue. Adding columns rewrites no row. Both indexes are partial: a store
+ * without a key and a row never leased write no entry in them. */
+static const char schema_v5[] =
+	"ALTER TABLE message ADD COLUMN lease_owner BLOB;"
+	"ALTER TABLE message ADD COLUMN lease_until INTEGER;"
+	"ALTER TABLE message ADD COLUMN dedup BLOB;"
+	"CREATE UNIQUE INDEX message_dedup ON message(qid, dedup) WHERE dedup IS NOT NULL;"
+	"CREATE INDEX message_lease ON message(lease_owner) WHERE lease_owner IS NOT NULL;";
+
 /* Schema migrations: migrations[v] takes a file from version v to v + 1. */
 static const char *const migrations[SCHEMA_VERSION] = {
 	[0] = schema_v1,
 	[1] = schema_v2,
 	[2] = schema_v3,
 	[3] = schema_v4,
+	[4] = schema_v5,
 };
 
 /* Group commit defers a batch's writes (see flush_pending): its messages wait
@@ -192,8 +229,8 @@ static const char *const migrations[SCHEMA_VERSION] = {
  * flush_pending points them there. */
 typedef struct {
 	int64_t qid, id, ts, expire;
-	os_str from, xml, meta;
-	long long from_at, xml_at, meta_at;
+	os_str from, xml, meta, dedup; /* dedup.p NULL: no key */
+	long long from_at, xml_at, meta_at, dedup_at;
 	int own_from; /* the sender is the stanza's own from: stored elided */
 } msg_row;
 
@@ -530,7 +567,7 @@ static int from_in_xml(os_str xml, os_str *from) {
 	return 0;
 }
 
-/* Binds a message row to ?(base + 1) .. ?(base + 7) of an insert; SQLITE_OK or
+/* Binds a message row to ?(base + 1) .. ?(base + 8) of an insert; SQLITE_OK or
  * the error. */
 static int bind_row(sqlite3_stmt *st, int base, const msg_row *r) {
 	int rc = SQLITE_OK;
@@ -551,6 +588,10 @@ static int bind_row(sqlite3_stmt *st, int base, const msg_row *r) {
 		rc = bind_blob(st, base + 7, r->meta);
 	else if (rc == SQLITE_OK)
 		sqlite3_bind_null(st, base + 7);
+	if (rc == SQLITE_OK && r->dedup.p)
+		rc = bind_blob(st, base + 8, r->dedup);
+	else if (rc == SQLITE_OK)
+		sqlite3_bind_null(st, base + 8);
 	return rc;
 }
 
@@ -560,10 +601,10 @@ static sqlite3_stmt *rows_stmt(sq *q, int update, int k) {
 	sqlite3_stmt **slot = update ? &q->pend.update[k] : &q->pend.insert[k];
 	const char *head = update
 		? "UPDATE queue SET count = count + v.column2, bytes = bytes + v.column3 FROM (VALUES "
-		: "INSERT INTO message(qid, id, ts, expire, sender, stanza, meta) VALUES ";
-	const char *row = update ? "(?,?,?)" : "(?,?,?,?,?,?,?)";
+		: "INSERT INTO message(qid, id, ts, expire, sender, stanza, meta, dedup) VALUES ";
+	const char *row = update ? "(?,?,?)" : "(?,?,?,?,?,?,?,?)";
 	const char *tail = update ? ") AS v WHERE queue.id = v.column1" : "";
-	char sql[96 + STMT_ROWS * 16 + 40];
+	char sql[96 + STMT_ROWS * 18 + 40];
 	size_t n;
 	int i;
 	if (k == 1)
@@ -602,7 +643,8 @@ static int write_rows(sq *q, int update, int n) {
 				r->xml.p = p->arena + r->xml_at;
 				r->from.p = p->arena + r->from_at; /* (unused when own_from) */
 				r->meta.p = r->meta_at < 0 ? NULL : p->arena + r->meta_at;
-				if ((rc = bind_row(st, 7 * i, r)) != SQLITE_OK)
+				r->dedup.p = r->dedup_at < 0 ? NULL : p->arena + r->dedup_at;
+				if ((rc = bind_row(st, 8 * i, r)) != SQLITE_OK)
 					return rc;
 			}
 		}
@@ -674,6 +716,10 @@ static int defer_store(os_store *s, sq *q, msg_row *r, int add) {
 		oom |= (r->meta_at = arena_add(p, r->meta.p, r->meta.n)) < 0;
 	else
 		r->meta_at = -1;
+	if (r->dedup.p)
+		oom |= (r->dedup_at = arena_add(p, r->dedup.p, r->dedup.n)) < 0;
+	else
+		r->dedup_at = -1;
 	if (oom) {
 		s->in_batch = 0;
 		rollback(q);
@@ -694,6 +740,27 @@ static int defer_store(os_store *s, sq *q, msg_row *r, int add) {
 	return OS_OK;
 }
 
+/* Whether queue qid holds a row with dedup key d, among the rows the batch holds
+ * back and in the file: SQLITE_ROW if so, SQLITE_DONE if not, or the error. */
+static int dedup_held(sq *q, int64_t qid, os_str d) {
+	const pending *p = &q->pend;
+	sqlite3_stmt *st;
+	int i, rc;
+	for (i = 0; i < p->n_msg; i++) {
+		const msg_row *r = &p->msg[i];
+		if (r->qid == qid && r->dedup_at >= 0 && r->dedup.n == d.n &&
+		    memcmp(p->arena + r->dedup_at, d.p, d.n) == 0)
+			return SQLITE_ROW;
+	}
+	st = stmt(q, ST_DEDUP_FIND);
+	sqlite3_bind_int64(st, 1, qid);
+	if ((rc = bind_blob(st, 2, d)) != SQLITE_OK)
+		return rc;
+	rc = sqlite3_step(st);
+	sqlite3_reset(st);
+	return rc;
+}
+
 /* In a batch (s->in_batch) the store joins the open transaction: it neither
  * begins nor commits, and a refusal by the limit leaves the batch as it was
  * (the refusal is decided before anything is written). The batch's rows are
@@ -707,7 +774,7 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 	uint64_t h = os_key_hash(k);
 	centry *cached;
 	os_str own;
-	int add;
+	int add, rc = OS_OK;
 	if (!s->in_batch && begin(s, q) != OS_OK)
 		return OS_FAIL;
 	if ((cached = cache_find(&q->cache, k, h))) {
@@ -721,16 +788,23 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 				*count += pq->count, bytes += pq->bytes;
 		}
 	}
-	if ((lim->max_count != OS_NONE && *count + 1 > lim->max_count) ||
-	    (lim->max_bytes != OS_NONE && bytes + (int64_t)m->xml.n > lim->max_bytes)) {
+	if (m->dedup.p && r.qid != 0 && (rc = dedup_held(q, r.qid, m->dedup)) != SQLITE_DONE) {
+		if (rc != SQLITE_ROW)
+			return store_abort(s, q);
+		rc = OS_DUP;
+	} else if ((lim->max_count != OS_NONE && *count + 1 > lim->max_count) ||
+	           (lim->max_bytes != OS_NONE && bytes + (int64_t)m->xml.n > lim->max_bytes)) {
+		rc = OS_LIMIT;
+	}
+	if (rc == OS_DUP || rc == OS_LIMIT) {
 		if (!s->in_batch)
 			run(stmt(q, ST_ROLLBACK)); /* (it wrote nothing) */
-		return OS_LIMIT;
+		return rc;
 	}
 	if (next_id(q, id) != SQLITE_OK)
 		return store_abort(s, q);
 	r.id = *id, r.ts = m->ts, r.expire = m->expire;
-	r.from = m->from, r.xml = m->xml, r.meta = m->meta;
+	r.from = m->from, r.xml = m->xml, r.meta = m->meta, r.dedup = m->dedup;
 	r.own_from = m->from.n > 0 && from_in_xml(m->xml, &own) && own.n == m->from.n &&
 	             memcmp(own.p, m->from.p, own.n) == 0;
 	*count += 1;
@@ -776,16 +850,49 @@ static void read_item(sqlite3_stmt *st, os_item *it) {
 		it->meta.p = NULL, it->meta.n = 0;
 	else
 		it->meta = column_str(st, 5);
+	it->dedup.p = NULL, it->dedup.n = 0;
+	if (sqlite3_column_type(st, 6) == SQLITE_NULL) {
+		it->lease_owner.p = NULL, it->lease_owner.n = 0;
+		it->lease_until = 0;
+	} else {
+		it->lease_owner = column_str(st, 6);
+		it->lease_until = sqlite3_column_int64(st, 7);
+	}
 }
 
-static int sq_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
-                  os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
-	*held = OS_NONE;
+/* The end of the latest live lease on queue qid that is not owner's (owner.p
+ * NULL: anybody's), into *held. */
+static int held_until(sq *q, int64_t qid, int64_t now, os_str owner, int64_t *held) {
+	sqlite3_stmt *st = stmt(q, ST_HELD);
+	int rc = SQLITE_OK;
+	sqlite3_bind_int64(st, 1, qid);
+	sqlite3_bind_int64(st, 2, now);
+	if (owner.p)
+		rc = bind_blob(st, 3, owner);
+	else
+		sqlite3_bind_null(st, 3);
+	if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+		if (sqlite3_column_type(st, 0) != SQLITE_NULL)
+			*held = sqlite3_column_int64(st, 0);
+		rc = SQLITE_DONE;
+	}
+	sqlite3_reset(st);
+	return rc;
+}
+
+/* pop (owner.p NULL: deletes what it takes) and lease (sets owner and until on
+ * it), as backend.h says. Both read the rows in id order under the write lock;
+ * what they change is then a range of ids: pop deletes every row up to the last
+ * it read but those set aside, lease deletes the expired rows up to there and
+ * marks the free ones between the first and the last it took. */
+static int take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
+                int64_t max, os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
 	sq *q = s->impl;
 	sqlite3_stmt *st;
-	int64_t qid, count, bytes, seen = 0, seen_bytes = 0, returned = 0, last = 0;
-	int rc = SQLITE_DONE;
+	int64_t qid, count, bytes, gone_bytes = 0, returned = 0, first = 0, last = 0, last_taken = 0;
+	int rc = SQLITE_DONE, stopped = 0;
 	*expired = 0;
+	*held = OS_NONE;
 	/* Cheap read first: the broadcast fires on every login. */
 	rollback(q);
 	cache_drop(&q->cache, k);
@@ -803,33 +910,109 @@ static int sq_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 	while ((max == OS_NONE || returned < max) && (rc = sqlite3_step(st)) == SQLITE_ROW) {
 		os_item it;
 		read_item(st, &it);
-		last = it.id;
 		if (os_is_set_aside(it.meta))
 			continue;
-		seen++;
-		seen_bytes += (int64_t)it.xml.n;
 		if (it.expire != OS_NONE && it.expire <= now) {
 			(*expired)++;
+			gone_bytes += (int64_t)it.xml.n;
+			last = it.id;
 			continue;
 		}
+		if (it.lease_owner.p && it.lease_until > now) {
+			if (owner.p && it.lease_owner.n == owner.n &&
+			    memcmp(it.lease_owner.p, owner.p, owner.n) == 0)
+				continue; /* in flight to this owner */
+			stopped = 1;
+			break;
+		}
+		it.lease_owner.p = NULL, it.lease_owner.n = 0, it.lease_until = 0;
 		returned++;
+		if (!first)
+			first = it.id;
+		last = last_taken = it.id;
+		if (!owner.p)
+			gone_bytes += (int64_t)it.xml.n;
 		emit(ud, &it);
 	}
-	if (max != OS_NONE && returned >= max)
+	if (stopped || (max != OS_NONE && returned >= max))
 		rc = SQLITE_DONE;
 	sqlite3_reset(st);
 	if (rc != SQLITE_DONE)
 		return abort_tx(s, q);
-	if (seen > 0) {
+	if (stopped && returned == 0 && held_until(q, qid, now, owner, held) != SQLITE_DONE)
+		return abort_tx(s, q);
+	if (owner.p && returned > 0) {
+		st = stmt(q, ST_MSG_LEASE);
+		sqlite3_bind_int64(st, 1, qid);
+		sqlite3_bind_int64(st, 2, first);
+		sqlite3_bind_int64(st, 3, last_taken);
+		sqlite3_bind_int64(st, 5, until);
+		sqlite3_bind_int64(st, 6, now);
+		if (bind_blob(st, 4, owner) != SQLITE_OK || run(st) != SQLITE_DONE)
+			return abort_tx(s, q);
+	}
+	if (last > 0 && (*expired > 0 || !owner.p)) {
 		/* Inside BEGIN IMMEDIATE nobody else writes, so the rows up to the
-		 * last id read, but those set aside, are exactly the rows counted. */
-		st = stmt(q, ST_MSG_DEL_UPTO);
+		 * last id read are the rows read: pop deletes them but those set
+		 * aside, lease the expired ones. */
+		st = stmt(q, owner.p ? ST_MSG_DEL_EXPIRED_UPTO : ST_MSG_DEL_UPTO);
 		sqlite3_bind_int64(st, 1, qid);
 		sqlite3_bind_int64(st, 2, last);
-		if (run(st) != SQLITE_DONE || queue_sub(q, qid, seen, seen_bytes) != SQLITE_DONE)
+		sqlite3_bind_int64(st, 3, now);
+		if (run(st) != SQLITE_DONE ||
+		    queue_sub(q, qid, *expired + (owner.p ? 0 : returned), gone_bytes) != SQLITE_DONE)
 			return abort_tx(s, q);
 	}
 	return commit(s, q);
+}
+
+static int sq_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
+                  os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
+	os_str nobody = { NULL, 0 };
+	return take(s, k, nobody, now, 0, max, emit, ud, expired, held);
+}
+
+static int sq_lease(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
+                    int64_t max, os_emit_item emit, void *ud, int64_t *held) {
+	int64_t expired;
+	return take(s, k, owner, now, until, max, emit, ud, &expired, held);
+}
+
+/* Runs one of the lease updates whose ?1 is a prefix of the owner; *touched is
+ * how many rows it changed. */
+static int relet(os_store *s, int which, os_str prefix, int64_t until, int64_t *touched) {
+	sq *q = s->impl;
+	sqlite3_stmt *st;
+	*touched = 0;
+	rollback(q);
+	st = stmt(q, which);
+	sqlite3_bind_int64(st, 2, (int64_t)prefix.n);
+	sqlite3_bind_int64(st, 3, until);
+	if (bind_blob(st, 1, prefix) != SQLITE_OK || run(st) != SQLITE_DONE)
+		return sqfail(s, q->db);
+	*touched = sqlite3_changes64(q->db);
+	return OS_OK;
+}
+
+static int sq_release(os_store *s, const os_key *k, os_str owner, int64_t *touched) {
+	sq *q = s->impl;
+	sqlite3_stmt *st;
+	*touched = 0;
+	rollback(q);
+	st = stmt(q, ST_RELEASE);
+	if (bind_key(st, k) != SQLITE_OK || bind_blob(st, 3, owner) != SQLITE_OK || run(st) != SQLITE_DONE)
+		return sqfail(s, q->db);
+	*touched = sqlite3_changes64(q->db);
+	return OS_OK;
+}
+
+static int sq_release_all(os_store *s, const os_str *prefix, int64_t *touched) {
+	os_str all = { "", 0 };
+	return relet(s, ST_RELEASE_ALL, prefix ? *prefix : all, 0, touched);
+}
+
+static int sq_renew(os_store *s, os_str prefix, int64_t until, int64_t *touched) {
+	return relet(s, ST_RENEW, prefix, until, touched);
 }
 
 static int sq_count(os_store *s, const os_key *k, int64_t *count, int64_t *bytes) {
@@ -1021,31 +1204,6 @@ static int sq_batch_end(os_store *s, int do_commit) {
 	if (!sqlite3_get_autocommit(q->db))
 		return sqfail(s, q->db);
 	return OS_OK;
-}
-
-static int sq_lease(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
-                     int64_t max, os_emit_item emit, void *ud, int64_t *held) {
-	(void)k, (void)owner, (void)now, (void)until, (void)max, (void)emit, (void)ud;
-	*held = OS_NONE;
-	return os_fail(s, 0, "not implemented yet");
-}
-
-static int sq_release(os_store *s, const os_key *k, os_str owner, int64_t *touched) {
-	(void)k, (void)owner;
-	*touched = 0;
-	return os_fail(s, 0, "not implemented yet");
-}
-
-static int sq_release_all(os_store *s, const os_str *prefix, int64_t *touched) {
-	(void)prefix;
-	*touched = 0;
-	return os_fail(s, 0, "not implemented yet");
-}
-
-static int sq_renew(os_store *s, os_str prefix, int64_t until, int64_t *touched) {
-	(void)prefix, (void)until;
-	*touched = 0;
-	return os_fail(s, 0, "not implemented yet");
 }
 
 static const os_backend sqlite_backend = {
