@@ -195,6 +195,13 @@ function TestAcked:test_3_acks_as_it_goes_and_a_page_at_most_unacked()
 		local page = c:read_messages(1000, 0.5) -- everything the server sends before it waits
 		lu.assertTrue(#page > 0, "the server sends the next page after the ack (at " .. total .. ")")
 		lu.assertTrue(#page <= PAGE, "at most a page unacked (got " .. #page .. ")")
+		if pages == 0 then -- mod_smacks' own count, through the admin shell
+			local ok, out = srv:prosodyctl("shell", "c2s:show(nil, 'jid smacks_queue')")
+			lu.assertTrue(ok, out)
+			local unacked = tonumber(out:match("b3@localhost/phone[%s|]+(%d+)"))
+			lu.assertNotNil(unacked, out)
+			lu.assertTrue(unacked <= PAGE + 1, "mod_smacks' queue holds a page at most (+ the self-presence): " .. unacked)
+		end
 		lu.assertEquals(ids(page), range(total + 1, total + #page))
 		lu.assertNotNil(c:wait_for(function(e) return e.name == "r" and e.attr.xmlns == NS_SM end, 1),
 			"an ack is requested after each page")
