@@ -45,11 +45,16 @@ local function run_workers(dir, names, cmd)
 	assert(ok, out)
 	local res = {}
 	for _, name in ipairs(names) do
-		local r = { ok = {}, limit = 0, fail = {}, pop = {}, expired = 0, touched = 0, done = false }
+		local r = { ok = {}, limit = 0, dup = 0, leased = {}, fail = {}, pop = {}, expired = 0, touched = 0, done = false }
 		for line in (support.read(dir .. "/" .. name) or ""):gmatch("[^\n]+") do
 			local kind, a, b, c = line:match("^(%S+) ?(%S*) ?(%S*) ?(.*)$")
 			if kind == "ok" then r.ok[#r.ok + 1] = { id = tonumber(a), xml = b, user = c }
 			elseif kind == "limit" then r.limit = r.limit + 1
+			elseif kind == "dup" then r.dup = r.dup + 1
+			elseif kind == "leased" then
+				local ids = {}
+				for id in a:gmatch("%d+") do ids[#ids + 1] = tonumber(id) end
+				r.leased[#r.leased + 1] = ids
 			elseif kind == "pop" then r.pop[#r.pop + 1] = { id = tonumber(a), xml = b }
 			elseif kind == "expired" then r.expired = r.expired + tonumber(a)
 			elseif kind == "touched" then r.touched = r.touched + tonumber(a)
@@ -121,6 +126,56 @@ function TestPostgresConcurrency:test_bytes_limit_exact_across_processes()
 	lu.assertEquals({ self.db:count(H, "bob") }, { 20, 100 }, "20 messages of 5 bytes fill 100 bytes")
 	lu.assertEquals(stored, 20)
 	assert_counter(self.db, "bob")
+end
+
+-- Four processes store the same 40 dedup keys to one user at once: each key is stored once,
+-- the other three see "duplicate" (the unique index decides the races the lookup misses).
+function TestPostgresConcurrency:test_dedup_exact_across_processes()
+	local start_at, names, cmds = socket.gettime() + 1.5, {}, {}
+	for i = 1, 4 do
+		names[i] = "store" .. i
+		cmds[i] = worker("store", self.conninfo, self.dir, names[i], start_at,
+			{ n = 40, dedup = "k", tag = "p" .. i, user = "bob" }) .. " &"
+	end
+	local res = run_workers(self.dir, names, concat(cmds, " ") .. " wait")
+	local stored, dups = 0, 0
+	for _, name in ipairs(names) do
+		stored, dups = stored + #res[name].ok, dups + res[name].dup
+		lu.assertEquals(res[name].limit, 0)
+	end
+	lu.assertEquals({ stored, dups }, { 40, 120 })
+	lu.assertEquals(#assert_counter(self.db, "bob"), 40)
+	lu.assertEquals(self.db:store(H, "bob", FROM, "x", T0, nil, nil, nil, nil, "k:17"), false)
+end
+
+-- Two nodes lease for one user at once (each confirms what it got, then leases again): every
+-- row goes out once, and each lease is a run of consecutive rows: a node never takes rows behind
+-- rows the other holds (the lease is taken under the user's lock, in id order).
+function TestPostgresConcurrency:test_two_nodes_leasing_one_user_keep_arrival_order()
+	for i = 1, 300 do assert(self.db:store(H, "bob", FROM, "m" .. i, T0 + i)) end
+	local all = {}
+	for i, it in ipairs(self.db:list(H, "bob")) do all[i] = it.id end
+	local start_at, names, cmds = socket.gettime() + 1.5, {}, {}
+	for i = 1, 2 do
+		names[i] = "node" .. i
+		cmds[i] = worker("lease", self.conninfo, self.dir, names[i], start_at, { tag = "node" .. i .. ":1", user = "bob" }) .. " &"
+	end
+	local res = run_workers(self.dir, names, concat(cmds, " ") .. " wait")
+	local pos, seen, runs = {}, {}, 0
+	for i, id in ipairs(all) do pos[id] = i end
+	for _, name in ipairs(names) do
+		lu.assertTrue(#res[name].leased > 0, name .. " leased nothing (the test did not test)")
+		for _, ids in ipairs(res[name].leased) do
+			runs = runs + 1
+			for j, id in ipairs(ids) do
+				lu.assertNil(seen[id], "row " .. id .. " leased twice")
+				seen[id] = true
+				if j > 1 then lu.assertEquals(pos[id], pos[ids[j - 1]] + 1, "a lease skipped rows") end
+			end
+		end
+	end
+	for _, id in ipairs(all) do lu.assertTrue(seen[id], "row " .. id .. " never leased") end
+	lu.assertEquals({ self.db:count(H, "bob") }, { 0, 0 })
 end
 
 -- Three processes store, two pop the same user meanwhile: every stored message is popped once
@@ -502,7 +557,7 @@ function TestPostgresOpen:test_schema_is_created_once_and_versioned()
 	local db = assert(core.open_postgres(conninfo))
 	db:store(H, "bob", FROM, "kept", T0)
 	db:close()
-	lu.assertEquals(self.srv:psql(format("SELECT value FROM %s.offline_meta WHERE name = 'schema_version'", schema)), "1")
+	lu.assertEquals(self.srv:psql(format("SELECT value FROM %s.offline_meta WHERE name = 'schema_version'", schema)), "2")
 	db = assert(core.open_postgres(conninfo))
 	lu.assertEquals(db:count(H, "bob"), 1, "reopening keeps the messages")
 	db:close()
@@ -512,6 +567,39 @@ function TestPostgresOpen:test_schema_is_created_once_and_versioned()
 	lu.assertStrContains(msg, "schema version 99 was written by a newer offline-store")
 	lu.assertEquals(code, 0)
 	lu.assertEquals(self.srv:psql(format("SELECT count(*) FROM %s.offline_message", schema)), "1", "untouched")
+end
+
+-- A version 1 schema with rows (as that release created it): opening adds the lease and dedup
+-- columns under the schema lock, every row and counter kept as it was.
+function TestPostgresOpen:test_version_1_schema_gains_leases_and_keys_losing_nothing()
+	local conninfo, schema = self.srv:fresh_conninfo()
+	self.srv:psql(format([[SET search_path = %s;
+CREATE TABLE offline_meta (name text PRIMARY KEY, value bigint NOT NULL);
+CREATE TABLE offline_queue (host bytea NOT NULL, username bytea NOT NULL, count bigint NOT NULL,
+ bytes bigint NOT NULL, PRIMARY KEY (host, username));
+CREATE TABLE offline_message (id bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+ host bytea NOT NULL, username bytea NOT NULL, ts bigint NOT NULL, expire bigint,
+ sender bytea NOT NULL, stanza bytea NOT NULL, meta bytea);
+CREATE INDEX offline_message_user ON offline_message (host, username, id);
+CREATE INDEX offline_message_expire ON offline_message (expire) WHERE expire IS NOT NULL;
+CREATE INDEX offline_message_ts ON offline_message (ts);
+INSERT INTO offline_message (host, username, ts, expire, sender, stanza, meta) VALUES
+ ('example.org', 'bob', 1001, NULL, 'a@x', '<m>1</m>', NULL),
+ ('example.org', 'bob', 1002, 9002, 'b@x', '<m>2</m>', 'm');
+INSERT INTO offline_queue VALUES ('example.org', 'bob', 2, 16);
+INSERT INTO offline_meta VALUES ('schema_version', 1);]], schema))
+	local db = assert(core.open_postgres(conninfo))
+	lu.assertEquals({ db:count(H, "bob") }, { 2, 16 })
+	local got = {}
+	for i, it in ipairs(db:list(H, "bob")) do got[i] = { it.id, it.ts, it.expire, it.from, it.xml, it.meta, it.lease_owner } end
+	lu.assertEquals(got, { { 1, 1001, nil, "a@x", "<m>1</m>" }, { 2, 1002, 9002, "b@x", "<m>2</m>", "m" } })
+	lu.assertEquals(#db:lease(H, "bob", "n:1", 1000, 2000), 2)
+	lu.assertEquals({ db:store(H, "bob", FROM, "new", 1003, nil, nil, nil, nil, "k") }, { 3, 3 })
+	lu.assertEquals({ db:store(H, "bob", FROM, "new", 1003, nil, nil, nil, nil, "k") }, { false, "duplicate", 3 })
+	lu.assertEquals(db:release_all("n:"), 2)
+	lu.assertEquals(#db:pop(H, "bob", 1000), 3)
+	db:close()
+	lu.assertEquals(self.srv:psql(format("SELECT value FROM %s.offline_meta WHERE name = 'schema_version'", schema)), "2")
 end
 
 function TestPostgresOpen:test_facade_and_prosody_style_table()

@@ -269,7 +269,7 @@ static int take(os_store *s, const os_key *k, os_str who, int64_t now, int64_t u
 	mqueue **slot = find_slot(m, k, os_key_hash(k)), *q = *slot;
 	mnode *n, *end, *kept = NULL, **kept_next = &kept, *kept_last = NULL;
 	mowner *shared = NULL;
-	int owner = who.p != NULL;
+	int owner = who.p != NULL, stopped = 0;
 	int64_t returned = 0;
 	*expired = 0;
 	*held = OS_NONE;
@@ -280,14 +280,16 @@ static int take(os_store *s, const os_key *k, os_str who, int64_t now, int64_t u
 		os_item it;
 		if (is_set_aside(n) || is_expired(n, now) || (owner && is_owner(n, who) && n->lease_until > now))
 			continue;
-		if (held_by_other(n, who, now))
+		if (held_by_other(n, who, now)) {
+			stopped = 1;
 			break;
+		}
 		to_item(n, &it);
 		emit(ud, &it);
 		returned++;
 	}
 	end = n;
-	if (returned == 0 && end && held_by_other(end, who, now)) {
+	if (returned == 0 && stopped) {
 		for (n = end; n; n = n->next)
 			if (held_by_other(n, who, now) && !is_expired(n, now) &&
 			    (*held == OS_NONE || n->lease_until > *held))

@@ -43,6 +43,20 @@
  *    (host, username) order and message rows are only deleted by holders of
  *    their user's lock, so no two transactions can deadlock.
  *
+ * 5. Duplicates: a unique index on (host, username, dedup) where dedup is not
+ *    null. store() first looks the key up (in its snapshot) and stores
+ *    nothing when it is there; a writer that stored the same key meanwhile is
+ *    caught by the index (a unique violation on offline_message_dedup), which
+ *    store() reports as a duplicate too: exact under any number of writers.
+ *
+ * 6. Leases: lease() is pop() that marks the rows it took instead of deleting
+ *    them, under the same lock of the user's queue row, so two nodes leasing
+ *    (or popping) for one user take turns and read each other's leases: the
+ *    user's rows go out in order, never to two sessions at once. It marks
+ *    exactly the ids it read and returned. release, release_all and renew
+ *    only clear or move lease columns (no insert, no delete, no counter), so
+ *    they take no queue lock.
+ *
  * Failures: runtime errors return OS_FAIL with the server's message and its
  * SQLSTATE as a base-36 number (Lua: tonumber("40P01", 36)); code 0 means
  * the connection is down (lost, unreachable, or refused at open). A lost
@@ -70,17 +84,18 @@
 
 #include "backend.h"
 
-#define SCHEMA_VERSION 1
+#define SCHEMA_VERSION 2
 #define SCHEMA_LOCK 1330007123 /* pg_advisory_xact_lock key for schema set-up: "OFLS" */
 #define BACKOFF_MIN_MS 250
 #define BACKOFF_MAX_MS 8000
-#define MAX_PARAMS 9
+#define MAX_PARAMS 10
 #define IN_DOUBT_WAIT_MS 3000 /* the longest a lost COMMIT's outcome is waited for */
 #define IN_DOUBT_POLL_MS 20
 
 enum {
 	ST_QUEUE_GET, ST_QUEUE_LOCK, ST_STORE, ST_SCAN, ST_DEL_UPTO, ST_DEL_IDS, ST_LIST,
 	ST_HOST_DEL, ST_EXPIRED_DEL, ST_OLDER_DEL, ST_USERS, ST_POP_DEL,
+	ST_LEASE_SET, ST_LEASE_DEL, ST_HELD, ST_RELEASE, ST_RELEASE_ALL, ST_RENEW,
 	ST__COUNT
 };
 
@@ -114,7 +129,11 @@ enum {
 	" WHERE q.host = g.host AND q.username = g.username AND g.had > g.c) " \
 	"SELECT coalesce(sum(c), 0)::int8 FROM g"
 
-#define ITEM_COLUMNS "SELECT id, ts, expire, sender, stanza, meta FROM offline_message "
+#define ITEM_COLUMNS \
+	"SELECT id, ts, expire, sender, stanza, meta, lease_owner, lease_until FROM offline_message "
+#define NOT_SET_ASIDE "meta IS DISTINCT FROM '" OS_SET_ASIDE "'::bytea"
+/* $1 a prefix of the owner */
+#define OWNER_PREFIX "lease_owner IS NOT NULL AND substring(lease_owner FROM 1 FOR octet_length($1::bytea)) = $1::bytea"
 
 /* $1 host, $2 username throughout; every parameter and result is binary. */
 static const struct {
@@ -126,12 +145,16 @@ static const struct {
 	/* also the transaction's id, to learn its fate should COMMIT's answer be lost */
 	[ST_QUEUE_LOCK] = {"SELECT count, txid_current() FROM offline_queue "
 	                   "WHERE host = $1::bytea AND username = $2::bytea FOR UPDATE", 2},
-	/* $3 ts, $4 expire, $5 sender, $6 stanza, $7 meta, $8 max count, $9 max bytes */
+	/* $3 ts, $4 expire, $5 sender, $6 stanza, $7 meta, $8 max count, $9 max bytes,
+	 * $10 dedup key; one row: count and id when stored, else NULLs and whether
+	 * the key was found (see 5. above) */
 	[ST_STORE] = {
-		"WITH counter AS ("
+		"WITH dup AS (SELECT EXISTS (SELECT 1 FROM offline_message WHERE host = $1::bytea"
+		" AND username = $2::bytea AND dedup = $10::bytea) AS found), "
+		"counter AS ("
 		" INSERT INTO offline_queue AS c (host, username, count, bytes)"
-		" SELECT $1::bytea, $2::bytea, 1, octet_length($6::bytea)"
-		" WHERE ($8::int8 IS NULL OR 1 <= $8::int8)"
+		" SELECT $1::bytea, $2::bytea, 1, octet_length($6::bytea) FROM dup"
+		" WHERE NOT dup.found AND ($8::int8 IS NULL OR 1 <= $8::int8)"
 		"  AND ($9::int8 IS NULL OR octet_length($6::bytea) <= $9::int8)"
 		" ON CONFLICT (host, username) DO UPDATE"
 		" SET count = c.count + 1, bytes = c.bytes + excluded.bytes"
@@ -139,10 +162,11 @@ static const struct {
 		"  AND ($9::int8 IS NULL OR c.bytes + excluded.bytes <= $9::int8)"
 		" RETURNING c.count), "
 		"msg AS ("
-		" INSERT INTO offline_message (host, username, ts, expire, sender, stanza, meta)"
-		" SELECT $1::bytea, $2::bytea, $3::int8, $4::int8, $5::bytea, $6::bytea, $7::bytea"
-		" FROM counter RETURNING id) "
-		"SELECT counter.count, msg.id FROM counter, msg", 9},
+		" INSERT INTO offline_message (host, username, ts, expire, sender, stanza, meta, dedup)"
+		" SELECT $1::bytea, $2::bytea, $3::int8, $4::int8, $5::bytea, $6::bytea, $7::bytea,"
+		" $10::bytea FROM counter RETURNING id) "
+		"SELECT counter.count, msg.id, dup.found FROM dup LEFT JOIN counter ON true"
+		" LEFT JOIN msg ON true", 10},
 	[ST_SCAN] = {ITEM_COLUMNS "WHERE host = $1::bytea AND username = $2::bytea ORDER BY id", 2},
 	/* $3 the last id read */
 	[ST_DEL_UPTO] = {USER_DELETE("id <= $3::int8"), 3},
@@ -159,7 +183,22 @@ static const struct {
 	[ST_USERS] = {"SELECT username, count, bytes FROM offline_queue "
 	              "WHERE host = $1::bytea AND count > 0 ORDER BY username", 1},
 	/* pop's: $3 the last id read; rows set aside stay (see OS_SET_ASIDE) */
-	[ST_POP_DEL] = {USER_DELETE("id <= $3::int8 AND meta IS DISTINCT FROM '" OS_SET_ASIDE "'::bytea"), 3},
+	[ST_POP_DEL] = {USER_DELETE("id <= $3::int8 AND " NOT_SET_ASIDE), 3},
+	/* lease's: $3 an int8[] of the ids it took, $4 owner, $5 until */
+	[ST_LEASE_SET] = {"UPDATE offline_message SET lease_owner = $4::bytea, lease_until = $5::int8 "
+	                  "WHERE host = $1::bytea AND username = $2::bytea AND id = ANY($3::int8[])", 5},
+	/* lease's: the expired rows up to $3, the last id read, at $4 */
+	[ST_LEASE_DEL] = {USER_DELETE("id <= $3::int8 AND expire <= $4::int8 AND " NOT_SET_ASIDE), 4},
+	/* $3 now, $4 the owner whose leases do not count (NULL: none) */
+	[ST_HELD] = {"SELECT max(lease_until) FROM offline_message WHERE host = $1::bytea "
+	             "AND username = $2::bytea AND lease_owner IS NOT NULL AND lease_until > $3::int8 "
+	             "AND ($4::bytea IS NULL OR lease_owner <> $4::bytea) "
+	             "AND (expire IS NULL OR expire > $3::int8)", 4},
+	[ST_RELEASE] = {"UPDATE offline_message SET lease_owner = NULL, lease_until = NULL "
+	                "WHERE host = $1::bytea AND username = $2::bytea AND lease_owner = $3::bytea", 3},
+	[ST_RELEASE_ALL] = {"UPDATE offline_message SET lease_owner = NULL, lease_until = NULL "
+	                    "WHERE " OWNER_PREFIX, 1},
+	[ST_RENEW] = {"UPDATE offline_message SET lease_until = $2::int8 WHERE " OWNER_PREFIX, 2},
 };
 
 /* Table names carry a prefix: the database is usually shared with
@@ -180,9 +219,21 @@ static const char schema_v1[] =
 	"CREATE INDEX offline_message_expire ON offline_message (expire) WHERE expire IS NOT NULL;"
 	"CREATE INDEX offline_message_ts ON offline_message (ts);";
 
+/* Version 2 adds leases (owner and until: NULL when free) and the dedup key,
+ * unique per user (see 5. above). Adding columns without a default rewrites no
+ * row; both indexes are partial, so a row without a key or a lease has no entry. */
+static const char schema_v2[] =
+	"ALTER TABLE offline_message ADD COLUMN lease_owner bytea, ADD COLUMN lease_until bigint,"
+	" ADD COLUMN dedup bytea;"
+	"CREATE UNIQUE INDEX offline_message_dedup ON offline_message (host, username, dedup)"
+	" WHERE dedup IS NOT NULL;"
+	"CREATE INDEX offline_message_lease ON offline_message (lease_owner)"
+	" WHERE lease_owner IS NOT NULL;";
+
 /* migrations[v] takes a database from schema version v to v + 1. */
 static const char *const migrations[SCHEMA_VERSION] = {
 	[0] = schema_v1,
+	[1] = schema_v2,
 };
 
 typedef struct {
@@ -317,6 +368,14 @@ static void read_item(const PGresult *r, int row, os_item *it) {
 		it->meta.p = NULL, it->meta.n = 0;
 	else
 		it->meta = col_str(r, row, 5);
+	it->dedup.p = NULL, it->dedup.n = 0;
+	if (PQgetisnull(r, row, 6)) {
+		it->lease_owner.p = NULL, it->lease_owner.n = 0;
+		it->lease_until = 0;
+	} else {
+		it->lease_owner = col_str(r, row, 6);
+		it->lease_until = col_i64(r, row, 7);
+	}
 }
 
 /* Runs a plain command (BEGIN, COMMIT, ROLLBACK); 1 when it succeeded. */
@@ -542,20 +601,31 @@ static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 		p_null(&p);
 	else
 		p_i64(&p, lim->max_bytes);
+	if (m->dedup.p)
+		p_bytes(&p, m->dedup.p, m->dedup.n);
+	else
+		p_null(&p);
 	if (p.too_big)
 		return os_fail(s, 0, "a string is too large to store");
 	r = run(g, ST_STORE, &p);
 	if (!result_ok(r)) {
-		rc = pgfail(s, g, r);
-		goto done;
-	}
-	if (PQntuples(r) == 1) {
+		const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE),
+		           *constraint = PQresultErrorField(r, PG_DIAG_CONSTRAINT_NAME);
+		if (!(state && strcmp(state, "23505") == 0 && constraint &&
+		      strcmp(constraint, "offline_message_dedup") == 0)) {
+			rc = pgfail(s, g, r);
+			goto done;
+		}
+		rc = OS_DUP; /* another writer stored the key first (see 5. above) */
+	} else if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 1)) {
 		*count = col_i64(r, 0, 0);
 		*id = col_i64(r, 0, 1);
 		rc = OS_OK;
 		goto done;
+	} else {
+		rc = PQntuples(r) == 1 && PQgetvalue(r, 0, 2)[0] ? OS_DUP : OS_LIMIT;
 	}
-	/* Over the limit: nothing was written; report the count as it is now. */
+	/* Refused: nothing was written; report the count as it is now. */
 	PQclear(r);
 	p.n = 2;
 	r = run(g, ST_QUEUE_GET, &p);
@@ -564,21 +634,58 @@ static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 		goto done;
 	}
 	*count = PQntuples(r) == 1 ? col_i64(r, 0, 0) : 0;
-	rc = OS_LIMIT;
 done:
 	PQclear(r);
 	return rc;
 }
 
-static int pg_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
-                  os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
-	*held = OS_NONE;
+/* An int8[] in binary, for `= ANY($n::int8[])`: ndim, has-nulls, element type
+ * (int8 = 20), length, lower bound, then (length, value) per element. NULL when
+ * out of memory; *size its bytes. */
+static char *id_array(const int64_t *ids, size_t n, size_t *size) {
+	size_t i;
+	char *a;
+	*size = 20 + 12 * n;
+	if (!(a = malloc(*size)))
+		return NULL;
+	memset(a, 0, 20);
+	a[3] = 1;
+	a[11] = 20;
+	put_be64(a + 12, (int64_t)n << 32 | 1); /* length, lower bound 1 */
+	for (i = 0; i < n; i++) {
+		char *e = a + 20 + 12 * i;
+		memset(e, 0, 4);
+		e[3] = 8;
+		put_be64(e + 4, ids[i]);
+	}
+	return a;
+}
+
+enum { SKIP, EXPIRED, TAKE, STOP };
+
+/* What pop (owner.p NULL) or lease does with a row it reads. */
+static int classify(const os_item *it, os_str owner, int64_t now) {
+	if (os_is_set_aside(it->meta))
+		return SKIP;
+	if (it->expire != OS_NONE && it->expire <= now)
+		return EXPIRED;
+	if (it->lease_owner.p && it->lease_until > now)
+		return owner.p && it->lease_owner.n == owner.n &&
+		       memcmp(it->lease_owner.p, owner.p, owner.n) == 0 ? SKIP /* in flight to owner */ : STOP;
+	return TAKE;
+}
+
+/* pop (owner.p NULL: deletes what it takes) and lease (marks it for owner
+ * until `until`), as backend.h says, under the user's lock (see 3. and 6.). */
+static int take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
+                int64_t max, os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
 	pg *g = s->impl;
 	PGresult *r = NULL;
 	params p;
-	int64_t returned = 0, last = 0, xid;
-	int rc = OS_OK, i, n;
+	int64_t returned = 0, last = 0, xid, *ids = NULL;
+	int rc = OS_OK, i, n, stopped = 0;
 	*expired = 0;
+	*held = OS_NONE;
 	if (ready(s, g) != OS_OK)
 		return OS_FAIL;
 	p_key(&p, k);
@@ -613,24 +720,83 @@ static int pg_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 	g->live = r;
 	for (i = 0; i < n && (max == OS_NONE || returned < max); i++) {
 		os_item it;
+		int what;
 		read_item(r, i, &it);
-		last = it.id;
-		if (os_is_set_aside(it.meta))
+		if ((what = classify(&it, owner, now)) == STOP) {
+			stopped = 1;
+			break;
+		}
+		if (what == SKIP)
 			continue;
-		if (it.expire != OS_NONE && it.expire <= now) {
+		last = it.id;
+		if (what == EXPIRED) {
 			(*expired)++;
 			continue;
 		}
+		it.lease_owner.p = NULL, it.lease_owner.n = 0, it.lease_until = 0;
 		returned++;
 		emit(ud, &it);
 	}
 	g->live = NULL;
+	/* (the ids lease took, read again: emit may raise, and nothing must leak) */
+	if (owner.p && returned > 0) {
+		int j, taken = 0;
+		if (!(ids = malloc((size_t)returned * sizeof *ids))) {
+			os_fail(s, 0, "out of memory");
+			command(g, "ROLLBACK");
+			rc = OS_FAIL;
+			goto done;
+		}
+		for (j = 0; j < i; j++) {
+			os_item it;
+			read_item(r, j, &it);
+			if (classify(&it, owner, now) == TAKE)
+				ids[taken++] = it.id;
+		}
+	}
 	PQclear(r);
 	r = NULL;
-	if (last > 0) {
+	if (stopped && returned == 0) {
+		p.n = 2;
+		p_i64(&p, now);
+		if (owner.p)
+			p_bytes(&p, owner.p, owner.n);
+		else
+			p_null(&p);
+		r = run(g, ST_HELD, &p);
+		if (!result_ok(r))
+			goto fail;
+		if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
+			*held = col_i64(r, 0, 0);
+		PQclear(r);
+		r = NULL;
+	}
+	if (last > 0 && (!owner.p || *expired > 0)) {
 		p.n = 2;
 		p_i64(&p, last);
-		r = run(g, ST_POP_DEL, &p);
+		p_i64(&p, now);
+		p.n = owner.p ? 4 : 3;
+		r = run(g, owner.p ? ST_LEASE_DEL : ST_POP_DEL, &p);
+		if (!result_ok(r))
+			goto fail;
+		PQclear(r);
+		r = NULL;
+	}
+	if (owner.p && returned > 0) {
+		size_t size;
+		char *a = id_array(ids, (size_t)returned, &size);
+		if (!a) {
+			os_fail(s, 0, "out of memory");
+			command(g, "ROLLBACK");
+			rc = OS_FAIL;
+			goto done;
+		}
+		p.n = 2;
+		p_bytes(&p, a, size);
+		p_bytes(&p, owner.p, owner.n);
+		p_i64(&p, until);
+		r = run(g, ST_LEASE_SET, &p);
+		free(a);
 		if (!result_ok(r))
 			goto fail;
 	}
@@ -641,8 +807,62 @@ static int pg_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
 fail:
 	rc = abort_tx(s, g, r);
 done:
+	free(ids);
 	PQclear(r);
 	return rc;
+}
+
+static int pg_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
+                  os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
+	os_str nobody = { NULL, 0 };
+	return take(s, k, nobody, now, 0, max, emit, ud, expired, held);
+}
+
+static int pg_lease(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
+                    int64_t max, os_emit_item emit, void *ud, int64_t *held) {
+	int64_t expired;
+	return take(s, k, owner, now, until, max, emit, ud, &expired, held);
+}
+
+/* Runs one of the lease updates (its own transaction); *touched is how many rows it changed. */
+static int relet(os_store *s, int which, params *p, int64_t *touched) {
+	pg *g = s->impl;
+	PGresult *r;
+	int rc = OS_OK;
+	*touched = 0;
+	if (ready(s, g) != OS_OK)
+		return OS_FAIL;
+	if (p->too_big)
+		return os_fail(s, 0, "a string is too large");
+	r = run(g, which, p);
+	if (!result_ok(r))
+		rc = pgfail(s, g, r);
+	else
+		*touched = strtoll(PQcmdTuples(r), NULL, 10);
+	PQclear(r);
+	return rc;
+}
+
+static int pg_release(os_store *s, const os_key *k, os_str owner, int64_t *touched) {
+	params p;
+	p_key(&p, k);
+	p_bytes(&p, owner.p, owner.n);
+	return relet(s, ST_RELEASE, &p, touched);
+}
+
+static int pg_release_all(os_store *s, const os_str *prefix, int64_t *touched) {
+	params p;
+	p.n = p.too_big = 0;
+	p_bytes(&p, prefix ? prefix->p : "", prefix ? prefix->n : 0);
+	return relet(s, ST_RELEASE_ALL, &p, touched);
+}
+
+static int pg_renew(os_store *s, os_str prefix, int64_t until, int64_t *touched) {
+	params p;
+	p.n = p.too_big = 0;
+	p_bytes(&p, prefix.p, prefix.n);
+	p_i64(&p, until);
+	return relet(s, ST_RENEW, &p, touched);
 }
 
 static int pg_count(os_store *s, const os_key *k, int64_t *count, int64_t *bytes) {
@@ -739,9 +959,7 @@ done:
 
 static int pg_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n,
                      int64_t *touched) {
-	/* An int8[] in binary: ndim, has-nulls, element type (int8 = 20),
-	 * length, lower bound, then (length, value) per element. */
-	size_t size = 20 + 12 * n, i;
+	size_t size;
 	char *a;
 	int rc;
 	*touched = 0;
@@ -749,18 +967,8 @@ static int pg_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n,
 		return OS_OK;
 	if (n > (INT_MAX - 20) / 12)
 		return os_fail(s, 0, "too many ids");
-	if (!(a = malloc(size)))
+	if (!(a = id_array(ids, n, &size)))
 		return os_fail(s, 0, "out of memory");
-	memset(a, 0, 20);
-	a[3] = 1;
-	a[11] = 20;
-	put_be64(a + 12, (int64_t)n << 32 | 1); /* length, lower bound 1 */
-	for (i = 0; i < n; i++) {
-		char *e = a + 20 + 12 * i;
-		memset(e, 0, 4);
-		e[3] = 8;
-		put_be64(e + 4, ids[i]);
-	}
 	rc = locked_delete(s, k, ST_DEL_IDS, a, (int)size, touched);
 	free(a);
 	return rc;
@@ -845,31 +1053,6 @@ static void pg_free(pg *g) {
 static void pg_close(os_store *s) {
 	pg_free(s->impl);
 	s->impl = NULL;
-}
-
-static int pg_lease(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
-                     int64_t max, os_emit_item emit, void *ud, int64_t *held) {
-	(void)k, (void)owner, (void)now, (void)until, (void)max, (void)emit, (void)ud;
-	*held = OS_NONE;
-	return os_fail(s, 0, "not implemented yet");
-}
-
-static int pg_release(os_store *s, const os_key *k, os_str owner, int64_t *touched) {
-	(void)k, (void)owner;
-	*touched = 0;
-	return os_fail(s, 0, "not implemented yet");
-}
-
-static int pg_release_all(os_store *s, const os_str *prefix, int64_t *touched) {
-	(void)prefix;
-	*touched = 0;
-	return os_fail(s, 0, "not implemented yet");
-}
-
-static int pg_renew(os_store *s, os_str prefix, int64_t until, int64_t *touched) {
-	(void)prefix, (void)until;
-	*touched = 0;
-	return os_fail(s, 0, "not implemented yet");
 }
 
 static const os_backend postgres_backend = {

@@ -56,6 +56,7 @@ enum {
 
 #define ITEM_COLUMNS "id, ts, expire, sender, stanza, meta, lease_owner, lease_until"
 #define NOT_SET_ASIDE "AND meta IS NOT CAST('" OS_SET_ASIDE "' AS BLOB)"
+#define OWNER_PREFIX "WHERE lease_owner IS NOT NULL AND (?2 = 0 OR substr(lease_owner, 1, ?2) = ?1)"
 
 /* Parameters: ?1 host, ?2 user where a statement finds a queue by its key;
  * ?1 the queue id (qid) where it has it already (store, pop, remove). */
@@ -120,11 +121,10 @@ static const char *const sql_text[ST__COUNT] = {
 	[ST_RELEASE] = "UPDATE message SET lease_owner = NULL, lease_until = NULL "
 	               "WHERE qid = (SELECT id FROM queue WHERE host = ?1 AND user = ?2) "
 	               "AND lease_owner = ?3",
-	/* ?1 a prefix of the owner (a BLOB, so substr counts bytes), ?2 its length */
-	[ST_RELEASE_ALL] = "UPDATE message SET lease_owner = NULL, lease_until = NULL "
-	                   "WHERE lease_owner IS NOT NULL AND substr(lease_owner, 1, ?2) = ?1",
-	[ST_RENEW] = "UPDATE message SET lease_until = ?3 "
-	             "WHERE lease_owner IS NOT NULL AND substr(lease_owner, 1, ?2) = ?1",
+	/* ?1 a prefix of the owner (a BLOB, so substr counts bytes), ?2 its length
+	 * (substr of an empty BLOB is NULL: the empty prefix is tested apart) */
+	[ST_RELEASE_ALL] = "UPDATE message SET lease_owner = NULL, lease_until = NULL " OWNER_PREFIX,
+	[ST_RENEW] = "UPDATE message SET lease_until = ?3 " OWNER_PREFIX,
 };
 
 /* ts has no index: only delete_older_than (an operator's purge) reads it, and

@@ -15,8 +15,8 @@
 
 /*
  * Input encoding. Every read past the end yields 0 bytes, so any input decodes. Repeated:
- *   op = byte % 14, then its arguments:
- *   0-2 store  host user from xml ts expire max_count max_bytes meta
+ *   op = byte % 18, then its arguments:
+ *   0-2 store  host user from xml ts expire max_count max_bytes meta dedup
  *   3   pop    host user now max abort      4  count host user
  *   5   list   host user after max abort    6  remove host user n id*n
  *   7   remove_user host user   8 remove_host host   9 delete_expired now
@@ -27,6 +27,10 @@
  *          store that fails ends the batch, and its remaining stores are not read (op_batch)
  *   13  fault  b: the next op's sqlite call sees allocation number 1 + (b >> 1) % 128 fail
  *          (b & 1: that one only; else every one after it, until the call returns)
+ *   14  lease  host user owner now until max abort   15 release host user owner
+ *   16  release_all prefix (or none)                 17 renew prefix until
+ * Owners are a few names, some prefixes of others; a dedup key is none, one of a few, or
+ * bytes of the input. remove is also confirm (the same backend call).
  * host and user index small fixed sets (so queues collide, including the pairs ("ab","c") and
  * ("a","bc") and names with NUL bytes); a user byte >= 0xc0 names one of 64 more users, so that
  * there can be more queues than the memory backend's initial 64 buckets. Times are mostly near
@@ -62,6 +66,9 @@ int os_fail(os_store *s, int code, const char *fmt, ...) {
 static const os_str HOSTS[] = { S("example.org"), S("ab"), S("a"), S(""), S("h\0st"), S("other.org") };
 static const os_str NAMED[] = { S("bob"), S("c"), S("bc"), S(""), S("u\0ser"), S("\xff\xfe"), S("carol") };
 static const os_str FROMS[] = { S("alice@example.org/phone"), S(""), S("x\0y") };
+static const os_str OWNERS[] = { S("n1:1"), S("n1:2"), S("n2:1"), S("n1"), S(""), S("n1:1\0") };
+static const os_str KEYS[] = { S("alice\0o1"), S("alice\0o2"), S("bob\0o1"), S("") };
+#define NOWNER (int)(sizeof OWNERS / sizeof *OWNERS)
 #define NH (int)(sizeof HOSTS / sizeof *HOSTS)
 #define NNAMED (int)(sizeof NAMED / sizeof *NAMED)
 #define NU (NNAMED + 64) /* the named users, then "u0".."u63": enough queues to grow tables */
@@ -176,6 +183,22 @@ static os_str pick_meta(reader *r) {
 	}
 }
 
+static os_str pick_dedup(reader *r) {
+	os_str d;
+	unsigned b = u8(r);
+	switch (b % 4) {
+	case 2: return KEYS[(b >> 2) % 4];
+	case 3: return take(r, u8(r) % 8);
+	default: d.p = NULL; d.n = 0; return d;
+	}
+}
+
+/* An owner's index in OWNERS, or (prefix) -1 for "none" when allowed. */
+static int pick_owner(reader *r, int none) {
+	unsigned b = u8(r);
+	return none && b >= 0xe0 ? -1 : (int)(b % NOWNER);
+}
+
 /* Pop/list max: OS_NONE or a small count (core.c allows >= 0). */
 static int64_t pick_max(reader *r) {
 	unsigned b = u8(r);
@@ -193,8 +216,10 @@ static size_t pick_abort(reader *r) {
 typedef struct {
 	int host, user, alive;
 	int64_t ts, expire;
-	os_str from, xml, meta; /* bytes live in the fuzzer's input */
-	int64_t id[NB];         /* the id each backend gave it */
+	os_str from, xml, meta, dedup; /* bytes live in the fuzzer's input (dedup.p NULL: none) */
+	int64_t id[NB];                /* the id each backend gave it */
+	int owner;                     /* leased to OWNERS[owner - 1]; 0: free */
+	int64_t lease_until;
 } mmsg;
 
 static mmsg msgs[MAX_OPS]; /* in store order, so in id order for every backend */
@@ -217,6 +242,20 @@ static void model_count(int h, int u, int64_t *count, int64_t *bytes) {
 
 static int is_expired(const mmsg *m, int64_t now) {
 	return m->expire != OS_NONE && m->expire <= now;
+}
+
+/* Whether the user's queue holds a row with key d. */
+static int model_dup(int h, int u, os_str d) {
+	size_t i;
+	for (i = 0; d.p && i < nmsg; i++)
+		if (of_key(&msgs[i], h, u) && msgs[i].dedup.p && msgs[i].dedup.n == d.n &&
+		    (d.n == 0 || memcmp(msgs[i].dedup.p, d.p, d.n) == 0))
+			return 1;
+	return 0;
+}
+
+static int has_prefix(os_str s, os_str prefix) {
+	return s.n >= prefix.n && (prefix.n == 0 || memcmp(s.p, prefix.p, prefix.n) == 0);
 }
 
 /* ---- the run ---- */
@@ -372,7 +411,7 @@ static void tr_key(const char *method, int h, int u) {
 
 /* The emit callbacks check each item against the model as it comes. */
 static struct {
-	int b;
+	int b, leases;      /* leases: items carry their lease (list); else they come free */
 	const size_t *want; /* model indexes, in the order the items must come */
 	size_t nwant, seen, abort_at;
 	int64_t ucount[NU], ubytes[NU];
@@ -398,6 +437,13 @@ static void on_item(void *ud, const os_item *it) {
 		fail(cx.b, "item %zu: xml differs (%zu bytes, expected %zu)", cx.seen, it->xml.n, m->xml.n);
 	if ((it->meta.p == NULL) != (m->meta.p == NULL) || (m->meta.p && !str_eq(it->meta, m->meta)))
 		fail(cx.b, "item %zu: meta differs", cx.seen);
+	if (cx.leases && m->owner) {
+		if (!it->lease_owner.p || !str_eq(it->lease_owner, OWNERS[m->owner - 1]))
+			fail(cx.b, "item %zu: not leased to owner %d", cx.seen, m->owner - 1);
+		check_i64(cx.b, "item lease_until", it->lease_until, m->lease_until);
+	} else if (it->lease_owner.p) {
+		fail(cx.b, "item %zu: leased, the model says free", cx.seen);
+	}
 	if (++cx.seen == cx.abort_at)
 		longjmp(cx.jb, 1);
 }
@@ -440,9 +486,11 @@ static int op_store(reader *r) {
 	lim.max_count = pick_limit(r, 1);
 	lim.max_bytes = pick_limit(r, 16);
 	m.meta = pick_meta(r);
+	m.dedup = pick_dedup(r);
 	model_count(h, u, &count, &bytes);
-	want = (lim.max_count != OS_NONE && count + 1 > lim.max_count) ||
-	               (lim.max_bytes != OS_NONE && bytes + (int64_t)m.xml.n > lim.max_bytes)
+	want = model_dup(h, u, m.dedup) ? OS_DUP
+	       : (lim.max_count != OS_NONE && count + 1 > lim.max_count) ||
+	                 (lim.max_bytes != OS_NONE && bytes + (int64_t)m.xml.n > lim.max_bytes)
 	           ? OS_LIMIT
 	           : OS_OK;
 	if (trace) {
@@ -450,12 +498,14 @@ static int op_store(reader *r) {
 		fputs(", ", stderr), tr_str(m.from), fputs(", ", stderr), tr_str(m.xml);
 		fputs(", ", stderr), tr_int(m.ts), fputs(", ", stderr), tr_opt(m.expire);
 		fputs(", ", stderr), tr_opt(lim.max_count), fputs(", ", stderr), tr_opt(lim.max_bytes);
-		fputs(", ", stderr), tr_str(m.meta);
+		fputs(", ", stderr), tr_str(m.meta), fputs(", ", stderr), tr_str(m.dedup);
 		if (want == OS_OK)
 			fprintf(stderr, ") -- ids[%zu]\n", nmsg);
 		else
-			fputs(") -- limit\n", stderr);
+			fputs(want == OS_DUP ? ") -- duplicate\n" : ") -- limit\n", stderr);
 	}
+	memset(&it, 0, sizeof it);
+	it.dedup = m.dedup;
 	it.id = 0;
 	it.ts = m.ts;
 	it.expire = m.expire;
@@ -558,54 +608,153 @@ static void op_batch(reader *r) {
 	flt.pending = pending, flt.pending_once = pending_once;
 }
 
-static void op_pop(reader *r) {
+/* A lease of m that lives at now and is not owner's (owner 0: anybody's). */
+static int model_held(const mmsg *m, int owner, int64_t now) {
+	return m->owner && m->lease_until > now && m->owner != owner;
+}
+
+/* pop (owner 0) and lease (owner: 1 + its index in OWNERS), as backend.h says: the model
+ * walks the user's messages in id order, then both backends must emit what it took and
+ * change what it changed (set aside: skipped; expired: deleted; under another's live lease:
+ * the walk stops; the owner's own live lease: skipped; else taken). */
+static void do_take(reader *r, int owner) {
 	int h = pick_host(r), u = pick_user(r, h), b;
-	int64_t now = pick_time(r), max = pick_max(r), expired = 0, returned = 0, expired_want = 0;
+	int64_t now = pick_time(r), until = owner ? pick_time(r) : 0, max = pick_max(r);
+	int64_t expired = 0, returned = 0, expired_want = 0, held_want = OS_NONE;
 	size_t abort_at = pick_abort(r), i, nvisit = 0, visit[MAX_OPS];
 	os_key k = key_of(h, u);
-	int jumped_want;
+	int jumped_want, stopped = 0;
 	if (trace) {
-		tr_key("pop", h, u), fputs(", ", stderr), tr_int(now), fputs(", ", stderr), tr_opt(max);
+		tr_key(owner ? "lease" : "pop", h, u);
+		if (owner)
+			fputs(", ", stderr), tr_str(OWNERS[owner - 1]);
+		fputs(", ", stderr), tr_int(now);
+		if (owner)
+			fputs(", ", stderr), tr_int(until);
+		fputs(", ", stderr), tr_opt(max);
 		fprintf(stderr, ")%s\n", abort_at ? " -- abandoned" : "");
 	}
 	cx.nwant = 0;
 	for (i = 0; i < nmsg && (max == OS_NONE || returned < max); i++) {
-		if (!of_key(&msgs[i], h, u) || os_is_set_aside(msgs[i].meta))
+		const mmsg *m = &msgs[i];
+		if (!of_key(m, h, u) || os_is_set_aside(m->meta))
 			continue;
-		visit[nvisit++] = i;
-		if (is_expired(&msgs[i], now)) {
+		if (is_expired(m, now)) {
+			visit[nvisit++] = i;
 			expired_want++;
 			continue;
 		}
+		if (owner && m->owner == owner && m->lease_until > now)
+			continue;
+		if (model_held(m, owner, now)) {
+			stopped = 1;
+			break;
+		}
+		visit[nvisit++] = i;
 		want_buf[cx.nwant++] = i;
 		returned++;
 	}
+	if (stopped && returned == 0)
+		for (; i < nmsg; i++)
+			if (of_key(&msgs[i], h, u) && model_held(&msgs[i], owner, now) &&
+			    !is_expired(&msgs[i], now) && (held_want == OS_NONE || msgs[i].lease_until > held_want))
+				held_want = msgs[i].lease_until;
 	jumped_want = abort_at && abort_at <= cx.nwant;
 	for (b = NB - 1; b >= 0; b--) {
 		volatile int rc = OS_FAIL;
+		int64_t held = -1;
 		cx.b = b;
+		cx.leases = 0;
 		cx.want = want_buf;
 		cx.seen = 0;
 		cx.abort_at = abort_at;
 		fault_arm(b);
 		if (setjmp(cx.jb) == 0) {
-			rc = stores[b].be->pop(&stores[b], &k, now, max, on_item, NULL, &expired);
+			if (owner)
+				rc = stores[b].be->lease(&stores[b], &k, OWNERS[owner - 1], now, until, max,
+				                         on_item, NULL, &held);
+			else
+				rc = stores[b].be->pop(&stores[b], &k, now, max, on_item, NULL, &expired, &held);
 			if (fault_failed(b, rc))
 				return;
 			if (jumped_want)
-				fail(b, "pop finished instead of being abandoned at item %zu", abort_at);
+				fail(b, "%s finished instead of being abandoned at item %zu", opname, abort_at);
 			check_rc(b, rc, OS_OK);
-			check_i64(b, "pop items", (int64_t)cx.seen, (int64_t)cx.nwant);
-			check_i64(b, "pop expired", expired, expired_want);
+			check_i64(b, "items", (int64_t)cx.seen, (int64_t)cx.nwant);
+			if (!owner)
+				check_i64(b, "pop expired", expired, expired_want);
+			check_i64(b, "held until", held, held_want);
 		} else {
 			fault_failed(b, OS_OK);
 			if (!jumped_want)
-				fail(b, "pop jumped out unexpectedly");
+				fail(b, "%s jumped out unexpectedly", opname);
 		}
 	}
 	if (!jumped_want)
-		for (i = 0; i < nvisit; i++)
-			msgs[visit[i]].alive = 0;
+		for (i = 0; i < nvisit; i++) {
+			mmsg *m = &msgs[visit[i]];
+			if (owner && !is_expired(m, now)) {
+				m->owner = owner;
+				m->lease_until = until;
+			} else {
+				m->alive = 0;
+			}
+		}
+}
+
+/* release (one user, one owner; all: prefix or every lease, every user) and renew. */
+static void do_relet(reader *r, int kind) {
+	int h = kind == 'r' ? pick_host(r) : 0, u = kind == 'r' ? pick_user(r, h) : 0;
+	int owner = pick_owner(r, kind == 'a'), b;
+	int64_t until = kind == 'n' ? pick_time(r) : 0, want = 0;
+	os_str who = owner >= 0 ? OWNERS[owner] : OWNERS[0];
+	os_key k = key_of(h, u);
+	size_t i;
+	if (trace) {
+		if (kind == 'r')
+			tr_key("release", h, u), fputs(", ", stderr), tr_str(who);
+		else
+			fputs(kind == 'a' ? "db:release_all(" : "db:renew(", stderr), tr_str(owner >= 0 ? who : OWNERS[0]);
+		if (kind == 'n')
+			fputs(", ", stderr), tr_int(until);
+		fputs(owner < 0 ? ") -- (no prefix: every lease)\n" : ")\n", stderr);
+	}
+	for (i = 0; i < nmsg; i++) {
+		const mmsg *m = &msgs[i];
+		if (!m->alive || !m->owner)
+			continue;
+		if (kind == 'r' ? of_key(m, h, u) && m->owner == owner + 1
+		                : owner < 0 || has_prefix(OWNERS[m->owner - 1], who))
+			want++;
+	}
+	for (b = NB - 1; b >= 0; b--) {
+		int64_t touched = -1;
+		os_store *s = &stores[b];
+		int rc;
+		fault_arm(b);
+		if (kind == 'r')
+			rc = s->be->release(s, &k, who, &touched);
+		else if (kind == 'a')
+			rc = s->be->release_all(s, owner >= 0 ? &who : NULL, &touched);
+		else
+			rc = s->be->renew(s, who, until, &touched);
+		if (fault_failed(b, rc))
+			return;
+		check_rc(b, rc, OS_OK);
+		check_i64(b, "leases touched", touched, want);
+	}
+	for (i = 0; i < nmsg; i++) {
+		mmsg *m = &msgs[i];
+		if (!m->alive || !m->owner)
+			continue;
+		if (kind == 'r' ? of_key(m, h, u) && m->owner == owner + 1
+		                : owner < 0 || has_prefix(OWNERS[m->owner - 1], who)) {
+			if (kind == 'n')
+				m->lease_until = until;
+			else
+				m->owner = 0;
+		}
+	}
 }
 
 static void do_count(int h, int u) {
@@ -655,6 +804,7 @@ static void do_list(int h, int u, long after, int64_t max, size_t abort_at) {
 		else
 			after_id = msgs[after].id[b];
 		cx.b = b;
+		cx.leases = 1;
 		cx.want = want_buf;
 		cx.seen = 0;
 		cx.abort_at = abort_at;
@@ -909,11 +1059,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 	opname = "open";
 	open_stores();
 	while (r.n > 0 && opno < MAX_OPS) {
-		unsigned op = u8(&r) % 14;
+		unsigned op = u8(&r) % 18;
 		opno++;
 		switch (op) {
 		case 0: case 1: case 2: opname = "store"; op_store(&r); break;
-		case 3: opname = "pop"; op_pop(&r); break;
+		case 3: opname = "pop"; do_take(&r, 0); break;
 		case 4: opname = "count"; op_count(&r); break;
 		case 5: opname = "list"; op_list(&r); break;
 		case 6: opname = "remove"; op_remove(&r); break;
@@ -923,6 +1073,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 		case 10: opname = "delete_older_than"; op_bulk(&r, 'o'); break;
 		case 11: opname = "users"; op_users(&r); break;
 		case 12: opname = "batch"; op_batch(&r); break;
+		case 14: opname = "lease"; do_take(&r, 1 + pick_owner(&r, 0)); break;
+		case 15: opname = "release"; do_relet(&r, 'r'); break;
+		case 16: opname = "release_all"; do_relet(&r, 'a'); break;
+		case 17: opname = "renew"; do_relet(&r, 'n'); break;
 		default:
 			opname = "fault";
 			fault_set(u8(&r), "the next sqlite call");

@@ -3,7 +3,10 @@
 -- Waits until START_AT (socket.gettime()), so that all workers start together, then runs MODE and
 -- writes one line per outcome to OUTFILE, ending with "done". Modes:
 --   store   n stores of "<tag>:<i>" to host/user (users=a,b,c rotates), limit max / max_bytes,
---           every expire_every-th message expiring at ts + 1; lines "ok ID XML", "limit COUNT"
+--           every expire_every-th message expiring at ts + 1, dedup key "<dedup>:<i>" when dedup
+--           is given; lines "ok ID XML", "limit COUNT", "dup COUNT"
+--   lease   as owner <tag>: lease up to 7 rows, confirm them, again, until the queue is empty;
+--           one line "leased ID,ID,..." per lease that returned rows
 --   pop     pops host/user until the file `stop` exists, then once more; "pop ID XML", "expired N"
 --   bulk    until `stop` exists: delete_expired(now), delete_older_than(cutoff), remove_user(victim);
 --           "touched N"
@@ -56,9 +59,10 @@ if mode == "store" then
 		local ts = T0 + i
 		local expire = every > 0 and i % every == 0 and ts + 1 or nil
 		local xml = (opt.tag or "w") .. ":" .. i
-		local c, id, cur = db:store(host, u, "sender@example.org", xml, ts, expire, num("max"), num("max_bytes"))
+		local c, id, cur = db:store(host, u, "sender@example.org", xml, ts, expire, num("max"), num("max_bytes"),
+			nil, opt.dedup and (opt.dedup .. ":" .. i))
 		if c then say("ok", id, xml, u)
-		elseif c == false then say("limit", cur)
+		elseif c == false then say(id == "duplicate" and "dup" or "limit", cur)
 		else fail(id, cur) end
 	end
 elseif mode == "pop" then
@@ -74,6 +78,20 @@ elseif mode == "pop" then
 		end
 		socket.sleep(0.003)
 	until last
+elseif mode == "lease" then
+	while true do
+		local items, held, c = db:lease(host, user, opt.tag, T0, T0 + 1000000000, 7)
+		if not items then fail(held, c); break end
+		if #items > 0 then
+			local ids = {}
+			for i, it in ipairs(items) do ids[i] = it.id end
+			say("leased", table.concat(ids, ","))
+			local n, e, c2 = db:confirm(host, user, ids)
+			if n ~= #ids then fail(e or ("confirmed " .. tostring(n)), c2) end
+		elseif not held then
+			break
+		end
+	end
 elseif mode == "bulk" then
 	local last = false
 	repeat
