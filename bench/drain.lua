@@ -32,6 +32,24 @@ local socket = require "socket"
 local MAIN_COMMIT = "5b1a21b"
 local PW = "pw"
 
+-- `lua5.4 bench/drain.lua --fill CORE FILE N`: writes the backlog (run as a child process, so
+-- that each run loads one core.so only: two builds in one process share a metatable name).
+if arg[1] == "--fill" then
+	local core = assert(package.loadlib(arg[2], "luaopen_offline_store_core"))("offline_store.core")
+	local n = tonumber(arg[4])
+	local db = assert(core.open_sqlite(arg[3]))
+	local t0 = (os.time() - 3600) * 1000000
+	assert(db:begin())
+	for i = 1, n do
+		assert(db:store("localhost", "bob", "alice@localhost/r",
+			("<message xmlns='jabber:client' from='alice@localhost/r' to='bob@localhost' type='chat' id='m%d'>"
+				.. "<body>message number %d, a short chat line</body></message>"):format(i, i), t0 + i))
+	end
+	assert(db:commit())
+	db:close()
+	os.exit(0)
+end
+
 local Ns, runs = { 1000, 100000 }, 1
 local only
 do
@@ -67,11 +85,6 @@ local function build_main()
 	sh(("cd '%s' && make -s build/offline_store/core.so >/dev/null"):format(MAIN))
 end
 
-local function open_core(path)
-	local open = assert(package.loadlib(path, "luaopen_offline_store_core"))
-	return open("offline_store.core")
-end
-
 local function cpu_seconds(pid)
 	local stat = assert(read_file("/proc/" .. pid .. "/stat"))
 	local fields = {}
@@ -93,7 +106,7 @@ local VARIANTS = {
 
 local function run_one(v, n)
 	local plugins = v.main and (MAIN .. "/lua") or (ROOT .. "/lua")
-	local core = open_core((v.main and MAIN or ROOT) .. "/build/offline_store/core.so")
+	local core_path = (v.main and MAIN or ROOT) .. "/build/offline_store/core.so"
 	local srv = server.start {
 		plugin_paths = { plugins },
 		users = { bob = PW },
@@ -104,16 +117,7 @@ local function run_one(v, n)
 	local ok, res = pcall(function()
 		-- the store file as the plugin creates it, then the backlog, server stopped
 		srv:stop()
-		local db = assert(core.open_sqlite(srv.dir .. "/data/offline.sqlite"))
-		local t0 = (os.time() - 3600) * 1000000
-		assert(db:begin())
-		for i = 1, n do
-			assert(db:store("localhost", "bob", "alice@localhost/r",
-				("<message xmlns='jabber:client' from='alice@localhost/r' to='bob@localhost' type='chat' id='m%d'>"
-					.. "<body>message number %d, a short chat line</body></message>"):format(i, i), t0 + i))
-		end
-		assert(db:commit())
-		db:close()
+		sh(("lua5.4 '%s/bench/drain.lua' --fill '%s' '%s' %d"):format(ROOT, core_path, srv.dir .. "/data/offline.sqlite", n))
 		srv:restart()
 		local pid = srv:pid()
 		local c = assert(xmpp.connect { port = srv.c2s_port, user = "bob", password = PW, resource = "r" })

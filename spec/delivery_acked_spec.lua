@@ -313,3 +313,59 @@ function TestAcked:test_7_origin_id_duplicates_stored_once()
 	lu.assertEquals(got, { "x1", "x3", "x4", "x5", "y1" })
 	a:close(); c:close()
 end
+
+---------------------------------------------------------------------------------------------------
+-- 8. PostgreSQL, two nodes: node A dies (SIGKILL) holding a lease; once the lease has expired
+-- node B delivers what A held, and nothing acked is delivered again.
+TestAckedTwoNodes = {}
+
+local LEASE = 10 -- offline_delivery_lease of these nodes (its minimum)
+
+function TestAckedTwoNodes.teardownClass()
+	for _, k in ipairs { "a", "b" } do
+		if TestAckedTwoNodes[k] then TestAckedTwoNodes[k]:cleanup(); TestAckedTwoNodes[k] = nil end
+	end
+end
+
+function TestAckedTwoNodes:test_8_dead_nodes_lease_expires_to_the_other_node()
+	local postgres = require "support.postgres"
+	local pg = postgres.require_server(lu)
+	local db = pg:fresh_database()
+	local function node(name)
+		return offline.start {
+			users = USERS,
+			modules_enabled = { "smacks" },
+			global = "smacks_hibernation_time = " .. HIBERNATE,
+			host = ('offline_backend = "postgres"\noffline_postgres = %q\noffline_node = %q\noffline_delivery_lease = %d\n'
+				.. 'access = { max_user_offline_messages = { { acl = "all", value = "infinity" } } }')
+				:format(("host=127.0.0.1 port=%d dbname=%s user=postgres sslmode=disable"):format(pg.port, db), name, LEASE),
+		}
+	end
+	local a, b = node("node-a"), node("node-b")
+	TestAckedTwoNodes.a, TestAckedTwoNodes.b = a, b
+	local alice = online(a, "alice")
+	for i = 1, 300 do alice:send(chat("b1@localhost", "m" .. i, tostring(i))) end
+	alice:ping()
+	alice:close()
+	local phone = sm_login(a, "b1", "phone")
+	local page = phone:read_messages(PAGE, 1)
+	lu.assertEquals(ids(page), range(1, PAGE))
+	phone:ack(page[40].sm_h)
+	phone:ping()
+	local killed_at = socket.gettime()
+	a:kill()
+	phone:drop()
+	local laptop = login(b, "b1", "laptop")
+	laptop:presence()
+	local early = ids(laptop:read_messages(300, 1))
+	lu.assertEquals(early, {}, "nothing behind node A's live lease")
+	local first = laptop:wait_for(function(e) return e.name == "message" end, LEASE + 60)
+	lu.assertNotNil(first, "node B delivers in the end")
+	local got = ids(laptop:read_messages(300, 3))
+	table.insert(got, 1, first.attr.id)
+	local waited = socket.gettime() - killed_at
+	lu.assertEquals(got, range(41, 300), "after the lease expired, node B delivers what A held and the rest")
+	lu.assertTrue(waited >= LEASE - 1, "not before the lease expired (" .. waited .. " s)")
+	laptop:close()
+	lu.assertEquals(#plain_drain(b, "b1", 0.5), 0, "nothing twice")
+end
