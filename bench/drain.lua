@@ -120,7 +120,7 @@ local function run_one(v, n)
 		sh(("lua5.4 '%s/bench/drain.lua' --fill '%s' '%s' %d"):format(ROOT, core_path, srv.dir .. "/data/offline.sqlite", n))
 		srv:restart()
 		local pid = srv:pid()
-		local c = assert(xmpp.connect { port = srv.c2s_port, user = "bob", password = PW, resource = "r" })
+		local c = assert(xmpp.connect { port = srv.c2s_port, user = "bob", password = PW, resource = "r", nodelay = true })
 		if v.sm then assert(c:enable_sm { auto_ack = true }) end
 		local count, last, ordered = 0, 0, true
 		c.sink = function(m)

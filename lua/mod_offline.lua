@@ -653,9 +653,16 @@ end)
 -- Leases do not outlive their holder: at start, every lease of this node and
 -- host is released (a crash or kill left them); a live node renews its own.
 local function release_at_start()
+	local reloaded = false
 	for _, session in pairs(prosody.full_sessions) do
-		if session.host == host and session.offline_drain then return end -- (a module reload: they are ours)
+		if session.host == host and session.offline_drain then
+			-- a module reload: the leases are live sessions'; their timers went with the old module
+			reloaded = true
+			session.offline_drain.scheduled = false
+			drainer:schedule(session)
+		end
 	end
+	if reloaded then return end
 	local batch = usable_batch()
 	if not batch then return end
 	local n, err = batch:idle():release_all(owner_prefix)

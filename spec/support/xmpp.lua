@@ -290,7 +290,7 @@ end
 local function is_features(el) return el.name == "features" and el.attr.xmlns == NS_STREAMS end
 
 -- opts: port (required), host ("localhost"), user, password, resource ("test"), address
--- ("127.0.0.1"), timeout (5); resume = { previd, h } (with auto_ack, ack_every as enable_sm)
+-- ("127.0.0.1"), timeout (5), nodelay (TCP_NODELAY, as most clients); resume = { previd, h } (with auto_ack, ack_every as enable_sm)
 -- resumes a XEP-0198 session instead of binding. Returns a bound client, or nil, err.
 function M.connect(opts)
 	assert(opts.user and opts.password, "connect: user and password required")
@@ -300,6 +300,7 @@ function M.connect(opts)
 	sock:settimeout(timeout)
 	local ok, err = sock:connect(opts.address or "127.0.0.1", assert(opts.port, "connect: port required"))
 	if not ok then sock:close(); return nil, "connect failed: " .. tostring(err) end
+	if opts.nodelay then sock:setoption("tcp-nodelay", true) end
 
 	local c = setmetatable({ sock = sock, host = host, user = opts.user, queue = {}, id_counter = 0 }, Client)
 	c.stream = xmppstream.new(c, callbacks)
