@@ -7,6 +7,7 @@
 local jid_bare = require "util.jid".bare
 local time_now = require "util.time".now
 local configmanager = require "core.configmanager"
+local st = require "util.stanza"
 
 local floor, type, tostring, pairs, ipairs = math.floor, type, tostring, pairs, ipairs
 local host = module.host
@@ -435,11 +436,21 @@ local function from_recipient(origin, username)
 end
 
 -- One store: through the batch, or (a re-queue) at once on the idle db.
-local function put(requeued, stanza, username, from, xml, ts, expire, limit)
+local function put(requeued, stanza, username, from, xml, ts, expire, limit, dedup)
 	local batch, err = usable_batch()
 	if not batch then return nil, err, 0 end
-	if requeued then return batch:idle():store(host, username, from, xml, ts, expire, limit) end
-	return batch:store(stanza, host, username, from, xml, ts, expire, limit)
+	if requeued then return batch:idle():store(host, username, from, xml, ts, expire, limit, nil, nil, dedup) end
+	return batch:store(stanza, host, username, from, xml, ts, expire, limit, nil, nil, dedup)
+end
+
+-- XEP-0359: a message with an origin-id is stored once per sender bare JID
+-- (clients resend after a reconnect without resumption).
+local NS_SID = "urn:xmpp:sid:0"
+local function dedup_of(stanza, from)
+	local origin_id = stanza:get_child("origin-id", NS_SID)
+	local id = origin_id and origin_id.attr.id
+	if type(id) ~= "string" or id == "" or from == "" then return nil end
+	return jid_bare(from) .. "\0" .. id
 end
 
 -- Runs for every message to an offline user. db:store takes the stanza and
@@ -453,12 +464,18 @@ local function store_message(origin, stanza, username)
 	local ts, expire = times(stanza, now_us(),
 		requeued and { [host] = true, [username .. "@" .. host] = true } or nil)
 	local from, limit = stanza.attr.from or "", limit_for(username)
+	local dedup = dedup_of(stanza, from)
 	local started = timed and time_now()
-	local count, why, current = put(requeued, stanza, username, from, stanza, ts, expire, limit)
+	local count, why, current = put(requeued, stanza, username, from, stanza, ts, expire, limit, dedup)
 	if count == false and why == "too deep" then
-		count, why, current = put(requeued, stanza, username, from, policy.stored_xml(stanza), ts, expire, limit)
+		count, why, current = put(requeued, stanza, username, from, policy.stored_xml(stanza), ts, expire, limit, dedup)
 	end
 	if started then m_write:sample(time_now() - started) end
+	if count == false and why == "duplicate" then
+		m_dropped:with_labels("duplicate"):add(1)
+		module:log("debug", "Not storing a message for %s@%s again (same origin-id from the same sender)", username, host)
+		return true
+	end
 	if count then
 		-- (a batched store is counted, and logged, when its batch commits)
 		if requeued or b.unbatched then
@@ -496,12 +513,19 @@ local function offer(origin, stanza, username)
 	return true
 end
 
+local drainer -- (Delivery, below)
+
 module:hook("message/offline/handle", function(event)
 	local stanza = event.stanza
 	if not stanza then return nil end
 	local username = event.username or policy.recipient(event)
 	if not username then return nil end
-	return offer(event.origin, stanza, username)
+	local origin = event.origin
+	-- a row leased to the recipient's own session, re-fired by some module: the lease keeps it
+	if origin and origin.offline_drain and from_recipient(origin, username) and drainer:failure(origin, stanza) then
+		return true
+	end
+	return offer(origin, stanza, username)
 end, -1)
 
 -- Groupchat to a bare JID reaches us here, not through message/offline/handle.
@@ -541,44 +565,124 @@ local function set_aside(username, item, why)
 	end
 end
 
--- One row, isolated: a row that cannot be turned into a stanza, or whose
--- sending raises, never stops the rows after it (run under pcall).
-local function deliver_one(origin, item)
-	local stanza, err = policy.delivery(item, host)
-	if not stanza then return false, err end
-	origin.send(stanza)
-	return true
+-- The user's queue goes to a session that comes online a page at a time
+-- (offline_store.drain): with XEP-0198 each page is leased and its rows deleted
+-- when the client acks them; without it, popped and written. What is here is
+-- the wiring to Prosody's events.
+local drain = require "offline_store.drain"
+
+-- The lease owners of this host start with this: its node, then the host.
+local owner_prefix = settings.node .. " " .. host .. " "
+
+-- A page above half of mod_smacks' queue could make its queue overflow
+-- (with live traffic on top), which loses resumption.
+local function page_size(s)
+	local smacks_queue = module:get_option_number("smacks_max_queue_size", 500)
+	local limit = math.max(1, smacks_queue // 2)
+	if s.page > limit then
+		module:log("warn", "offline_delivery_page = %d is more than half of smacks_max_queue_size (%d); using %d",
+			s.page, smacks_queue, limit)
+		return limit
+	end
+	return s.page
 end
 
+drainer = drain.new {
+	host = host,
+	page = page_size(settings),
+	lease = settings.lease,
+	owner_prefix = owner_prefix,
+	delay_text = policy.DELAY_TEXT,
+	now_us = now_us,
+	db = function()
+		local batch, err = usable_batch()
+		if not batch then return nil, err end
+		return batch:idle()
+	end,
+	deliver = function(item) return policy.delivery(item, host) end,
+	set_aside = function(username, item, why) return set_aside(username, item, why) end,
+	later = function(secs, fn) module:add_timer(secs, fn) end,
+	request_ack = function(session)
+		session.send(st.stanza("r", { xmlns = session.smacks }))
+	end,
+	log = function(...) module:log(...) end,
+	delivered = function(n) m_delivered:add(n) end,
+	failed = function(operation) m_failed:with_labels(operation):add(1) end,
+}
+
 module:hook("message/offline/broadcast", function(event)
-	local origin = event.origin
-	local username = origin.username
 	local started = timed and time_now()
-	local batch, err = usable_batch()
-	local items, code = nil, 0
-	if batch then items, err, code = batch:idle():pop(host, username, now_us()) end
+	drainer:start(event.origin)
 	if started then m_pop:sample(time_now() - started) end
-	if not items then
-		m_failed:with_labels("pop"):add(1)
-		module:log("error", "Reading offline messages of %s@%s failed: %s (code %s); they stay stored",
-			username, host, err, tostring(code))
-		return true
-	end
-	local sent = 0
-	for _, item in ipairs(items) do
-		local ok, delivered, why = pcall(deliver_one, origin, item)
-		if ok and delivered then
-			sent = sent + 1
-		else
-			set_aside(username, item, ok and why or delivered)
-		end
-	end
-	if sent > 0 then
-		m_delivered:add(sent)
-		module:log("debug", "Delivered %d offline messages to %s", sent, origin.full_jid or username)
-	end
 	return true
 end, -1)
+
+-- mod_smacks handles <a/> itself and stops the event there; a wrapper sees its
+-- queue right after it did.
+local function after_ack(handlers, event_name, event_data)
+	local ret = handlers(event_name, event_data)
+	local session = event_data.origin
+	if session and session.offline_drain then drainer:acked(session) end
+	return ret
+end
+module:wrap_event("stanza/urn:xmpp:sm:3:a", after_ack)
+module:wrap_event("stanza/urn:xmpp:sm:2:a", after_ack)
+
+module:hook("smacks-hibernation-end", function(event)
+	local session = event.resumed
+	if session and session.offline_drain then drainer:resumed(session) end
+end)
+
+-- mod_smacks gives back the unacked stanzas of a session that ends; ours are
+-- still stored (leased), and the release below queues them again as they were.
+module:hook("delivery/failure", function(event)
+	local session = event.session
+	if session and session.offline_drain and drainer:failure(session, event.stanza) then return true end
+end, 1)
+
+module:hook("resource-unbind", function(event)
+	local session = event.session
+	if session and session.offline_drain then drainer:unbind(session) end
+end)
+
+module:hook("c2s-ondrain", function(event)
+	local session = event.session
+	if session and session.offline_drain then drainer:ondrain(session) end
+end)
+
+-- Leases do not outlive their holder: at start, every lease of this node and
+-- host is released (a crash or kill left them); a live node renews its own.
+local function release_at_start()
+	local reloaded = false
+	for _, session in pairs(prosody.full_sessions) do
+		if session.host == host and session.offline_drain then
+			-- a module reload: the leases are live sessions'; their timers went with the old module
+			reloaded = true
+			session.offline_drain.scheduled = false
+			drainer:schedule(session)
+		end
+	end
+	if reloaded then return end
+	local batch = usable_batch()
+	if not batch then return end
+	local n, err = batch:idle():release_all(owner_prefix)
+	if n and n > 0 then
+		module:log("info", "Released %d offline messages leased before the restart; they are queued again", n)
+	elseif not n then
+		module:log("error", "Releasing the offline messages leased before the restart failed: %s", tostring(err))
+	end
+end
+
+local function renew()
+	local batch = usable_batch()
+	if batch then
+		local n, err = batch:idle():renew(owner_prefix, now_us() + settings.lease * 1000000)
+		if not n then module:log("error", "Renewing offline message leases failed: %s", tostring(err)) end
+	end
+	return settings.lease / 3
+end
+module:add_timer(0, release_at_start) -- (from the loop: see adopt_unparsable)
+module:add_timer(settings.lease / 3, renew)
 
 --- Removal with the account, and the periodic sweep (expired messages, and
 --- queues of accounts deleted behind the server's back, e.g. 0.12's
@@ -630,7 +734,12 @@ module:hook_global("config-reloaded", function()
 			.. " (prosodyctl shell module reload offline %s)", table.concat(changed, ", "), host)
 		s.store = settings.store
 	end
+	if s.node ~= settings.node then
+		module:log("warn", "Config reload: offline_node changed; it takes effect when the module is reloaded")
+		s.node = settings.node
+	end
 	store_groupchat, limit_uncached = s.groupchat, limit
+	drainer.page, drainer.lease_us = page_size(s), s.lease * 1000000
 	limits_seen:clear()
 	if s.sweep ~= settings.sweep then schedule_sweep(s.sweep) end
 	settings = s

@@ -27,6 +27,21 @@ function TestOptions:test_read_defaults_and_errors()
 	lu.assertStrContains(err, "offline_sqlite_busy_timeout must be a whole number")
 end
 
+function TestOptions:test_delivery_options()
+	local s = assert(options.read(getter {}, "/d"))
+	lu.assertEquals({ s.page, s.lease }, { 100, 300 })
+	lu.assertEquals(s.node, options.machine_name())
+	lu.assertStrMatches(s.node, "[%w%.%-_:@]+")
+	s = assert(options.read(getter { offline_delivery_page = 20, offline_delivery_lease = 60, offline_node = "a-1" }, "/d"))
+	lu.assertEquals({ s.page, s.lease, s.node }, { 20, 60, "a-1" })
+	for name, bad in pairs { offline_delivery_page = 0, offline_delivery_lease = 5, offline_node = "a b" } do
+		local _, err = options.read(getter { [name] = bad }, "/d")
+		lu.assertStrContains(err, name .. " must be")
+	end
+	local _, err = options.read(getter { offline_delivery_page = 2.5 }, "/d")
+	lu.assertStrContains(err, "offline_delivery_page must be a whole number from 1 to 100000 (got 2.5)")
+end
+
 function TestOptions:test_unknown_names_with_suggestions()
 	lu.assertEquals(options.unknown(
 		{ offline_store_groupchat_message = true, offline_backend = "memory", access = {}, other_option = 1 },

@@ -12,7 +12,7 @@
 -- before_write runs before this batch takes the database for anything (begin,
 -- or any call through idle/guarded): the caller commits other batches there that
 -- may hold the same file's write lock (several hosts on one sqlite file).
---   b:store(token, <db:store arguments>)  -> what db:store returns (up to meta)
+--   b:store(token, <db:store arguments>)  -> what db:store returns (up to dedup)
 --   b:flush()                              -> true | nil, err, code
 --   b:idle()                               -> the db, after a flush (for every other call)
 --
@@ -53,7 +53,7 @@ end
 
 -- (The arguments are spelled out rather than passed as `...`: this runs for
 -- every message stored, and a vararg call costs a copy of the frame.)
-function methods:store(token, h, user, from, xml, ts, expire, max_count, max_bytes, meta)
+function methods:store(token, h, user, from, xml, ts, expire, max_count, max_bytes, meta, dedup)
 	local db = self.db
 	if not self.open and not self.unbatched then
 		self.before_write()
@@ -66,7 +66,7 @@ function methods:store(token, h, user, from, xml, ts, expire, max_count, max_byt
 			self.unbatched = true
 		end
 	end
-	local count, why, current = db:store(h, user, from, xml, ts, expire, max_count, max_bytes, meta)
+	local count, why, current = db:store(h, user, from, xml, ts, expire, max_count, max_bytes, meta, dedup)
 	if not self.open then return count, why, current end
 	if count then
 		local n = self.n + 1

@@ -17,6 +17,7 @@ M.KNOWN = {
 	offline_access_max_user_messages = true, offline_expiry_sweep = true,
 	offline_sqlite_file = true, offline_sqlite_synchronous = true, offline_sqlite_busy_timeout = true,
 	offline_postgres = true, offline_library_path = true,
+	offline_delivery_page = true, offline_delivery_lease = true, offline_node = true,
 }
 
 local SWEEPS = { hourly = true, daily = true, weekly = true }
@@ -54,6 +55,20 @@ function M.read(get, data_path)
 		'"hourly", "daily", "weekly" or false')
 	if not ok then return nil, err end
 
+	s.page = opt("offline_delivery_page", 100)
+	ok, err = want("offline_delivery_page", math.type(s.page) == "integer" and s.page >= 1 and s.page <= 100000, s.page,
+		"a whole number from 1 to 100000")
+	if not ok then return nil, err end
+	s.lease = opt("offline_delivery_lease", 300)
+	ok, err = want("offline_delivery_lease", type(s.lease) == "number" and s.lease >= 10 and s.lease <= 86400, s.lease,
+		"a number of seconds from 10 to 86400")
+	if not ok then return nil, err end
+	s.node = opt("offline_node", nil)
+	ok, err = want("offline_node", s.node == nil or (type(s.node) == "string" and s.node:match("^[%w%.%-_:@]+$")), s.node,
+		"a name of letters, digits and . - _ : @")
+	if not ok then return nil, err end
+	s.node = s.node or M.machine_name()
+
 	local backend, berr = offline_store.resolve_backend(backend_option, get("offline_postgres") ~= nil)
 	if not backend then return nil, "offline_backend: " .. berr end
 	s.store = { backend = backend }
@@ -73,6 +88,16 @@ function M.read(get, data_path)
 		return nil, (cerr:gsub("^([%w_]+)", function(field) return FIELD_OPTION[field] or field end))
 	end
 	return s
+end
+
+-- offline_node's default: this machine's name (stable across restarts, so that
+-- a restarted node releases its own leases at once).
+function M.machine_name()
+	local f = io.open("/proc/sys/kernel/hostname") or io.open("/etc/hostname")
+	local name = f and f:read("l")
+	if f then f:close() end
+	name = name and name:match("^[%w%.%-_:@]+$")
+	return name or "node"
 end
 
 -- The options (sorted names) whose change between two settings' stores needs the

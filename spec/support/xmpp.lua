@@ -55,9 +55,16 @@ end
 function callbacks.handlestanza(client, el)
 	if client.sm_enabled and is_stanza(el) then
 		client.sm_h = client.sm_h + 1
+		el.sm_h = client.sm_h -- (the h that acks up to this stanza)
+		local every = client.sm_ack_every
+		if every and client.sm_h % every == 0 then client:ack() end
 	end
 	if client.sm_auto_ack and el.name == "r" and el.attr.xmlns == NS_SM then
 		client:ack()
+		return
+	end
+	if client.sink and el.name == "message" and el.attr.xmlns == nil then
+		client.sink(el) -- (long backlogs: counted by the spec, not kept)
 		return
 	end
 	insert(client.queue, el)
@@ -187,8 +194,9 @@ function Client:ping(timeout)
 end
 
 -- XEP-0198: enable stream management (resume='true'). Counts inbound stanzas in c.sm_h from here
--- on; <r/> requests are queued for the test to see unless opts.auto_ack. Returns <enabled/> or
--- nil, err.
+-- on; <r/> requests are queued for the test to see unless opts.auto_ack (answer each at once);
+-- opts.ack_every = N also sends <a/> after every N stanzas received (slixmpp-style). A client
+-- with neither withholds its acks. Returns <enabled/> or nil, err.
 function Client:enable_sm(opts)
 	opts = opts or {}
 	self.sm_enabled, self.sm_h = true, 0
@@ -203,12 +211,41 @@ function Client:enable_sm(opts)
 	end
 	self.sm_id = el.attr.id
 	self.sm_auto_ack = opts.auto_ack or false
+	self.sm_ack_every = opts.ack_every
 	return el
 end
 
--- XEP-0198: acknowledge everything received so far (<a h='sm_h'/>).
-function Client:ack()
-	return self:send(st.stanza("a", { xmlns = NS_SM, h = tostring(self.sm_h or 0) }))
+-- Messages received: up to `n` of them (removed from the queue; other elements stay), waiting
+-- until none has arrived for `quiet` seconds (default 1) or `timeout` in all (default 30).
+function Client:read_messages(n, quiet, timeout)
+	local out = {}
+	local deadline = gettime() + (timeout or 30)
+	local last = gettime()
+	local more = true
+	while #out < n do
+		local i = 1
+		while i <= #self.queue and #out < n do
+			local el = self.queue[i]
+			if el.name == "message" and el.attr.xmlns == nil then
+				out[#out + 1] = remove(self.queue, i)
+				last = gettime()
+			else
+				i = i + 1
+			end
+		end
+		if #out >= n or not more then break end
+		local now = gettime()
+		local left = math.min(deadline - now, last + (quiet or 1) - now)
+		if left <= 0 then break end
+		more = self:_pump(left) -- (false once closed: what it queued is still taken above)
+	end
+	return out
+end
+
+-- XEP-0198: acknowledge everything received so far (<a h='sm_h'/>), or up to `h` (a received
+-- stanza's el.sm_h acks it and what came before it).
+function Client:ack(h)
+	return self:send(st.stanza("a", { xmlns = NS_SM, h = tostring(h or self.sm_h or 0) }))
 end
 
 -- XEP-0198: ask the server for an ack (<r/>); the <a/> shows up in receive().
@@ -253,7 +290,8 @@ end
 local function is_features(el) return el.name == "features" and el.attr.xmlns == NS_STREAMS end
 
 -- opts: port (required), host ("localhost"), user, password, resource ("test"), address
--- ("127.0.0.1"), timeout (5). Returns a bound client, or nil, err.
+-- ("127.0.0.1"), timeout (5), nodelay (TCP_NODELAY, as most clients); resume = { previd, h } (with auto_ack, ack_every as enable_sm)
+-- resumes a XEP-0198 session instead of binding. Returns a bound client, or nil, err.
 function M.connect(opts)
 	assert(opts.user and opts.password, "connect: user and password required")
 	local timeout = opts.timeout or DEFAULT_TIMEOUT
@@ -262,6 +300,7 @@ function M.connect(opts)
 	sock:settimeout(timeout)
 	local ok, err = sock:connect(opts.address or "127.0.0.1", assert(opts.port, "connect: port required"))
 	if not ok then sock:close(); return nil, "connect failed: " .. tostring(err) end
+	if opts.nodelay then sock:setoption("tcp-nodelay", true) end
 
 	local c = setmetatable({ sock = sock, host = host, user = opts.user, queue = {}, id_counter = 0 }, Client)
 	c.stream = xmppstream.new(c, callbacks)
@@ -280,10 +319,23 @@ function M.connect(opts)
 		return fail(c, "auth failed: " .. tostring(res.tags[1] and res.tags[1].name))
 	end
 
-	-- Stream 2: resource binding.
+	-- Stream 2: resource binding, or XEP-0198 resumption of opts.resume = { previd =, h = }.
 	c:_open_stream()
 	features, ferr = c:wait_for(is_features, timeout)
 	if not features then return fail(c, "no stream features after auth: " .. tostring(ferr)) end
+	if opts.resume then
+		c:send(st.stanza("resume", { xmlns = NS_SM, previd = opts.resume.previd, h = tostring(opts.resume.h) }))
+		local r, rerr = c:wait_for(function (el)
+			return el.attr.xmlns == NS_SM and (el.name == "resumed" or el.name == "failed")
+		end, timeout)
+		if not r then return fail(c, "no resume reply: " .. tostring(rerr)) end
+		if r.name == "failed" then return fail(c, "resume failed: " .. tostring(r)) end
+		-- the inbound count goes on from what we said we had handled
+		c.sm_enabled, c.sm_h, c.sm_id, c.resumed = true, opts.resume.h, opts.resume.previd, r
+		c.sm_auto_ack, c.sm_ack_every = opts.auto_ack or false, opts.ack_every
+		c.features = features
+		return c
+	end
 	local id = c:_next_id("bind")
 	c:send(st.iq({ type = "set", id = id })
 		:tag("bind", { xmlns = NS_BIND }):text_tag("resource", opts.resource or "test"))
