@@ -91,7 +91,8 @@ $(P13)/.ok:
 	@mkdir -p $(P13)/apt/lists/partial $(P13)/apt/cache/archives/partial
 	@set -e; cd $(P13); \
 	if ! ls prosody_*.deb >/dev/null 2>&1; then \
-	  mirror=$$(apt-get indextargets --format '$$(REPO_URI)' 'Release: bookworm' 'Created-By: Packages' | head -n 1); \
+	  mirror=$$(apt-get -o Dir::State::Lists=$(CURDIR)/$(P13)/apt/lists update --print-uris \
+	    | sed -n "s|^'\(.*\)/dists/bookworm/InRelease'.*|\1|p" | head -n 1); \
 	  [ -n "$$mirror" ] || { echo "no bookworm mirror in the system's apt sources" >&2; exit 1; }; \
 	  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $$mirror bookworm-backports main" >apt/sources.list; \
 	  $(P13_APT) update -qq; \
@@ -133,19 +134,19 @@ test-prosody: $(CORE) $(FAULT)
 	  *) echo "PROSODY=$(PROSODY): say 0.12, 13 or both" >&2; exit 2;; esac; \
 	for v in $$want; do \
 	  case "$$sys" in \
-	  "$$v"|"$$v".*) \
-	    echo "== server specs against the system's Prosody $$sys"; \
-	    $(LUA) spec/run.lua $(SERVER_SPECS) || rc=1;; \
+	  "$$v"|"$$v".*) vars=; what="the system's Prosody $$sys";; \
 	  *) if [ "$$v" = 13 ]; then \
-	      $(MAKE) --no-print-directory prosody13 || exit 1; \
-	      echo "== server specs against Prosody $$(cat $(P13)/root/usr/lib/prosody/prosody.version) ($(P13))"; \
-	      $(P13_ENV) $(LUA) spec/run.lua $(SERVER_SPECS) || rc=1; \
+	      $(MAKE) -s --no-print-directory prosody13 || exit 1; \
+	      vars="$(P13_ENV)"; what="Prosody $$(cat $(P13)/root/usr/lib/prosody/prosody.version) ($(P13))"; \
 	    elif [ "$(PROSODY)" = both ]; then \
-	      echo "== the system's Prosody is $${sys:-missing}: no Prosody $$v to test"; \
+	      echo "== the system's Prosody is $${sys:-missing}: no Prosody $$v to test"; continue; \
 	    else \
-	      echo "PROSODY=$$v: the system's Prosody is $${sys:-missing}" >&2; rc=1; \
+	      echo "PROSODY=$$v: the system's Prosody is $${sys:-missing}" >&2; rc=1; continue; \
 	    fi;; \
 	  esac; \
+	  echo "== server specs against $$what"; t=$$(date +%s); \
+	  env $$vars $(LUA) spec/run.lua $(SERVER_SPECS) || rc=1; \
+	  echo "== server specs against $$what: $$(( $$(date +%s) - t )) s"; \
 	done; exit $$rc
 
 # The core specs under AddressSanitizer + UBSan (the Lua interpreter is not
