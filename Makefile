@@ -30,9 +30,26 @@ ASAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sa
 DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks pkg-config prosody gcc make postgresql libpq-dev \
        clang libclang-rt-14-dev
 
-SPECS ?= spec/*_spec.lua
+SPECS ?= $(wildcard spec/*_spec.lua)
+# The specs that start a Prosody run once per Prosody version; the others once.
+SERVER_SPECS = $(shell grep -l -e 'support\.prosody' -e 'support\.offline' $(SPECS) /dev/null)
+UNIT_SPECS   = $(filter-out $(SERVER_SPECS),$(SPECS))
 
-.PHONY: all deps test test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml bench-batch bench-hash bench-drain
+# Which Prosody the server specs run against: 0.12 (the system's), 13, or both.
+PROSODY ?= both
+# Prosody 13 next to the system's 0.12: the bookworm-backports .deb, unpacked (not installed) under
+# build/prosody13 with a private apt state; the system's apt sources and packages stay as they are.
+P13          = build/prosody13
+P13_PACKAGE ?= prosody/bookworm-backports
+P13_APT      = apt-get -q -o Dir::Etc::SourceList=$(CURDIR)/$(P13)/apt/sources.list \
+               -o Dir::Etc::SourceParts=/dev/null -o Dir::State::Lists=$(CURDIR)/$(P13)/apt/lists \
+               -o Dir::Cache=$(CURDIR)/$(P13)/apt/cache -o APT::Sandbox::User=$$(id -un)
+P13_ENV      = PROSODY_BIN=$(CURDIR)/$(P13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)/$(P13)/bin/prosodyctl \
+               PROSODY_LIB=$(CURDIR)/$(P13)/root/usr/lib/prosody
+# The system's Prosody version ("0.12.3"), empty when there is none.
+SYSTEM_PROSODY = prosodyctl about 2>/dev/null | sed -n 's/^Prosody \([0-9][0-9.]*\).*/\1/p' | head -n 1
+
+.PHONY: all deps test test-prosody prosody13 deps-prosody13 test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml bench-batch bench-hash bench-drain
 
 all: $(CORE)
 
@@ -55,6 +72,45 @@ deps:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+	@$(MAKE) --no-print-directory deps-prosody13
+
+# What the unpacked Prosody 13 depends on (Debian 12's own Lua libraries), when it is there.
+deps-prosody13:
+	@[ -f $(P13)/DEPENDS ] || exit 0; d="$$(cat $(P13)/DEPENDS)"; \
+	out=$$(apt-get satisfy -s --no-install-recommends "$$d" 2>&1) && ! printf '%s\n' "$$out" | grep -q '^Inst' && exit 0; \
+	echo "installing what Prosody 13 depends on: $$d"; \
+	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get satisfy -y -qq --no-install-recommends "$$d" >/dev/null
+
+# Fetches and unpacks Prosody 13 once (no network when it is there). The mirror is the one the
+# system's own sources use for its Debian release; launchers in $(P13)/bin point at the tree.
+prosody13: $(P13)/.ok
+
+$(P13)/.ok:
+	@mkdir -p $(P13)/apt/lists/partial $(P13)/apt/cache/archives/partial
+	@set -e; cd $(P13); \
+	if ! ls prosody_*.deb >/dev/null 2>&1; then \
+	  mirror=$$(apt-get -o Dir::State::Lists=$(CURDIR)/$(P13)/apt/lists update --print-uris \
+	    | sed -n "s|^'\(.*\)/dists/bookworm/InRelease'.*|\1|p" | head -n 1); \
+	  [ -n "$$mirror" ] || { echo "no bookworm mirror in the system's apt sources" >&2; exit 1; }; \
+	  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $$mirror bookworm-backports main" >apt/sources.list; \
+	  $(P13_APT) update -qq; \
+	  $(P13_APT) download $(P13_PACKAGE); \
+	fi; \
+	rm -rf root bin; dpkg-deb -x prosody_*.deb root; mkdir -p root/etc/prosody/conf.d; \
+	dpkg-deb -f prosody_*.deb Depends >DEPENDS; \
+	mkdir bin; for b in prosody prosodyctl; do \
+	  sed -e "s|^CFG_SOURCEDIR=.*|CFG_SOURCEDIR='$(CURDIR)/$(P13)/root/usr/lib/prosody';|" \
+	      -e "s|^CFG_CONFIGDIR=.*|CFG_CONFIGDIR='$(CURDIR)/$(P13)/root/etc/prosody';|" \
+	      -e "s|^CFG_PLUGINDIR=.*|CFG_PLUGINDIR='$(CURDIR)/$(P13)/root/usr/lib/prosody/modules/';|" \
+	      -e "s|^CFG_DATADIR=.*|CFG_DATADIR='$(CURDIR)/$(P13)/root/var/lib/prosody';|" root/usr/bin/$$b >bin/$$b; \
+	  chmod 0755 bin/$$b; \
+	done; \
+	grep -q "^CFG_SOURCEDIR='$(CURDIR)" bin/prosody; \
+	echo "unpacked Prosody $$(cat root/usr/lib/prosody/prosody.version) in $(P13)"
+	@$(MAKE) --no-print-directory deps-prosody13
+	@touch $@
 
 # Test-only fault injection (spec/reliability_spec.lua): writes under a directory fail on demand.
 FAULT = build/fault.so
@@ -62,11 +118,36 @@ $(FAULT): spec/support/fault.c
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) -O2 -fPIC -shared -o $@ $< -ldl
 
-# Every spec against the normal build, then against the sanitizer build.
+# Every spec against the normal build (the server specs against each Prosody PROSODY names), then
+# the core specs against the sanitizer build.
 test: deps $(CORE) $(FAULT)
-	$(LUA) spec/run.lua $(SPECS)
+	$(if $(UNIT_SPECS),$(LUA) spec/run.lua $(UNIT_SPECS))
+	@$(MAKE) --no-print-directory test-prosody
 	$(MAKE) --no-print-directory test-asan
 	$(MAKE) --no-print-directory fuzz
+
+# The server specs against the system's Prosody when it is the version asked for, else (13) the
+# unpacked one. A system Prosody 13 is tested as 13; PROSODY=both then has no 0.12 to test.
+test-prosody: $(CORE) $(FAULT)
+	@sys=$$($(SYSTEM_PROSODY)); rc=0; \
+	case "$(PROSODY)" in both) want="0.12 13";; 0.12|13) want="$(PROSODY)";; \
+	  *) echo "PROSODY=$(PROSODY): say 0.12, 13 or both" >&2; exit 2;; esac; \
+	for v in $$want; do \
+	  case "$$sys" in \
+	  "$$v"|"$$v".*) vars=; what="the system's Prosody $$sys";; \
+	  *) if [ "$$v" = 13 ]; then \
+	      $(MAKE) -s --no-print-directory prosody13 || exit 1; \
+	      vars="$(P13_ENV)"; what="Prosody $$(cat $(P13)/root/usr/lib/prosody/prosody.version) ($(P13))"; \
+	    elif [ "$(PROSODY)" = both ]; then \
+	      echo "== the system's Prosody is $${sys:-missing}: no Prosody $$v to test"; continue; \
+	    else \
+	      echo "PROSODY=$$v: the system's Prosody is $${sys:-missing}" >&2; rc=1; continue; \
+	    fi;; \
+	  esac; \
+	  echo "== server specs against $$what"; t=$$(date +%s); \
+	  env $$vars $(LUA) spec/run.lua $(SERVER_SPECS) || rc=1; \
+	  echo "== server specs against $$what: $$(( $$(date +%s) - t )) s"; \
+	done; exit $$rc
 
 # The core specs under AddressSanitizer + UBSan (the Lua interpreter is not
 # instrumented, so the runtime is preloaded; leak checks cover the core).

@@ -186,8 +186,9 @@ local function offer(a, id, body)
 	return offline.error_of(back[1]).condition, back[1]
 end
 
+-- The live server's count, through the shell's Lua form, which 0.12 and 13 both run.
 local function shell_count(srv, jid)
-	local ok, out = srv:prosodyctl("shell", "offline", "count", jid)
+	local ok, out = srv:prosodyctl("shell", ("offline:count(%q)"):format(jid))
 	assert(ok, out)
 	return tonumber(out:match("has (%d+) offline messages"))
 end

@@ -1,4 +1,5 @@
--- Test support: start and stop a real, throwaway Prosody 0.12 on loopback for integration specs.
+-- Test support: start and stop a real, throwaway Prosody on loopback for integration specs: the
+-- system's, or the one PROSODY_BIN, PROSODYCTL_BIN and PROSODY_LIB name (the Makefile's PROSODY=13).
 -- Each server gets a fresh temp dir (config, data, certs, plugins, logs) and free ports; plaintext
 -- SASL PLAIN, no TLS, no s2s. Servers still running at exit are stopped (see "Safety net" below).
 -- Usage: local srv = require("support.prosody").start{ users = { alice = "pw" } } ... srv:cleanup()
@@ -51,6 +52,16 @@ local function read_file(path)
 	return s
 end
 
+-- The bytes of path from offset on, or "".
+local function read_from(path, offset)
+	local f = open(path, "rb")
+	if not f then return "" end
+	f:seek("set", offset)
+	local s = f:read("a") or ""
+	f:close()
+	return s
+end
+
 local function write_file(path, data)
 	local f = assert(open(path, "wb"))
 	assert(f:write(data))
@@ -58,6 +69,20 @@ local function write_file(path, data)
 end
 
 local free_port = require "support.util".free_port
+
+-- The version of the Prosody the specs run against ("0.12.3", "13.0.1"), and its branch ("0.12",
+-- "13"), for specs whose server-side behaviour differs between versions.
+M.version = (read_file((getenv("PROSODY_LIB") or "/usr/lib/prosody") .. "/prosody.version") or "")
+	:match("^%s*(%S+)")
+if not M.version then
+	local f = assert(popen(q(PROSODYCTL) .. " about 2>/dev/null", "r"))
+	M.version = f:read("a"):match("Prosody (%S+)") or "unknown"
+	f:close()
+end
+M.branch = M.version:match("^0%.%d+") or M.version:match("^%d+") or M.version
+-- Prosody 13 daemonizes and writes its pidfile before loading its hosts, and opens c2s before all
+-- of them are activated: it is up once it logs this. 0.12 forks only once started.
+local STARTED_LINE = M.branch ~= "0.12" and "Startup complete" or nil
 
 local function port_open(port)
 	local c = socket.tcp()
@@ -207,12 +232,15 @@ function Server:prosodyctl(...)
 	return sh_capture(concat(args, " "))
 end
 
--- Launch the daemon and wait until it is ready. `prosody -D` returns once mod_posix has forked in
--- "server-started" (listeners are up), but the daemon writes the pidfile only after the fork, so
--- wait for both an owned PID in the pidfile and the c2s port accepting connections.
+-- Launch the daemon and wait until it is ready. On 0.12 `prosody -D` returns once mod_posix has
+-- forked in "server-started" (listeners are up), but the daemon writes the pidfile only after the
+-- fork, so wait for both an owned PID in the pidfile and the c2s port accepting connections; on 13
+-- also for STARTED_LINE in the log written by this launch.
 function Server:_launch()
 	if self:running() then error("prosody already running in " .. self.dir, 2) end
 	local console = self.dir .. "/console.log"
+	local log_path = self.dir .. "/prosody.log"
+	local log_from = #(read_file(log_path) or "")
 	local cmd = format("%s%s -D --config %s >>%s 2>&1 </dev/null",
 		env_prefix(self.env), q(PROSODY), q(self.config), q(console))
 	self._pid = nil
@@ -223,13 +251,15 @@ function Server:_launch()
 		repeat
 			self._pid = self:_owned_pid()
 			ready = self._pid ~= nil and port_open(self.c2s_port)
+				and (not STARTED_LINE or read_from(log_path, log_from):find(STARTED_LINE, 1, true) ~= nil)
 			if not ready then sleep(0.05) end
 		until ready or gettime() > deadline
 	end
 	if not ready then
 		local why = not launched and "`prosody -D` failed"
 			or not self._pid and format("no live PID in pidfile after %ds", START_TIMEOUT)
-			or format("c2s port %d not accepting after %ds", self.c2s_port, START_TIMEOUT)
+			or not port_open(self.c2s_port) and format("c2s port %d not accepting after %ds", self.c2s_port, START_TIMEOUT)
+			or format("no %q in the log after %ds", STARTED_LINE, START_TIMEOUT)
 		self:kill() -- in case it half-started
 		error(format("prosody failed to start in %s (%s; KEEP_PROSODY_DIR=1 keeps the dir)."
 			.. "\n--- console ---\n%s\n--- prosody.log (tail) ---\n%s",
