@@ -74,9 +74,10 @@ deps:
 	fi
 	@$(MAKE) --no-print-directory deps-prosody13
 
-# What the unpacked Prosody 13 depends on (Debian 12's own Lua libraries), when it is there.
+# What the unpacked Prosody 13 depends on (Debian 12's own Lua libraries), when it is there, and
+# lua-unbound, which it recommends (without it every prosodyctl call prints a banner about it).
 deps-prosody13:
-	@[ -f $(P13)/DEPENDS ] || exit 0; d="$$(cat $(P13)/DEPENDS)"; \
+	@[ -f $(P13)/DEPENDS ] || exit 0; d="$$(cat $(P13)/DEPENDS), lua-unbound"; \
 	out=$$(apt-get satisfy -s --no-install-recommends "$$d" 2>&1) && ! printf '%s\n' "$$out" | grep -q '^Inst' && exit 0; \
 	echo "installing what Prosody 13 depends on: $$d"; \
 	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

@@ -603,6 +603,15 @@ drainer = drain.new {
 	set_aside = function(username, item, why) return set_aside(username, item, why) end,
 	later = function(secs, fn) module:add_timer(secs, fn) end,
 	request_ack = function(session)
+		-- The <r/> closes a page: a small write right behind a large one, which
+		-- Nagle's algorithm would hold until the client's delayed ACK (40 ms on
+		-- Linux), for every page. Prosody leaves Nagle on by default; a
+		-- session being drained asks for its writes to go out at once.
+		local conn = session.conn
+		if conn and not session.offline_nodelay and conn.setoption then
+			session.offline_nodelay = true
+			pcall(conn.setoption, conn, "tcp-nodelay", true)
+		end
 		session.send(st.stanza("r", { xmlns = session.smacks }))
 	end,
 	log = function(...) module:log(...) end,
