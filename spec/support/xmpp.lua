@@ -324,15 +324,18 @@ function M.connect(opts)
 	features, ferr = c:wait_for(is_features, timeout)
 	if not features then return fail(c, "no stream features after auth: " .. tostring(ferr)) end
 	if opts.resume then
+		-- The inbound count goes on from what we say we have handled, from before the
+		-- <resume/>: the server may send the rest of the session in the same write as its
+		-- <resumed/>, and those stanzas (and an <r/> among them) must be counted and answered.
+		c.sm_enabled, c.sm_h, c.sm_id = true, opts.resume.h, opts.resume.previd
+		c.sm_auto_ack, c.sm_ack_every = opts.auto_ack or false, opts.ack_every
 		c:send(st.stanza("resume", { xmlns = NS_SM, previd = opts.resume.previd, h = tostring(opts.resume.h) }))
 		local r, rerr = c:wait_for(function (el)
 			return el.attr.xmlns == NS_SM and (el.name == "resumed" or el.name == "failed")
 		end, timeout)
 		if not r then return fail(c, "no resume reply: " .. tostring(rerr)) end
 		if r.name == "failed" then return fail(c, "resume failed: " .. tostring(r)) end
-		-- the inbound count goes on from what we said we had handled
-		c.sm_enabled, c.sm_h, c.sm_id, c.resumed = true, opts.resume.h, opts.resume.previd, r
-		c.sm_auto_ack, c.sm_ack_every = opts.auto_ack or false, opts.ack_every
+		c.resumed = r
 		c.features = features
 		return c
 	end
