@@ -122,9 +122,9 @@ local function run_one(v, n)
 		local pid = srv:pid()
 		local c = assert(xmpp.connect { port = srv.c2s_port, user = "bob", password = PW, resource = "r", nodelay = true })
 		if v.sm then assert(c:enable_sm { auto_ack = true }) end
-		local count, last, ordered = 0, 0, true
+		local count, last, ordered, last_t = 0, 0, true, nil
 		c.sink = function(m)
-			count = count + 1
+			count, last_t = count + 1, socket.gettime() -- (messages may arrive inside c:presence())
 			local k = tonumber(m.attr.id:match("%d+"))
 			if k ~= last + 1 then ordered = false end
 			last = k
@@ -141,26 +141,56 @@ local function run_one(v, n)
 		local cpu1 = cpu_seconds(pid)
 		local hwm = hwm_mib(pid)
 		c:close()
-		return { n = count, ordered = ordered, wall = w1 - w0, cpu = cpu1 - cpu0, hwm = hwm }
+		return { n = count, ordered = ordered, wall = (last_t or w0) - w0, cpu = cpu1 - cpu0, hwm = hwm }
 	end)
 	srv:cleanup()
 	if not ok then error(res, 0) end
 	return res
 end
 
+local function median(list)
+	local t = table.move(list, 1, #list, 1, {})
+	table.sort(t)
+	local m = #t // 2
+	if #t % 2 == 1 then return t[m + 1] end
+	return (t[m] + t[m + 1]) / 2
+end
+
 build_main()
 print(("%-12s %8s %9s %10s %14s %12s  %s"):format("variant", "N", "wall s", "msg/s", "CPU us/msg", "peak RSS MiB", "check"))
+local seen = {} -- [n][variant] = { rate = {...}, cpu = {...}, hwm = {...} }
 for _, n in ipairs(Ns) do
+	seen[n] = {}
 	for _ = 1, runs do
 		for _, v in ipairs(VARIANTS) do
 			if not only or only[v.name] then
 				local r = run_one(v, n)
+				local m = seen[n][v.name] or { rate = {}, cpu = {}, hwm = {} }
+				seen[n][v.name] = m
+				m.rate[#m.rate + 1], m.cpu[#m.cpu + 1], m.hwm[#m.hwm + 1] = r.n / r.wall, r.cpu / r.n * 1e6, r.hwm
 				print(("%-12s %8d %9.2f %10.0f %14.1f %12.1f  %s"):format(v.name, n, r.wall, r.n / r.wall,
 					r.cpu / r.n * 1e6, r.hwm,
 					(r.n == n and r.ordered) and "all, in order" or ("GOT " .. r.n .. (r.ordered and "" or ", OUT OF ORDER")))
 				)
 				io.stdout:flush()
 			end
+		end
+	end
+end
+
+-- Medians over the runs, and CPU per message against the plugin of before (same client kind).
+print(("\nmedians of %d run(s)"):format(runs))
+print(("%-12s %8s %10s %14s %12s %16s %16s"):format("variant", "N", "msg/s", "CPU us/msg", "peak RSS MiB",
+	"CPU / main-plain", "CPU / main-sm"))
+for _, n in ipairs(Ns) do
+	local base_plain = seen[n]["main-plain"] and median(seen[n]["main-plain"].cpu)
+	local base_sm = seen[n]["main-sm"] and median(seen[n]["main-sm"].cpu)
+	for _, v in ipairs(VARIANTS) do
+		local m = seen[n][v.name]
+		if m then
+			local cpu = median(m.cpu)
+			print(("%-12s %8d %10.0f %14.1f %12.1f %16s %16s"):format(v.name, n, median(m.rate), cpu, median(m.hwm),
+				base_plain and ("%.2fx"):format(cpu / base_plain) or "-", base_sm and ("%.2fx"):format(cpu / base_sm) or "-"))
 		end
 	end
 end
