@@ -27,11 +27,24 @@ problems[host] = nil
 if host ~= "*" then
 	local shell = require "offline_store.shell"
 	local shell_state = module:shared("/*/offline/shell")
-	module:shared("/*/admin_shell/env").offline = shell.new(module:shared("/*/offline/stores"), problems,
+	local env = module:shared("/*/admin_shell/env")
+	env.offline = shell.new(module:shared("/*/offline/stores"), problems,
 		prosody.hosts, require "core.usermanager".user_exists)
-	local function add_help() shell.add_help(module:shared("/*/admin_shell/commands"), shell_state) end
-	add_help()
-	module:hook_global("module-loaded", function(event) if event.module == "admin_shell" then add_help() end end)
+	-- 13's shell runs `prosodyctl shell offline count ...` only for commands given to it as
+	-- "shell-command" items. They go to its process-wide registry (the event a global
+	-- module's add_item fires): a host module's items would be per-host commands, whose
+	-- dispatcher neither normalises the JID nor says why the module is not loaded, and
+	-- which leave with that host's module. 0.12's shell takes no items: its `help` is wrapped.
+	local function register()
+		for _, item in ipairs(shell.items(env.offline)) do
+			prosody.events.fire_event("item-added/shell-command", { source = module, item = item })
+		end
+		if not getmetatable(env.offline) then
+			shell.add_help(module:shared("/*/admin_shell/commands"), shell_state)
+		end
+	end
+	register()
+	module:hook_global("module-loaded", function(event) if event.module == "admin_shell" then register() end end)
 end
 
 --- A host: a bad option or a missing library stops the module with a message

@@ -89,8 +89,8 @@ end
 
 function TestDocs:test_every_command_is_in_the_manual()
 	local manual = assert(read("doc/manual.md"))
-	for _, h in ipairs(require "offline_store.shell".HELP) do
-		local command = h[1]:match("^offline:(%w+)")
+	for _, c in ipairs(require "offline_store.shell".COMMANDS) do
+		local command = c[1]
 		lu.assertStrContains(manual, "prosodyctl shell offline " .. command,
 			false, ("shell command %s is not in doc/manual.md"):format(command))
 		if command ~= "help" then

@@ -1,25 +1,43 @@
 -- offline_store.shell: the live shell's `offline` commands (`prosodyctl shell offline
 -- count user@host`, or `offline:count("user@host")` in the console), their help, and
--- `help offline` in 0.12's console, whose help sections are fixed.
+-- `help offline` in 0.12's console, whose help sections are fixed. Prosody 13's shell
+-- takes them as "shell-command" items (M.items) and shows their help itself.
 
 local admin = require "offline_store.admin"
 
-local ipairs, type = ipairs, type
+local ipairs, type, concat = ipairs, type, table.concat
 
 local M = {}
 
-M.HELP = {
-	{ "offline:count(jid)", "Show how many offline messages a user has queued, and their bytes" },
-	{ "offline:list(jid, max)", "List a user's queued messages, oldest first (max 50 unless given)" },
-	{ "offline:delete(jid)", "Delete a user's whole queue" },
-	{ "offline:expire(host)", "Delete expired messages (every host in that host's store)" },
-	{ "offline:purge(host, days)", "Delete messages older than days (>= 1)" },
-	{ "offline:orphans(host)", "Delete the queues of users that no longer exist" },
-	{ "offline:help()", "This list" },
+-- Each command: name, arguments, description. The source of both shells' help.
+M.COMMANDS = {
+	{ "count", { "jid" }, "Show how many offline messages a user has queued, and their bytes" },
+	{ "list", { "jid", "max" }, "List a user's queued messages, oldest first (max 50 unless given)" },
+	{ "delete", { "jid" }, "Delete a user's whole queue" },
+	{ "expire", { "host" }, "Delete expired messages (every host in that host's store)" },
+	{ "purge", { "host", "days" }, "Delete messages older than days (>= 1)" },
+	{ "orphans", { "host" }, "Delete the queues of users that no longer exist" },
+	{ "help", {}, "This list" },
 }
+M.SECTION_DESC = "Offline messages: count, list and delete queues (mod_offline)"
 
 function M.print_help(print)
-	for _, h in ipairs(M.HELP) do print(h[1] .. " - " .. h[2]) end
+	for _, c in ipairs(M.COMMANDS) do
+		print(("offline:%s(%s) - %s"):format(c[1], concat(c[2], ", "), c[3]))
+	end
+end
+
+-- The commands as Prosody 13's "shell-command" items (section, name, args, handler),
+-- whose handlers are `shell`'s own functions.
+function M.items(shell)
+	local items = {}
+	for i, c in ipairs(M.COMMANDS) do
+		local args = {}
+		for j, name in ipairs(c[2]) do args[j] = { name = name, type = "string" } end
+		items[i] = { section = "offline", section_desc = M.SECTION_DESC, name = c[1], desc = c[3],
+			args = args, handler = shell[c[1]] }
+	end
+	return items
 end
 
 -- The shell's `offline` table.
@@ -81,7 +99,7 @@ function M.add_help(commands, state)
 		local section = line:match("^help (%w+)")
 		if section == "offline" then return M.print_help(session.print) end
 		original(session, line)
-		if not section then session.print(row { "offline"; "Offline messages: count, list and delete queues (mod_offline)" }) end
+		if not section then session.print(row { "offline"; M.SECTION_DESC }) end
 	end
 	commands.help = state.wrapper
 end
