@@ -382,8 +382,9 @@ local function adopt_unparsable()
 	if not db_ then return end
 	local old = host .. "!unparsable"
 	for _, u in ipairs(db_:users(old) or {}) do
-		local items, moved = db_:list(old, u.user) or {}, true
-		for _, item in ipairs(items) do
+		local items = db_:list(old, u.user)
+		local moved = items ~= nil -- (a failed list moves nothing and removes nothing)
+		for _, item in ipairs(items or {}) do
 			moved = db_:store(host, u.user, item.from, item.xml, item.ts, item.expire, nil, nil, core.SET_ASIDE)
 				and moved
 		end
@@ -572,10 +573,11 @@ local function set_aside(username, item, why)
 	if n then
 		module:log("error", "Offline message %d for %s@%s cannot be delivered (%s); set aside in their queue "
 			.. "as message %d (`offline list`)", item.id, username, host, tostring(why), id_or_err)
-	else
-		module:log("error", "Offline message %d for %s@%s cannot be delivered (%s), and setting it aside "
-			.. "failed: %s (code %s); it is lost", item.id, username, host, tostring(why), id_or_err, tostring(code))
+		return true
 	end
+	module:log("error", "Offline message %d for %s@%s cannot be delivered (%s), and setting it aside "
+		.. "failed: %s (code %s)", item.id, username, host, tostring(why), id_or_err, tostring(code))
+	return false
 end
 
 -- The user's queue goes to a session that comes online a page at a time

@@ -41,7 +41,7 @@ TestDrain = {}
 
 function TestDrain:setUp()
 	self.db = assert(core.open_memory())
-	self.timers, self.acks, self.aside = {}, {}, {}
+	self.timers, self.acks, self.aside, self.aside_fails = {}, {}, {}, nil
 	self.clock = 1000 * 1000000
 	self.d = drain.new {
 		host = HOST, page = 10, lease = 300, owner_prefix = "node " .. HOST .. " ",
@@ -49,7 +49,11 @@ function TestDrain:setUp()
 		now_us = function() return self.clock end,
 		db = function() return self.db end,
 		deliver = function(item) return policy.delivery(item, HOST) end,
-		set_aside = function(_, item, why) self.aside[#self.aside + 1] = { item.id, why } end,
+		set_aside = function(_, item, why)
+			if self.aside_fails then return false end
+			self.aside[#self.aside + 1] = { item.id, why }
+			return true
+		end,
 		later = function(secs, fn) self.timers[#self.timers + 1] = { secs, fn } end,
 		request_ack = function(s) self.acks[#self.acks + 1] = s.id end,
 		log = function() end, delivered = function() end, failed = function() end,
@@ -172,6 +176,26 @@ function TestDrain:test_unqueued_stanza_counts_as_written_and_bad_rows_are_set_a
 	lu.assertEquals(ids(s.sent), { "m1", "m2" })
 	lu.assertEquals(#self.aside, 1)
 	lu.assertEquals(self:count(), 0, "nothing left leased: the bad row and the unqueued ones are done")
+end
+
+-- A bad row whose setting aside fails stays leased (released when the session ends), and a
+-- send that raises confirms nothing: neither is lost.
+function TestDrain:test_failed_set_aside_and_raising_send_keep_their_rows()
+	assert(self.db:store(HOST, USER, "x", "<message id='cut'><body>", 1))
+	self:fill(2)
+	self.aside_fails = true
+	local s = session("phone", true)
+	local send = s.send
+	s.send = function(stanza)
+		if stanza.attr and stanza.attr.id == "m2" then error("connection gone") end
+		return send(stanza)
+	end
+	self.d:start(s); self:run()
+	lu.assertEquals(ids(s.sent), { "m1" })
+	lu.assertEquals(self:count(), 3, "the bad row and m2 are still stored, m1 waits for its ack")
+	self.d:unbind(s)
+	lu.assertEquals(#self.db:lease(HOST, USER, "another", self.clock, self.clock + 1, 10), 3,
+		"released at the end of the session: the bad row (to be set aside again), m1 and m2")
 end
 
 function TestDrain:test_empty_queue_costs_a_count()

@@ -167,20 +167,32 @@ function Drain:pump(session)
 			local key = q and M.key(stanza, host, self.delay_text)
 			if key then keys_add(s.keys, key, 1) end
 			local sok, serr = pcall(session.send, stanza)
-			if not sok then self.log("error", "Sending offline message %d to %s failed: %s", item.id,
-				tostring(session.full_jid), tostring(serr)) end
 			local seq = q and q:count_acked() + q:count_unacked()
-			if q and seq > before then
+			if not sok then
+				-- not written: leased, the row stays held until the session ends and is
+				-- released then; popped, it is set aside rather than lost
+				self.log("error", "Sending offline message %d to %s failed: %s", item.id,
+					tostring(session.full_jid), tostring(serr))
+				if q then
+					if seq > before then s.inflight[#s.inflight + 1] = { seq = seq, id = item.id, key = key }
+					else keys_add(s.keys, key, -1) end
+				else
+					self.set_aside(username, item, serr)
+				end
+			elseif q and seq > before then
 				s.inflight[#s.inflight + 1] = { seq = seq, id = item.id, key = key }
-			elseif q then
-				-- not queued by mod_smacks (a filter dropped it): delivered as written
-				keys_add(s.keys, key, -1)
-				done[#done + 1] = item.id
+				sent = sent + 1
+			else
+				-- written, and (with XEP-0198) not queued by mod_smacks (a filter dropped
+				-- it): delivered as written
+				if q then
+					keys_add(s.keys, key, -1)
+					done[#done + 1] = item.id
+				end
+				sent = sent + 1
 			end
-			sent = sent + 1
-		else
-			self.set_aside(username, item, ok and why or stanza)
-			if q then done[#done + 1] = item.id end -- (its set-aside copy replaces it)
+		elseif self.set_aside(username, item, ok and why or stanza) and q then
+			done[#done + 1] = item.id -- (its set-aside copy replaces it; if that failed, it stays leased)
 		end
 	end
 	s.sending = false
@@ -262,6 +274,8 @@ function Drain:failure(session, stanza)
 	return nil
 end
 
+local RELEASE_RETRY = 5 -- seconds between attempts at a release that failed
+
 function Drain:release(session)
 	local s = session.offline_drain
 	if not s or not s.leased then return end
@@ -271,8 +285,19 @@ function Drain:release(session)
 	if db then n, err, code = db:release(self.host, session.username, s.owner) end
 	if not n then
 		self.failed("release")
-		self.log("error", "Releasing the offline messages leased to %s failed: %s (code %s); they are released"
-			.. " when the lease expires or the server restarts", tostring(session.full_jid), tostring(err), tostring(code))
+		self.log("error", "Releasing the offline messages leased to %s failed: %s (code %s); tried again in"
+			.. " %d s", tostring(session.full_jid), tostring(err), tostring(code), RELEASE_RETRY)
+		-- (until then this node's lease renewal keeps them held: they must not wait for a restart)
+		local username, owner = session.username, s.owner
+		local function retry()
+			local rdb = self.db()
+			if rdb and rdb:release(self.host, username, owner) then
+				for other in pairs(self.waiting[username] or {}) do self:schedule(other) end
+				return
+			end
+			return RELEASE_RETRY
+		end
+		self.later(RELEASE_RETRY, retry)
 	elseif n > 0 then
 		self.log("debug", "Released %d unacknowledged offline messages of %s", n, tostring(session.full_jid))
 	end
