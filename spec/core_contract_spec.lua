@@ -721,6 +721,35 @@ local function contract(open, finish)
 		lu.assertEquals(db:count(H, U), 0)
 	end
 
+	-- A backlog drained in pages behind a long run of expired rows: every page returns at
+	-- most max, the expired rows go, and the live ones all come out once, in order (a
+	-- backend may end a page short after passing over many rows; the next call goes on).
+	function T:test_paged_pop_and_lease_behind_many_expired_rows()
+		local db = self.db
+		for _, how in ipairs { "pop", "lease" } do
+			local user = "paged-" .. how
+			fill(db, 1100, H, user, "x", { expire = T0 + 5000 })
+			fill(db, 25, H, user, "m")
+			local got, calls = {}, 0
+			repeat
+				calls = calls + 1
+				local items = how == "pop" and db:pop(H, user, T0 + 10000, 10)
+					or db:lease(H, user, "o", T0 + 10000, T0 + 20000, 10)
+				lu.assertTrue(#items <= 10, how)
+				for _, it in ipairs(items) do got[#got + 1] = it.xml end
+				if how == "lease" and items[1] then
+					local ids = {}
+					for i, it in ipairs(items) do ids[i] = it.id end
+					lu.assertEquals(db:confirm(H, user, ids), #ids)
+				end
+			until #got >= 25 or calls > 20
+			local want = {}
+			for i = 1, 25 do want[i] = "m" .. i end
+			lu.assertEquals(got, want, how)
+			lu.assertEquals(db:count(H, user), 0, how .. ": the expired rows went too")
+		end
+	end
+
 	function T:test_pop_stops_at_a_live_lease_behind_free_rows()
 		local db = self.db
 		fill(db, 4)

@@ -167,7 +167,8 @@ static const struct {
 		" $10::bytea FROM counter RETURNING id) "
 		"SELECT counter.count, msg.id, dup.found FROM dup LEFT JOIN counter ON true"
 		" LEFT JOIN msg ON true", 10},
-	[ST_SCAN] = {ITEM_COLUMNS "WHERE host = $1::bytea AND username = $2::bytea ORDER BY id", 2},
+	/* $3: how many rows at most (NULL: all); see SCAN_SLACK */
+	[ST_SCAN] = {ITEM_COLUMNS "WHERE host = $1::bytea AND username = $2::bytea ORDER BY id LIMIT $3::int8", 3},
 	/* $3 the last id read */
 	[ST_DEL_UPTO] = {USER_DELETE("id <= $3::int8"), 3},
 	/* $3 an int8[] of ids */
@@ -677,6 +678,10 @@ static int classify(const os_item *it, os_str owner, int64_t now) {
 
 /* pop (owner.p NULL: deletes what it takes) and lease (marks it for owner
  * until `until`), as backend.h says, under the user's lock (see 3. and 6.). */
+/* Rows a page may pass over beyond its max before it ends short (it then
+ * returns fewer than max; the next call goes on from there). */
+#define SCAN_SLACK 1024
+
 static int take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
                 int64_t max, os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
 	pg *g = s->impl;
@@ -712,7 +717,15 @@ static int take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t
 	}
 	xid = col_i64(r, 0, 1);
 	PQclear(r);
-	/* A new statement, so a snapshot taken after the lock (see 3. above). */
+	/* A new statement, so a snapshot taken after the lock (see 3. above). A page
+	 * reads its rows and SCAN_SLACK more for the ones it passes over (expired,
+	 * set aside, its own in flight), not the whole queue: a backlog of N drained
+	 * in pages would otherwise fetch about N * N / page rows. */
+	p.n = 2;
+	if (max == OS_NONE || max > INT64_MAX - SCAN_SLACK)
+		p_null(&p);
+	else
+		p_i64(&p, max + SCAN_SLACK);
 	r = run(g, ST_SCAN, &p);
 	if (!result_ok(r))
 		goto fail;

@@ -134,12 +134,11 @@ function Drain:pump(session)
 	end
 	local q = session.smacks and session.outgoing_stanza_queue
 	local now = self.now_us()
-	local items, leased_until, code
+	local items, leased_until, code, expired
 	if q then
 		items, leased_until, code = db:lease(host, username, s.owner, now, now + self.lease_us, self.page)
 		if items and #items > 0 then s.leased = true end
 	else
-		local expired
 		items, expired, leased_until = db:pop(host, username, now, self.page)
 		if not items then leased_until, code = expired, leased_until end
 	end
@@ -151,6 +150,8 @@ function Drain:pump(session)
 	end
 	if #items == 0 then
 		if leased_until then return wait(self, session, username, leased_until, now) end
+		-- (a page that only passed over expired rows, which it deleted: go on)
+		if expired and expired > 0 then return self:schedule(session) end
 		unwait(self, session, username)
 		s.eligible = false -- all delivered (until the next login)
 		return
