@@ -201,7 +201,7 @@ install: $(CORE)
 clean:
 	rm -rf build
 
-# Differential fuzzing (spec/fuzz/fuzz_core.c): both backends against a model of SPEC §3, under
+# Differential fuzzing (spec/fuzz/fuzz_core.c): both backends against a model of the storage contract, under
 # libFuzzer + ASan + UBSan; needs clang and libclang-rt-14-dev. One core for FUZZ_SECONDS; the
 # corpus grows in build/fuzz/corpus (seeded from spec/fuzz/corpus); a failing input is saved as
 # build/fuzz/crash-*; replay it with OFFLINE_STORE_FUZZ_TRACE=1 build/fuzz_core FILE. The sqlite

@@ -2,7 +2,7 @@
 -- Shadows Prosody's bundled mod_offline through plugin_paths. Thin on purpose:
 -- read options, hook events, ask offline_store.policy/.limits/.admin, send stanzas.
 -- Loaded on host "*" by `prosodyctl mod_offline ...` it only provides module.command.
--- See README.md for every option and command.
+-- doc/manual.md describes every option and command.
 
 local jid_bare = require "util.jid".bare
 local time_now = require "util.time".now
@@ -185,7 +185,7 @@ local settings, settings_err = read_options(host)
 if not settings then refuse(settings_err) end
 local store_groupchat = settings.groupchat
 
--- Admins per SPEC §5: roles on 13 (module:may), is_admin on 0.12. Asked only
+-- Admins (the `admin` ACL of the limit rules): roles on 13 (module:may), is_admin on 0.12. Asked only
 -- when a recipient's limit is not remembered (below).
 local is_admin
 if module.may and require "core.features".available:contains("permissions") then
@@ -217,7 +217,7 @@ if not opened and settings.store.backend ~= "postgres" then refuse(open_err) end
 -- reloaded, for up to LIMITS_KEPT recipients, then afresh. Kept in C, off the
 -- Lua heap: a Lua table of one entry per recipient made Prosody's collector
 -- touch every key on every cycle, which at 10,000 recipients cost more than
--- the store (README.md, "End to end in Prosody").
+-- the store (doc/performance.md).
 local LIMITS_KEPT = 50000
 local limits_seen = core.cache(LIMITS_KEPT)
 local function limit_for(username)
@@ -246,7 +246,7 @@ report(settings, "Offline messages (this mod_offline, not the bundled one)")
 -- Rejections and failures, at a level an operator sees, one line a minute per kind.
 local notice = require "offline_store.ratelog".new(function(...) module:log(...) end, 60, time_now)
 
---- Metrics (SPEC §8): the seed's histograms, timing each backend call, and counters.
+--- Metrics: the seed's histograms, timing each backend call, and counters.
 --- No-ops unless the global `statistics` option is set.
 -- A fresh table each time: Prosody appends +Inf to the table it is given.
 local function buckets() return { 0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3 } end

@@ -1,4 +1,4 @@
--- The storage contract of SPEC §3, written once and run against every backend.
+-- The storage contract, written once and run against every backend.
 -- Each backend gets its own Test class built by contract(); a fresh store per test.
 
 if not _RUNNER then package.path = "spec/?.lua;lua/?.lua;lua/?/init.lua;" .. package.path; package.cpath = "build/?.so;" .. package.cpath end

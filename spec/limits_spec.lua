@@ -1,5 +1,5 @@
 -- offline_store.limits without a server: access rules, ACLs, the built-in default,
--- and configuration errors that name the option (SPEC §5).
+-- and configuration errors that name the option.
 
 local lu = require "luaunit"
 local limits = require "offline_store.limits"

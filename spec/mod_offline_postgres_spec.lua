@@ -116,7 +116,7 @@ function TestTwoNodes:test_limit_holds_when_both_store_at_once()
 	dave:close()
 end
 
--- PostgreSQL goes away: the sender gets the storage-failure error (SPEC §5); once it is back,
+-- PostgreSQL goes away: the sender gets the storage-failure error; once it is back,
 -- both nodes reconnect by themselves and storing and delivery work again.
 function TestTwoNodes:test_outage_fails_the_store_then_recovers()
 	local a, b, pg = self:nodes()

@@ -1,4 +1,4 @@
--- mod_offline against a real Prosody 0.12 on loopback (SPEC §4-§7, §9): every scenario of
+-- mod_offline against a real Prosody 0.12 on loopback: every scenario of
 -- the plugin's acceptance list, through the real server and a real XMPP client.
 -- Servers are started lazily per class and stopped in teardownClass.
 

@@ -1,4 +1,4 @@
--- The Lua facade: configuration checking, seed aliases (SPEC §3), opening each backend.
+-- The Lua facade: configuration checking, seed aliases, opening each backend.
 
 if not _RUNNER then package.path = "spec/?.lua;lua/?.lua;lua/?/init.lua;" .. package.path; package.cpath = "build/?.so;" .. package.cpath end
 local lu = require "luaunit"

@@ -1,4 +1,4 @@
--- Operations (SPEC §8) through the real tools: metrics scraped from mod_http_openmetrics,
+-- Operations through the real tools: metrics scraped from mod_http_openmetrics,
 -- the live shell (`prosodyctl shell offline ...`), `prosodyctl mod_offline ...` next to a
 -- running server, the expiry sweep run by mod_cron, and removal of deleted accounts' queues.
 

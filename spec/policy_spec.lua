@@ -1,4 +1,4 @@
--- offline_store.policy without a server: the SPEC §4 table, delay and expiry handling,
+-- offline_store.policy without a server: the table of what is stored, delay and expiry handling,
 -- recipient resolution, delivery stanzas and the exact error stanzas of §5 and §6.
 -- Run through spec/run.lua (it puts Prosody's libraries on the path).
 
@@ -58,7 +58,7 @@ function TestClassify:test_store_hint_overrides_all_but_error()
 	lu.assertEquals({ policy.classify(msg({ type = "error" }, with_store)) }, { "drop", "error" })
 end
 
--- The rule as SPEC §6 states it, one check at a time, against classify's single
+-- The bounce rule as the manual states it, one check at a time, against classify's single
 -- pass: every message type, both groupchat settings, every set of up to three of
 -- these children.
 function TestClassify:test_single_pass_matches_the_rule()

@@ -14,7 +14,7 @@
  * keys the index by the queue id instead of (host, user): entries a third the
  * size, so fewer index pages to write per commit, and integer comparisons.
  * Queue ids are AUTOINCREMENT, never reused: a message can only ever belong to
- * the queue it was stored in. Measured per layout by bench/batch.lua (README.md:
+ * the queue it was stored in. Measured per layout by bench/batch.lua (doc/performance.md:
  * "The sqlite backend under group commit").
  *
  * Under group commit a store reads its counter row (the limit needs it) and

@@ -5,7 +5,7 @@
  * string alive, and Prosody's collector, which never rests, marks and sweeps
  * each of them on every cycle. With 10,000 recipients that is 10,000 scattered
  * objects touched twice per cycle (every ~100 messages), which cost more than
- * the store itself (README.md, "End to end in Prosody"). Here the collector sees
+ * the store itself (doc/performance.md). Here the collector sees
  * one userdata.
  *
  * Open addressing with linear probing; keys are copied back to back into one

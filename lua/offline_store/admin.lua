@@ -1,4 +1,4 @@
--- offline_store.admin: the operator's commands (SPEC §8), shared by the live shell
+-- offline_store.admin: the operator's commands, shared by the live shell
 -- (`prosodyctl shell offline ...`) and `prosodyctl mod_offline ...`. Each takes an open
 -- store and plain arguments and returns ok, message; `print` shows listing lines.
 

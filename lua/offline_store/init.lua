@@ -1,7 +1,7 @@
 -- offline_store: opens a store from a configuration table.
 -- Validates every field with an error that names it and the accepted values,
 -- maps the seed's backend names onto ours, and hands back the C core's store
--- (see README "Core API" for its methods).
+-- (doc/api.md describes its methods).
 
 local core = require "offline_store.core"
 
@@ -10,7 +10,7 @@ local concat, sort = table.concat, table.sort
 
 local M = { core = core, version = core.version }
 
--- What the seed's names mean is in resolve_backend (SPEC §3).
+-- What the seed's names mean is in resolve_backend.
 local accepted_backends = "sqlite, memory, postgres (aliases: mnesia, rdbms)"
 
 local fields = {

@@ -1,4 +1,4 @@
--- offline_store.limits: per-recipient limits through access rules and ACLs (SPEC §5).
+-- offline_store.limits: per-recipient limits through access rules and ACLs.
 -- A rule is an ordered list of clauses { acl = NAME, value = N | "infinity" }; the
 -- first clause whose ACL matches the recipient's bare JID gives the limit.
 

@@ -1,5 +1,5 @@
 -- offline_store.policy: which messages are stored, with which timestamp and expiry,
--- what a delivered message looks like, and the error stanzas (SPEC §4-§7).
+-- what a delivered message looks like, and the error stanzas.
 -- Host-agnostic: it works on util.stanza objects and takes the host and time as
 -- arguments, so it is unit-tested without a server.
 
@@ -61,7 +61,7 @@ function M.classify(stanza, store_groupchat)
 	return "store"
 end
 
--- The recipient's username, per SPEC §4: event.username, else the localpart of
+-- The recipient's username: event.username, else the localpart of
 -- `to`, else the username of the session the event came from.
 function M.recipient(event)
 	if event.username then return event.username end
@@ -256,17 +256,17 @@ local function error_reply(stanza, etype, code, condition, text)
 	return reply
 end
 
--- SPEC §5: the recipient's queue is full.
+-- The recipient's queue is full.
 function M.limit_error(stanza)
 	return error_reply(stanza, "wait", "500", "resource-constraint", M.LIMIT_TEXT)
 end
 
--- SPEC §5: the store failed; nothing was stored.
+-- The store failed; nothing was stored.
 function M.failure_error(stanza)
 	return error_reply(stanza, "wait", "500", "internal-server-error", M.FAILURE_TEXT)
 end
 
--- SPEC §6: declined where RFC 6121 says to bounce.
+-- Declined where RFC 6121 says to bounce.
 function M.bounce_error(stanza)
 	return error_reply(stanza, "cancel", "503", "service-unavailable", M.BOUNCE_TEXT)
 end

@@ -1,4 +1,4 @@
-/* Differential fuzz target for the storage core (SPEC §3): libFuzzer's input is decoded into a
+/* Differential fuzz target for the storage core: libFuzzer's input is decoded into a
  * sequence of backend calls that run on the memory backend, on the sqlite backend (one
  * ":memory:" database, emptied after each input) and on a plain reference model kept in arrays
  * here; the first disagreement or sanitizer report abort()s. Build and run: `make fuzz`. */
