@@ -108,10 +108,10 @@ typedef struct {
 	const char *name;
 	int (*store)(os_store *, const os_key *, const os_item *, const os_limit *,
 	             int64_t *count, int64_t *id);
-	int (*pop)(os_store *, const os_key *, int64_t now, int64_t max,
-	           os_emit_item, void *ud, int64_t *expired, int64_t *held);
-	int (*lease)(os_store *, const os_key *, os_str owner, int64_t now, int64_t until,
-	             int64_t max, os_emit_item, void *ud, int64_t *held);
+	/* pop (owner.p == NULL: emitted rows are deleted) and lease (emitted rows
+	 * are leased to owner until `until`) in one walk of the queue. */
+	int (*take)(os_store *, const os_key *, os_str owner, int64_t now, int64_t until,
+	            int64_t max, os_emit_item, void *ud, int64_t *expired, int64_t *held);
 	int (*release)(os_store *, const os_key *, os_str owner, int64_t *touched);
 	int (*release_all)(os_store *, const os_str *prefix, int64_t *touched);
 	int (*renew)(os_store *, os_str prefix, int64_t until, int64_t *touched);

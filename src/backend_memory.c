@@ -337,18 +337,6 @@ static int take(os_store *s, const os_key *k, os_str who, int64_t now, int64_t u
 	return OS_OK;
 }
 
-static int mem_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
-                   os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
-	os_str nobody = { NULL, 0 };
-	return take(s, k, nobody, now, 0, max, emit, ud, expired, held);
-}
-
-static int mem_lease(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
-                     int64_t max, os_emit_item emit, void *ud, int64_t *held) {
-	int64_t expired;
-	return take(s, k, owner, now, until, max, emit, ud, &expired, held);
-}
-
 static int mem_count(os_store *s, const os_key *k, int64_t *count, int64_t *bytes) {
 	mstore *m = s->impl;
 	mqueue *q = *find_slot(m, k, os_key_hash(k));
@@ -603,7 +591,7 @@ static void mem_close(os_store *s) {
 }
 
 static const os_backend memory_backend = {
-	"memory", mem_store, mem_pop, mem_lease, mem_release, mem_release_all, mem_renew, mem_count, mem_list, mem_remove, mem_remove_user,
+	"memory", mem_store, take, mem_release, mem_release_all, mem_renew, mem_count, mem_list, mem_remove, mem_remove_user,
 	mem_remove_host, mem_delete_expired, mem_delete_older_than, mem_users, mem_close,
 	NULL, NULL, /* no group commit */
 };

@@ -825,18 +825,6 @@ done:
 	return rc;
 }
 
-static int pg_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
-                  os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
-	os_str nobody = { NULL, 0 };
-	return take(s, k, nobody, now, 0, max, emit, ud, expired, held);
-}
-
-static int pg_lease(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
-                    int64_t max, os_emit_item emit, void *ud, int64_t *held) {
-	int64_t expired;
-	return take(s, k, owner, now, until, max, emit, ud, &expired, held);
-}
-
 /* Runs one of the lease updates (its own transaction); *touched is how many rows it changed. */
 static int relet(os_store *s, int which, params *p, int64_t *touched) {
 	pg *g = s->impl;
@@ -1069,7 +1057,7 @@ static void pg_close(os_store *s) {
 }
 
 static const os_backend postgres_backend = {
-	"postgres", pg_store, pg_pop, pg_lease, pg_release, pg_release_all, pg_renew, pg_count, pg_list, pg_remove, pg_remove_user,
+	"postgres", pg_store, take, pg_release, pg_release_all, pg_renew, pg_count, pg_list, pg_remove, pg_remove_user,
 	pg_remove_host, pg_delete_expired, pg_delete_older_than, pg_users, pg_close,
 	NULL, NULL, /* no group commit */
 };

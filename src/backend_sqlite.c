@@ -966,18 +966,6 @@ static int take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t
 	return commit(s, q);
 }
 
-static int sq_pop(os_store *s, const os_key *k, int64_t now, int64_t max,
-                  os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
-	os_str nobody = { NULL, 0 };
-	return take(s, k, nobody, now, 0, max, emit, ud, expired, held);
-}
-
-static int sq_lease(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
-                    int64_t max, os_emit_item emit, void *ud, int64_t *held) {
-	int64_t expired;
-	return take(s, k, owner, now, until, max, emit, ud, &expired, held);
-}
-
 /* Runs one of the lease updates whose ?1 is a prefix of the owner; *touched is
  * how many rows it changed. */
 static int relet(os_store *s, int which, os_str prefix, int64_t until, int64_t *touched) {
@@ -1207,7 +1195,7 @@ static int sq_batch_end(os_store *s, int do_commit) {
 }
 
 static const os_backend sqlite_backend = {
-	"sqlite", sq_store, sq_pop, sq_lease, sq_release, sq_release_all, sq_renew, sq_count, sq_list, sq_remove, sq_remove_user,
+	"sqlite", sq_store, take, sq_release, sq_release_all, sq_renew, sq_count, sq_list, sq_remove, sq_remove_user,
 	sq_remove_host, sq_delete_expired, sq_delete_older_than, sq_users, sq_close,
 	sq_batch_begin, sq_batch_end,
 };

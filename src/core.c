@@ -264,7 +264,8 @@ static int call_emitting(lua_State *L, emitting *e) {
 }
 
 static int run_pop(emitting *e, collector *c) {
-	return e->s->be->pop(e->s, &e->k, e->a, e->b, collect_item, c, &e->expired, &e->held);
+	os_str nobody = { NULL, 0 };
+	return e->s->be->take(e->s, &e->k, nobody, e->a, 0, e->b, collect_item, c, &e->expired, &e->held);
 }
 
 /* Pushes held (the end of the live lease that holds the queue back) unless OS_NONE. */
@@ -294,7 +295,7 @@ static int l_pop(lua_State *L) {
 }
 
 static int run_lease(emitting *e, collector *c) {
-	return e->s->be->lease(e->s, &e->k, e->owner, e->a, e->c, e->b, collect_item, c, &e->held);
+	return e->s->be->take(e->s, &e->k, e->owner, e->a, e->c, e->b, collect_item, c, &e->expired, &e->held);
 }
 
 /* db:lease(host, user, owner, now, until [, max]) -> items | {}, leased_until | fail, msg, code

@@ -670,11 +670,11 @@ static void do_take(reader *r, int owner) {
 		cx.abort_at = abort_at;
 		fault_arm(b);
 		if (setjmp(cx.jb) == 0) {
+			os_str who = { NULL, 0 };
 			if (owner)
-				rc = stores[b].be->lease(&stores[b], &k, OWNERS[owner - 1], now, until, max,
-				                         on_item, NULL, &held);
-			else
-				rc = stores[b].be->pop(&stores[b], &k, now, max, on_item, NULL, &expired, &held);
+				who = OWNERS[owner - 1];
+			rc = stores[b].be->take(&stores[b], &k, who, now, owner ? until : 0, max, on_item, NULL,
+			                        &expired, &held);
 			if (fault_failed(b, rc))
 				return;
 			if (jumped_want)
