@@ -6,6 +6,10 @@ local datetime = require "util.datetime"
 local jid_prepped_split = require "util.jid".prepped_split
 
 local floor, type, tonumber, tostring, math_type = math.floor, type, tonumber, tostring, math.type
+local ipairs, require = ipairs, require
+
+local _ENV = nil
+-- luacheck: std none
 
 local M = {}
 

@@ -21,6 +21,11 @@
 -- commit, in order. A store's own failure is returned to the caller as before;
 -- the tokens passed to on_lost are those of the earlier stores it took with it.
 
+local setmetatable, type = setmetatable, type
+
+local _ENV = nil
+-- luacheck: std none
+
 local M = {}
 local mt = { __index = {} }
 local methods = mt.__index

@@ -27,6 +27,10 @@
 
 local ipairs, pairs, next, pcall, tostring = ipairs, pairs, next, pcall, tostring
 local max, min = math.max, math.min
+local setmetatable = setmetatable
+
+local _ENV = nil
+-- luacheck: std none
 
 local M = {}
 local Drain = {}

@@ -6,7 +6,10 @@
 local core = require "offline_store.core"
 
 local type, pairs, ipairs, tostring, tonumber, math_type = type, pairs, ipairs, tostring, tonumber, math.type
-local concat, sort = table.concat, table.sort
+local concat, sort, error = table.concat, table.sort, error
+
+local _ENV = nil
+-- luacheck: std none
 
 local M = { core = core, version = core.version }
 

@@ -4,6 +4,10 @@
 
 local type, ipairs, pairs, tostring, math_type = type, ipairs, pairs, tostring, math.type
 local jid_split = require "util.jid".split
+local concat = table.concat
+
+local _ENV = nil
+-- luacheck: std none
 
 local M = {}
 
@@ -99,12 +103,12 @@ function M.compile(rule_name, access, acl, is_admin)
 	local acls, err = compile_acls(acl, "acl")
 	if not acls then return nil, err end
 	local defined = access and access[rule_name]
-	local rule, default = nil, nil
+	local rule
 	if defined ~= nil then
 		rule, err = check_rule(defined, "access." .. rule_name, acls)
 		if not rule then return nil, err end
 	end
-	default = check_rule(M.DEFAULT_RULE, "default", acls)
+	local default = check_rule(M.DEFAULT_RULE, "default", acls)
 
 	local function matches(name, bare, host)
 		if name == "all" then return true end
@@ -141,7 +145,7 @@ function M.describe(rule_name, access)
 	for i, clause in ipairs(rule or M.DEFAULT_RULE) do
 		clauses[i] = ("%s %s"):format(tostring(clause.acl), tostring(clause.value))
 	end
-	local text = ("rule %s: %s%s"):format(rule_name, table.concat(clauses, ", "),
+	local text = ("rule %s: %s%s"):format(rule_name, concat(clauses, ", "),
 		rule and "" or " (built-in default)")
 	return text, rule ~= nil
 end

@@ -1,12 +1,18 @@
 -- offline_store.options: the plugin's options for one host, read through a getter and
 -- checked with errors that name the option; the names it knows (to warn about misspelt
--- ones); and where a host's store lives, said without secrets, for the log.
+-- ones); where a host's store lives, said without secrets, for the log; and what the
+-- plugin says about its settings at load and at a config reload.
 
 local offline_store = require "offline_store"
 local limits = require "offline_store.limits"
 local resolve_relative_path = require "util.paths".resolve_relative_path
 
-local type, tostring, pairs, ipairs, select, sort, concat, min = type, tostring, pairs, ipairs, select, table.sort, table.concat, math.min
+local type, tostring, pairs, ipairs, select = type, tostring, pairs, ipairs, select
+local sort, concat, min, max = table.sort, table.concat, math.min, math.max
+local math_type, io_open = math.type, io.open
+
+local _ENV = nil
+-- luacheck: std none
 
 local M = {}
 
@@ -56,7 +62,7 @@ function M.read(get, data_path)
 	if not ok then return nil, err end
 
 	s.page = opt("offline_delivery_page", 100)
-	ok, err = want("offline_delivery_page", math.type(s.page) == "integer" and s.page >= 1 and s.page <= 100000, s.page,
+	ok, err = want("offline_delivery_page", math_type(s.page) == "integer" and s.page >= 1 and s.page <= 100000, s.page,
 		"a whole number from 1 to 100000")
 	if not ok then return nil, err end
 	s.lease = opt("offline_delivery_lease", 300)
@@ -93,7 +99,7 @@ end
 -- offline_node's default: this machine's name (stable across restarts, so that
 -- a restarted node releases its own leases at once).
 function M.machine_name()
-	local f = io.open("/proc/sys/kernel/hostname") or io.open("/etc/hostname")
+	local f = io_open("/proc/sys/kernel/hostname") or io_open("/etc/hostname")
 	local name = f and f:read("l")
 	if f then f:close() end
 	name = name and name:match("^[%w%.%-_:@]+$")
@@ -180,6 +186,56 @@ function M.where(store)
 		if f[key] and f[key] ~= "" then parts[#parts + 1] = key .. "=" .. f[key] end
 	end
 	return "postgres " .. (#parts > 0 and concat(parts, " ") or "(libpq defaults)")
+end
+
+-- Opens the store of host `h` with settings `s`; or nil and an error that names the
+-- backend, the host and the file.
+function M.open_store(h, s)
+	local db, err = offline_store.open(s.store)
+	if db then return db end
+	return nil, ("cannot open the %s offline store of %s%s: %s"):format(s.store.backend, h,
+		s.store.file and (" (offline_sqlite_file = " .. s.store.file .. ")") or "", err)
+end
+
+-- What an operator should hear about at load and after a reload: misspelt options
+-- (among those of the host's and the global section), a rule named but not defined
+-- (access: the `access` option), and one line saying what runs. log(level, fmt, ...).
+function M.report(s, what, host_options, global_options, access, log)
+	for _, warning in ipairs(M.unknown(host_options, global_options)) do log("warn", "%s", warning) end
+	local rule, defined = limits.describe(s.rule_name, access)
+	if s.rule_named and not defined then
+		log("warn", "offline_access_max_user_messages names the rule %q, which the access option does not define;"
+			.. " the built-in default applies", s.rule_name)
+	end
+	log("info", "%s: %s; limits %s; expiry sweep %s", what, M.where(s.store), rule, s.sweep or "off")
+end
+
+-- The delivery page of settings `s`: a page above half of mod_smacks' queue
+-- (smacks_max_queue_size) could make its queue overflow (with live traffic on top),
+-- which loses resumption.
+function M.page_size(s, smacks_queue, log)
+	local limit = max(1, smacks_queue // 2)
+	if s.page > limit then
+		log("warn", "offline_delivery_page = %d is more than half of smacks_max_queue_size (%d); using %d",
+			s.page, smacks_queue, limit)
+		return limit
+	end
+	return s.page
+end
+
+-- At a config reload, new settings `s` keep the running ones' store and node (those
+-- take effect when the module is reloaded), and say so.
+function M.keep_running(old, s, host, log)
+	local changed = M.store_changes(old.store, s.store)
+	if #changed > 0 then
+		log("warn", "Config reload: %s changed; the store keeps running as it is until the module is reloaded"
+			.. " (prosodyctl shell module reload offline %s)", concat(changed, ", "), host)
+		s.store = old.store
+	end
+	if s.node ~= old.node then
+		log("warn", "Config reload: offline_node changed; it takes effect when the module is reloaded")
+		s.node = old.node
+	end
 end
 
 return M

@@ -10,6 +10,10 @@ local jid_split = require "util.jid".split
 
 local tonumber, floor, tostring, ipairs, getmetatable, setmetatable =
 	tonumber, math.floor, tostring, ipairs, getmetatable, setmetatable
+local require = require
+
+local _ENV = nil
+-- luacheck: std none
 
 local M = {}
 
@@ -169,7 +173,7 @@ local function stop(parser) parser:stop() end
 local function read_xml(xml)
 	local top, open, depth = nil, {}, 0
 	local handler = { StartDoctypeDecl = stop, Comment = stop, ProcessingInstruction = stop }
-	function handler:StartElement(tagname, attr)
+	function handler.StartElement(_, tagname, attr)
 		local ns, name = tagname:match("^([^\1]*)\1(.*)$")
 		if not ns then
 			name = tagname
@@ -195,11 +199,11 @@ local function read_xml(xml)
 		depth = depth + 1
 		open[depth] = el
 	end
-	function handler:CharacterData(data)
+	function handler.CharacterData(_, data)
 		local el = open[depth]
 		el[#el + 1] = data
 	end
-	function handler:EndElement()
+	function handler.EndElement()
 		open[depth] = nil
 		depth = depth - 1
 	end

@@ -2,7 +2,10 @@
 -- without letting a flood of them fill the log: at most one line per kind every
 -- `interval` seconds; the next line that gets through says how many were left out.
 
-local setmetatable, select = setmetatable, select
+local setmetatable, select, unpack = setmetatable, select, table.unpack
+
+local _ENV = nil
+-- luacheck: std none
 
 local M = {}
 local methods = {}
@@ -29,7 +32,7 @@ function methods:line(kind, level, fmt, ...)
 	if n then
 		local args = { n = select("#", ...) + 1, ... }
 		args[args.n] = n
-		self.log(level, fmt .. " (%d more like it not logged since the last one)", table.unpack(args, 1, args.n))
+		self.log(level, fmt .. " (%d more like it not logged since the last one)", unpack(args, 1, args.n))
 	else
 		self.log(level, fmt, ...)
 	end

@@ -4,8 +4,12 @@
 -- takes them as "shell-command" items (M.items) and shows their help itself.
 
 local admin = require "offline_store.admin"
+local command = require "offline_store.command"
 
-local ipairs, type, concat = ipairs, type, table.concat
+local ipairs, type, concat, require, getmetatable = ipairs, type, table.concat, require, getmetatable
+
+local _ENV = nil
+-- luacheck: std none
 
 local M = {}
 
@@ -40,52 +44,45 @@ function M.items(shell)
 	return items
 end
 
--- The shell's `offline` table.
+-- The shell's `offline` table: offline_store.command's commands on the server's stores.
 --   stores[host]: an open store of each host where the module runs
 --   problems[host]: why the module is not running there (its load error)
 --   hosts: prosody.hosts; user_exists(user, host): the server's account check
 function M.new(stores, problems, hosts, user_exists)
 	local shell = {}
-	local function host_store(name)
+	local function with_store(name, fn)
 		local h, err = admin.host(name, hosts)
 		if not h then return nil, err end
 		local s = stores[h]
-		if s then return s, h end
+		if s then return fn(s, h) end
 		local why = problems[h]
 		return nil, "mod_offline is not loaded on " .. h .. (why and (": " .. why) or "")
 	end
-	local function by_jid(jid, fn)
-		local user, h = admin.user_jid(jid, hosts)
-		if not user then return nil, h end
-		local s, err = host_store(h)
-		if not s then return nil, err end
-		return fn(s, user, h)
+	local function run(self, ...)
+		return command.run({ hosts = hosts, with_store = with_store, user_exists = user_exists,
+			print = self.session and self.session.print }, ...)
 	end
-	function shell:count(jid) return by_jid(jid, admin.count) end
-	function shell:list(jid, max)
-		return by_jid(jid, function(s, user, h) return admin.list(s, user, h, self.session.print, max) end)
-	end
-	function shell:delete(jid) return by_jid(jid, admin.delete) end
-	function shell:expire(name)
-		local s, err = host_store(name)
-		if not s then return nil, err end
-		return admin.expire(s)
-	end
-	function shell:purge(name, days)
-		local s, err = host_store(name)
-		if not s then return nil, err end
-		return admin.purge(s, days)
-	end
-	function shell:orphans(name)
-		local s, h = host_store(name)
-		if not s then return nil, h end
-		return admin.orphans(s, h, user_exists)
-	end
+	function shell:count(jid) return run(self, "count", jid) end
+	function shell:list(jid, max) return run(self, "list", jid, max) end
+	function shell:delete(jid) return run(self, "delete", jid) end
+	function shell:expire(name) return run(self, "expire", name) end
+	function shell:purge(name, days) return run(self, "purge", name, days) end
+	function shell:orphans(name) return run(self, "orphans", name) end
 	function shell:help()
 		M.print_help(self.session.print)
 		return true, "mod_offline's commands; run as `prosodyctl shell offline count user@host`"
 	end
 	return shell
+end
+
+-- Gives the commands to the console: to 13's shell as "shell-command" items, each
+-- through add_item(item) (which fires its process-wide registry's event: a host
+-- module's items would be per-host commands, whose dispatcher neither normalises the
+-- JID nor says why the module is not loaded, and which leave with that host's module);
+-- and to 0.12's, which takes no items, by wrapping its `help` (M.add_help).
+function M.register(offline, add_item, commands, state)
+	for _, item in ipairs(M.items(offline)) do add_item(item) end
+	if not getmetatable(offline) then M.add_help(commands, state) end
 end
 
 -- Adds `help offline` and a line in the section list to the console's `help`
