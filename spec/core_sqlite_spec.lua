@@ -155,7 +155,8 @@ function TestSqlite:test_failed_store_ends_the_batch()
 	local fine, bad = pcall(function()
 		lu.assertEquals(db:store(H, U, FROM, "kept", T0), 1)
 		lu.assertTrue(db:begin())
-		local big, n, count, msg, code = string.rep("x", 4000), 0, nil, nil, nil
+		local big, n = string.rep("x", 4000), 0
+		local count, msg, code
 		repeat
 			n = n + 1
 			count, msg, code = db:store(H, U, FROM, big, T0)
@@ -528,17 +529,17 @@ function TestSqlite:test_strings_over_the_length_limits_are_refused_whole()
 	lu.assertNil(ok)
 	lu.assertStrContains(msg, "too big")
 	lu.assertEquals(primary(code), 18) -- SQLITE_TOOBIG
-	over_sqlite = nil
+	over_sqlite = nil -- luacheck: ignore 311 (dropped for the collector)
 	collectgarbage()
 	local half = ("x"):rep(0x7fffffff) -- (the string library makes nothing longer)
 	local over_int = half .. half .. "xxxxxxx" -- 2^32 + 5 bytes
-	half = nil
+	half = nil -- luacheck: ignore 311
 	ok, msg = db:store(H, U, FROM, over_int, T0)
 	lu.assertNil(ok)
 	lu.assertStrContains(msg, "message too large to store")
 	lu.assertErrorMsgContains("longer than 2147483647 bytes", db.store, db, H, over_int, FROM, "<m/>", T0)
 	lu.assertErrorMsgContains("longer than 2147483647 bytes", db.count, db, over_int, U)
-	over_int = nil
+	over_int = nil -- luacheck: ignore 311
 	collectgarbage()
 	lu.assertEquals({ db:count(H, U) }, { 0, 0 }, "nothing was stored")
 	lu.assertEquals({ db:count(H, "x") }, { 0, 0 }, "nothing under a cut key either")

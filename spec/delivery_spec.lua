@@ -6,7 +6,6 @@
 local lu = require "luaunit"
 local offline = require "support.offline"
 local core = require "offline_store.core"
-local st = require "util.stanza"
 
 local online, login, chat, ids, delays = offline.online, offline.login, offline.chat, offline.ids, offline.delays
 local NS_XML = "http://www.w3.org/XML/1998/namespace"

@@ -21,6 +21,7 @@ function TestFacade:test_backend_names_and_aliases()
 	lu.assertNil(ok)
 	lu.assertStrContains(err, 'backend must be one of sqlite, memory, postgres (aliases: mnesia, rdbms) (got "mysql")')
 	ok, err = r(42)
+	lu.assertNil(ok)
 	lu.assertStrContains(err, "backend must be a string")
 end
 
@@ -30,7 +31,8 @@ function TestFacade:test_config_errors_name_the_field()
 		lu.assertNil(ok)
 		return e
 	end
-	lu.assertStrContains(err({ backend = "memory", colour = "red" }), 'unknown field "colour" (accepted: backend, busy_timeout, file, postgres, synchronous)')
+	lu.assertStrContains(err({ backend = "memory", colour = "red" }),
+		'unknown field "colour" (accepted: backend, busy_timeout, file, postgres, synchronous)')
 	lu.assertStrContains(err({ backend = "sqlite" }), "file must be a non-empty path string")
 	lu.assertStrContains(err({ file = "/tmp/x", synchronous = "sometimes" }), 'synchronous must be "normal" or "full" (got "sometimes")')
 	lu.assertStrContains(err({ file = "/tmp/x", busy_timeout = 1.5 }), "busy_timeout must be a whole number")

@@ -2,7 +2,10 @@
 -- (offline_store.options), the limits line (offline_store.limits.describe), the
 -- rate-limited log (offline_store.ratelog) and JID normalisation (offline_store.admin).
 
-if not _RUNNER then package.path = "spec/?.lua;lua/?.lua;lua/?/init.lua;/usr/lib/prosody/?.lua;" .. package.path; package.cpath = "build/?.so;/usr/lib/prosody/?.so;" .. package.cpath end
+if not _RUNNER then
+	package.path = "spec/?.lua;lua/?.lua;lua/?/init.lua;/usr/lib/prosody/?.lua;" .. package.path
+	package.cpath = "build/?.so;/usr/lib/prosody/?.so;" .. package.cpath
+end
 local lu = require "luaunit"
 local options = require "offline_store.options"
 local limits = require "offline_store.limits"

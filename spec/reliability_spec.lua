@@ -6,9 +6,7 @@
 local lu = require "luaunit"
 local offline = require "support.offline"
 local support = require "support.util"
-local xmpp = require "support.xmpp"
 local core = require "offline_store.core"
-local st = require "util.stanza"
 local socket = require "socket"
 
 local start, online, chat, ids, messages = offline.start, offline.online, offline.chat, offline.ids, offline.messages

@@ -14,7 +14,6 @@
 -- A server that cannot be started is an error (the specs fail, saying why), never a silent skip.
 -- Stopped at exit (state close, os.exit) and, should this process be killed, by a watchdog.
 
-local socket = require "socket"
 local support = require "support.util"
 
 local q, sh = support.quote, support.sh

@@ -66,7 +66,7 @@ if mode == "store" then
 		else fail(id, cur) end
 	end
 elseif mode == "pop" then
-	local last = false
+	local last
 	repeat
 		last = stopped()
 		local items, expired, c = db:pop(host, user, T0 + 1000000000)
@@ -93,7 +93,7 @@ elseif mode == "lease" then
 		end
 	end
 elseif mode == "bulk" then
-	local last = false
+	local last
 	repeat
 		last = stopped()
 		for _, call in ipairs {
