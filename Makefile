@@ -28,7 +28,7 @@ ASAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sa
 
 # Debian packages the build, the specs and the demo need.
 DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks pkg-config prosody gcc make postgresql libpq-dev \
-       clang libclang-rt-14-dev
+       clang libclang-rt-14-dev lua-check
 
 SPECS ?= $(wildcard spec/*_spec.lua)
 # The specs that start a Prosody run once per Prosody version; the others once.
@@ -49,7 +49,7 @@ P13_ENV      = PROSODY_BIN=$(CURDIR)/$(P13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)
 # The system's Prosody version ("0.12.3"), empty when there is none.
 SYSTEM_PROSODY = prosodyctl about 2>/dev/null | sed -n 's/^Prosody \([0-9][0-9.]*\).*/\1/p' | head -n 1
 
-.PHONY: all deps test test-prosody prosody13 deps-prosody13 test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml bench-batch bench-hash bench-drain
+.PHONY: all deps lint test test-prosody prosody13 deps-prosody13 test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml bench-batch bench-hash bench-drain
 
 all: $(CORE)
 
@@ -119,9 +119,14 @@ $(FAULT): spec/support/fault.c
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) -O2 -fPIC -shared -o $@ $< -ldl
 
-# Every spec against the normal build (the server specs against each Prosody PROSODY names), then
-# the core specs against the sanitizer build.
+# luacheck over the Lua (.luacheckrc): a stray global, an unused value, a misspelt name.
+lint:
+	luacheck -q lua spec bench
+
+# The lint, every spec against the normal build (the server specs against each Prosody PROSODY
+# names), then the core specs against the sanitizer build.
 test: deps $(CORE) $(FAULT)
+	$(MAKE) --no-print-directory lint
 	$(if $(UNIT_SPECS),$(LUA) spec/run.lua $(UNIT_SPECS))
 	@$(MAKE) --no-print-directory test-prosody
 	$(MAKE) --no-print-directory test-asan
