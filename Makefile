@@ -234,9 +234,9 @@ fuzz: build/fuzz_core
 	exit $$rc
 
 # End-to-end benchmark in a real Prosody against the bundled mod_offline (bench/e2e.lua):
-# the N=20000 comparison (3 runs, medians) and the N=1,000,000 scale run, one table each.
-# More options through BENCH_E2E_ARGS, e.g. BENCH_E2E_ARGS="--no-scale" or
-# BENCH_E2E_ARGS="--variants ours,stub -N 50000 --runs 1 --no-scale".
+# the N=20000 comparison (5 rounds, medians) of doc/performance.md. More options through
+# BENCH_E2E_ARGS, e.g. BENCH_E2E_ARGS="--paired-scale" (the N=1,000,000 scale run) or
+# BENCH_E2E_ARGS="--variants ours,stub -N 50000 --runs 1".
 bench-e2e: deps deps-bench-e2e $(CORE)
 	$(LUA) bench/e2e.lua $(BENCH_E2E_ARGS)
 

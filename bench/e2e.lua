@@ -1,44 +1,26 @@
 -- bench/e2e.lua: end-to-end benchmark of offline storage inside a real Prosody 0.12,
 -- driven over XMPP, against Prosody's own mod_offline, in one run on one machine.
 --
---   make bench-e2e                       the comparison (N=20000, 3 runs, medians) + the scale run
+--   make bench-e2e                       the comparison (N=20000, 5 rounds, medians)
 --   lua5.4 bench/e2e.lua                 the same
 --   lua5.4 bench/e2e.lua --quick         N=2000, R=20, one run, every variant (< 1 min)
---   lua5.4 bench/e2e.lua --no-scale      the comparison only
---   lua5.4 bench/e2e.lua --scale-only    the scale run only
---   lua5.4 bench/e2e.lua --variants ours,stub -N 50000 -R 500 --runs 1 --no-scale
---                                        chosen variants with chosen parameters
+--   lua5.4 bench/e2e.lua --paired-scale --scale-variants stub,ours --pop-users 200 --runs 3
+--                                        the scale run (below)
 --
 -- Options: -N messages, -R recipients, -B body bytes, -S senders, -C concurrent logins,
---   --runs K (medians over K), --variants a,b (of stub,internal,sql,ours,memory),
---   --scale-N, --scale-R, --scale-variants a,b (default: stub,ours,memory),
+--   --runs K (medians over K rounds), --variants a,b (of stub,internal,sql,ours,memory),
 --   --pop-users U (only the first U recipients log in in the pop phase, the others keep
---   their messages: with the scale run, a pop of U users from a store of scale-N messages,
---   to compare with a run of N messages over U users, the same logins on both sides),
---   --log-level info|warn|debug (Prosody's, default info as in Debian's config),
---   --config 'LINES' (extra global Prosody config for every variant, e.g. 'c2s_timeout = 5'),
---   --keep (keep each server's directory), --raw FILE (append one TSV line per variant run),
---   --base FILE (take the comparison from an earlier --raw file: with --scale-only, for the
---   scale targets), --scale-from FILE (print the scale table from a --raw file, run nothing).
--- --paired-scale (with --pop-users U): the scale targets from paired servers instead. Per
---   round and variant of --scale-variants, a server of N messages and one of scale-N are
---   both kept alive: the big one stores all but N, the small one its N, the big one its
+--   their messages), --no-scale (accepted for the commands of doc/performance.md: the
+--   comparison is all that runs without --paired-scale).
+-- --paired-scale: the scale run, N=1,000,000 to R=10,000 next to N. Per round and variant
+--   of --scale-variants (default stub,ours), a server of N messages and one of 1,000,000
+--   are both kept alive: the big one stores all but N, the small one its N, the big one its
 --   last N (the store rate compared is of these two slices, seconds apart); then their pops
---   (U recipients each) run in alternating slices of C recipients. So both sides of each
---   ratio come from the same minutes of the machine. The targets take the median of the
---   per-round ratios; --runs K rounds.
--- Trying a patch: --ours-lua DIR runs "ours" and "memory" from the plugin directory DIR (a
---   patched copy of lua/, its core.so at DIR/../build/offline_store/core.so as in a
---   checkout); or add variants "ours@DIR" / "memory@DIR" next to the originals in one run.
--- Profiling one phase (store or pop; figures of a profiled run are not for comparison):
---   --profile PHASE    Lua-level sampling (bench/e2e/mod_e2e_profile.lua), folded stacks in
---                      build/e2e/profile-*.folded; summarise with lua5.4 bench/e2e/fold.lua FILE
---   --perf PHASE       perf record -g on the prosody process, build/e2e/perf-*.data
---   --callgrind PHASE  (or store,pop) Prosody under callgrind, instrumented during the phase
---                      only; prints kIr per message (repeatable, unlike CPU time here);
---                      dumps in build/e2e/callgrind.PID.out.N for callgrind_annotate
---   --perf and --callgrind run Prosody on a symbolised interpreter built from
---   bench/e2e/lua_sym.c and liblua5.4.a (Debian's lua5.4 is stripped).
+--   (U recipients each, --pop-users, default 200) run in alternating slices of C
+--   recipients. So both sides of each ratio come from the same minutes of the machine.
+--   The targets take the median of the per-round ratios; --runs K rounds (default 3).
+-- Profiling and the other options of the lab this was are in the git history (before the
+-- commit that trimmed this file).
 --
 -- The variants, each a fresh Prosody (spec/support/prosody.lua) with fresh data:
 --   stub      the floor: modules_disabled = { "offline" }, mod_offline_stub accepts and drops
@@ -79,38 +61,6 @@ end
 local ROOT = assert(io.popen("cd '" .. script_dir() .. "/..' && pwd")):read("l")
 package.path = ROOT .. "/spec/?.lua;" .. package.path
 
--- --perf and --callgrind need an interpreter with symbols (Debian's lua5.4 is stripped):
--- build bench/e2e/lua_sym.c against liblua5.4.a and run again with PROSODY_BIN pointing
--- at a wrapper that starts Prosody with it.
-do
-	local want_sym = false
-	for _, a in ipairs(arg) do if a == "--perf" or a == "--callgrind" then want_sym = true end end
-	if want_sym and not os.getenv("PROSODY_BIN") then
-		local out = ROOT .. "/build/e2e"
-		local lua_sym, wrapper = out .. "/lua5.4-sym", out .. "/prosody-sym"
-		local function q(x) return "'" .. tostring(x):gsub("'", "'\\''") .. "'" end
-		assert(os.execute(("mkdir -p %s && cc -O2 -g -I/usr/include/lua5.4 -o %s %s/bench/e2e/lua_sym.c"
-			.. " /usr/lib/x86_64-linux-gnu/liblua5.4.a -lm -ldl -Wl,-E"):format(q(out), q(lua_sym), q(ROOT))),
-			"building the symbolised interpreter failed (needs liblua5.4-dev)")
-		local callgrind = false
-		for _, a in ipairs(arg) do if a == "--callgrind" then callgrind = true end end
-		if callgrind then
-			wrapper = out .. "/prosody-callgrind"
-			assert(os.execute(("cc -O2 -shared -fPIC -I/usr/include/lua5.4 -o %s/e2e_cg.so %s/bench/e2e/cg.c"):format(q(out), q(ROOT))),
-				"building bench/e2e/cg.c failed (needs valgrind's headers)")
-		end
-		local f = assert(io.open(wrapper, "w"))
-		f:write("#!/bin/sh\nexec ", callgrind and ("valgrind -q --tool=callgrind --instr-atstart=no --callgrind-out-file="
-			.. q(out .. "/callgrind.%p.out") .. " ") or "", q(lua_sym), " /usr/bin/prosody \"$@\"\n")
-		f:close()
-		assert(os.execute("chmod +x " .. q(wrapper)))
-		local cmd = { "PROSODY_BIN=" .. q(wrapper), "lua5.4", q(ROOT .. "/bench/e2e.lua") }
-		for _, a in ipairs(arg) do cmd[#cmd + 1] = q(a) end
-		local ok, _, code = os.execute(table.concat(cmd, " "))
-		os.exit(ok and 0 or code or 1)
-	end
-end
-
 local server = require "support.prosody"
 local socket = require "socket"
 local b64 = require "mime".b64
@@ -130,18 +80,14 @@ end
 -- Options
 
 local opt = {
-	N = 20000, R = 200, B = 100, S = 4, C = 20, runs = 3,
+	N = 20000, R = 200, B = 100, S = 4, C = 20, runs = 5,
 	variants = { "stub", "internal", "sql", "ours", "memory" },
-	scale = true, compare = true,
 	scale_N = 1000000, scale_R = 10000,
-	scale_variants = { "stub", "ours", "memory" },
-	log_level = "info", keep = false, raw = nil,
-	profile = nil, perf = nil, callgrind = nil, -- "store" or "pop"
-	ours_lua = ROOT .. "/lua", -- the plugin directory of "ours" and "memory" (to try a patch)
+	scale_variants = { "stub", "ours" },
 }
 local function split(s) local t = {} for w in s:gmatch("[^,%s]+") do t[#t + 1] = w end return t end
 do
-	local i, quick = 1, false
+	local i, quick, runs_given = 1, false, false
 	local function val() i = i + 1; return (assert(arg[i], "missing value after " .. arg[i - 1])) end
 	local function num() local v = tonumber(val()); assert(v and v >= 0 and v == floor(v), "bad number"); return floor(v) end
 	while arg[i] do
@@ -151,36 +97,26 @@ do
 		elseif a == "-B" then opt.B = num()
 		elseif a == "-S" then opt.S = num()
 		elseif a == "-C" then opt.C = num()
-		elseif a == "--runs" then opt.runs = num()
-		elseif a == "--variants" then opt.variants = split(val()); opt.scale_variants = opt.variants
+		elseif a == "--runs" then opt.runs = num(); runs_given = true
+		elseif a == "--variants" then opt.variants = split(val())
 		elseif a == "--scale-variants" then opt.scale_variants = split(val())
-		elseif a == "--scale-N" then opt.scale_N = num()
-		elseif a == "--scale-R" then opt.scale_R = num()
-		elseif a == "--no-scale" then opt.scale = false
+		elseif a == "--no-scale" then opt.paired_scale = false -- (the default)
 		elseif a == "--pop-users" then opt.pop_users = num()
-		elseif a == "--scale-only" then opt.compare = false; opt.scale = true
-		elseif a == "--paired-scale" then opt.compare = false; opt.scale = false; opt.paired_scale = true
+		elseif a == "--paired-scale" then opt.paired_scale = true
 		elseif a == "--quick" then quick = true
-		elseif a == "--log-level" then opt.log_level = val()
-		elseif a == "--config" then opt.config = val()
-		elseif a == "--keep" then opt.keep = true
-		elseif a == "--raw" then opt.raw = val()
-		elseif a == "--base" then opt.base = val()
-		elseif a == "--scale-from" then opt.scale_from = val(); opt.compare = false
-		elseif a == "--ours-lua" then opt.ours_lua = val()
-		elseif a == "--profile" then opt.profile = val()
-		elseif a == "--perf" then opt.perf = val()
-		elseif a == "--callgrind" then opt.callgrind = val()
 		else
-			io.stderr:write("usage: lua5.4 bench/e2e.lua [--quick] [--no-scale|--scale-only] [-N n] [-R n] [-B n] [-S n]"
-				.. " [-C n] [--runs k] [--variants a,b] [--scale-N n] [--scale-R n] [--scale-variants a,b] [--paired-scale]"
-				.. " [--log-level lvl] [--config 'lines'] [--keep] [--raw file] [--profile store|pop] [--perf store|pop] [--ours-lua dir]\n")
+			io.stderr:write("usage: lua5.4 bench/e2e.lua [--quick] [-N n] [-R n] [-B n] [-S n] [-C n] [--runs k]"
+				.. " [--variants a,b] [--paired-scale] [--scale-variants a,b] [--pop-users u]\n")
 			os.exit(2)
 		end
 		i = i + 1
 	end
 	if quick then
-		opt.N, opt.R, opt.runs, opt.scale = math.min(opt.N, 2000), math.min(opt.R, 20), 1, false
+		opt.N, opt.R, opt.runs = math.min(opt.N, 2000), math.min(opt.R, 20), 1
+	end
+	if opt.paired_scale then
+		opt.pop_users = opt.pop_users or 200
+		if not runs_given then opt.runs = 3 end
 	end
 	assert(opt.S >= 1 and opt.R >= 1 and opt.C >= 1 and opt.runs >= 1, "S, R, C and runs must be >= 1")
 end
@@ -196,9 +132,9 @@ local VARIANTS = {
 	internal = { label = "bundled, internal", global = 'storage = "internal"' },
 	sql = { label = "bundled, sql (SQLite3)", global =
 		'storage = { offline = "sql" }\nsql = { driver = "SQLite3", database = "prosody.sqlite" }' },
-	ours = { label = "ours, sqlite", plugin_paths = { opt.ours_lua },
+	ours = { label = "ours, sqlite", plugin_paths = { ROOT .. "/lua" },
 		host = 'offline_backend = "sqlite"\n' .. LIMIT_RULE },
-	memory = { label = "ours, memory", plugin_paths = { opt.ours_lua },
+	memory = { label = "ours, memory", plugin_paths = { ROOT .. "/lua" },
 		host = 'offline_backend = "memory"\n' .. LIMIT_RULE },
 }
 local ORDER = { "stub", "internal", "sql", "ours", "memory" }
@@ -206,20 +142,9 @@ local ORDER = { "stub", "internal", "sql", "ours", "memory" }
 -- so that the per-round ratios the targets take are between runs seconds apart (this
 -- machine's speed drifts over minutes); every other round runs it backwards.
 local RUN_ORDER = { "stub", "ours", "internal", "memory", "sql" }
--- "ours@DIR" / "memory@DIR": the same variant with the plugin directory DIR (a patched copy
--- of lua/, with its core.so at DIR/../build/ as in a checkout), to measure a patch in the
--- same run as the original.
 for _, list in ipairs { opt.variants, opt.scale_variants } do
 	for _, v in ipairs(list) do
-		local base, dir = v:match("^(%w+)@(.+)$")
-		if base and (base == "ours" or base == "memory") and not VARIANTS[v] then
-			local V = {}
-			for k, x in pairs(VARIANTS[base]) do V[k] = x end
-			V.plugin_paths = { dir }
-			V.label = VARIANTS[base].label .. " @" .. (dir:match("([^/]+)/lua/?$") or dir)
-			VARIANTS[v] = V
-		end
-		assert(VARIANTS[v], "unknown variant " .. v .. " (stub, internal, sql, ours, memory, ours@DIR, memory@DIR)")
+		assert(VARIANTS[v], "unknown variant " .. v .. " (stub, internal, sql, ours, memory)")
 	end
 end
 
@@ -475,76 +400,10 @@ local function write_accounts(dir, names)
 	end
 end
 
--- Profiling of one phase (--profile: Lua-level, through bench/e2e/mod_e2e_profile.lua;
--- --perf: perf record -g on the prosody process). Outputs go to build/e2e/.
-local OUTDIR = ROOT .. "/build/e2e"
-local function sh(cmd) return os.execute(cmd) end
-
-local function profile_start(phase, vname, pid, tag)
-	local handle = {}
-	if opt.profile == phase then
-		sh(format("kill -USR1 %d", pid))
-		socket.sleep(0.2)
-		handle.lua = true
-	end
-	if opt.callgrind and opt.callgrind:find(phase, 1, true) then
-		handle.callgrind_before = gettime()
-		sh(format("kill -USR1 %d", pid))
-		socket.sleep(1.0)
-		handle.callgrind = true
-	end
-	if opt.perf == phase then
-		local out = format("%s/perf-%s-%s-%s.data", OUTDIR, (vname:gsub("[^%w]+", "_")), phase, tag)
-		local p = assert(io.popen(format("perf record -q -F 1999 -g -p %d -o '%s' >/dev/null 2>&1 & echo $!", pid, out)))
-		handle.perf_pid = tonumber(p:read("l"))
-		p:close()
-		handle.perf_out = out
-		socket.sleep(1.0) -- let perf attach
-	end
-	return handle
-end
-
--- Total instructions (Ir) of the newest callgrind dump (callgrind.PID.out.N).
-local function callgrind_total()
-	local p = assert(io.popen(format("ls -t '%s'/callgrind.*.out.* 2>/dev/null | head -1", OUTDIR)))
-	local file = p:read("l")
-	p:close()
-	local text = file and read_file(file) or ""
-	return tonumber(text:match("\ntotals: (%d+)") or text:match("\nsummary: (%d+)")), file
-end
-
-local function profile_stop(handle, pid, profile_out)
-	if handle.callgrind then
-		local _, before = callgrind_total()
-		sh(format("kill -USR2 %d", pid))
-		local ir, file
-		local deadline = gettime() + 120
-		repeat
-			socket.sleep(0.5)
-			ir, file = callgrind_total()
-		until (file and file ~= before and ir) or gettime() > deadline
-		handle.ir = ir
-		log("  callgrind: %s Ir (%s)", tostring(ir), tostring(file))
-	end
-	if handle.lua then
-		os.remove(profile_out)
-		sh(format("kill -USR2 %d", pid))
-		local deadline = gettime() + 30
-		while not read_file(profile_out) and gettime() < deadline do socket.sleep(0.1) end
-		log("  Lua profile: %s", profile_out)
-	end
-	if handle.perf_pid then
-		sh(format("kill -INT %d", handle.perf_pid))
-		local deadline = gettime() + 60
-		while read_file("/proc/" .. handle.perf_pid .. "/stat") and gettime() < deadline do socket.sleep(0.1) end
-		log("  perf data: %s", handle.perf_out)
-	end
-end
-
 -- One measured phase: start() sets the load going, the phase lasts until done();
--- adds to res.<phase>_wall, _cpu, _utime, _stime, _gen (the generator's CPU) and _ir
--- (from the profile, if any), so a phase may be measured in slices; sets _rss and _hwm.
-local function measure_phase(res, phase, pid, prof, profile_out, start, done)
+-- adds to res.<phase>_wall, _cpu, _utime, _stime and _gen (the generator's CPU), so a
+-- phase may be measured in slices; sets _rss and _hwm.
+local function measure_phase(res, phase, pid, start, done)
 	local cpu0, u0, k0 = proc_cpu(pid)
 	local gen0, t0 = self_cpu(), gettime()
 	start()
@@ -555,8 +414,6 @@ local function measure_phase(res, phase, pid, prof, profile_out, start, done)
 	local function add(k, v) if v then res[phase .. k] = (res[phase .. k] or 0) + v end end
 	add("_utime", u1 - u0)
 	add("_stime", k1 - k0)
-	profile_stop(prof, pid, profile_out)
-	add("_ir", prof.ir)
 	add("_wall", t1 - t0)
 	add("_cpu", cpu1 - cpu0)
 	add("_gen", gen1 - gen0)
@@ -572,14 +429,7 @@ local function stop_variant(ctx)
 	for _, c in ipairs(ctx.conns) do pcall(c.close, c) end
 	ctx.conns = {}
 	local srv = ctx.srv
-	if opt.keep then
-		os.execute("cp '" .. ctx.logfile .. "' '" .. srv.dir .. "/bench.log'")
-		io.stderr:write("kept " .. srv.dir .. "\n")
-		srv:stop()
-		srv.cleaned = true -- (else support.prosody's exit-time cleanup removes the directory)
-	else
-		srv:cleanup()
-	end
+	srv:cleanup()
 	os.remove(ctx.logfile)
 end
 
@@ -602,7 +452,7 @@ local function store_connect(ctx)
 	local st = { ready = 0, done = 0, sent_bytes = 0, senders = {} }
 	ctx.store = st
 	local sender_handler = {}
-	function sender_handler.ready(c)
+	function sender_handler.ready()
 		st.ready = st.ready + 1
 	end
 	function sender_handler.element(c, name, buf, s, gt, e)
@@ -653,7 +503,7 @@ local function store_upto(ctx, upto)
 	local n0 = res.stored or 0
 	st.done = 0
 	local cpu0, wall0 = res.store_cpu or 0, res.store_wall or 0
-	measure_phase(res, "store", ctx.pid, profile_start("store", vname, ctx.pid, ctx.tag), ctx.profile_out, function()
+	measure_phase(res, "store", ctx.pid, function()
 		for s, c in ipairs(st.senders) do
 			c.limit = upto >= N and ctx.M[s] or ctx.M[s] * upto // N
 			c.pinged = false
@@ -679,27 +529,14 @@ local function start_variant(vname, P)
 	local N, R, S = P.N, P.R, P.S
 	local logfile = os.tmpname()
 	local global = concat({
-		format("log = { %s = ENV_E2E_LOG; error = ENV_E2E_LOG }", opt.log_level),
+		"log = { info = ENV_E2E_LOG; error = ENV_E2E_LOG }",
 		"c2s_stanza_size_limit = 1024 * 1024",
-		opt.config or "",
 		V.global or "",
 	}, "\n")
 	local plugin_paths, modules_enabled = {}, {}
 	for _, p in ipairs(V.plugin_paths or {}) do plugin_paths[#plugin_paths + 1] = p end
 	for _, m in ipairs(V.modules_enabled or {}) do modules_enabled[#modules_enabled + 1] = m end
-	local tag = format("N%d-%s", N, os.date("%H%M%S"))
-	local profile_out = format("%s/profile-%s-%s-%s.folded", OUTDIR, (vname:gsub("[^%w]+", "_")), opt.profile or "", tag)
-	local env = { E2E_LOG = logfile, E2E_PROFILE_OUT = profile_out }
-	if opt.callgrind then
-		env.E2E_CALLGRIND = OUTDIR .. "/e2e_cg.so"
-		env.E2E_CALLGRIND_PHASE = vname
-	end
-	if opt.profile or opt.perf or opt.callgrind then
-		sh("mkdir -p '" .. OUTDIR .. "'")
-		-- a directory of its own, so the bundled variants still get Prosody's mod_offline
-		plugin_paths[#plugin_paths + 1] = ROOT .. "/bench/e2e"
-		modules_enabled[#modules_enabled + 1] = "e2e_profile"
-	end
+	local env = { E2E_LOG = logfile }
 	local srv = server.start {
 		plugin_paths = plugin_paths, modules_enabled = modules_enabled,
 		modules_disabled = V.modules_disabled, global = global, host = V.host,
@@ -710,7 +547,7 @@ local function start_variant(vname, P)
 	for s = 1, S do M[s] = N // S + ((s - 1) < N % S and 1 or 0) end
 	local U = math.min(opt.pop_users or R, R) -- recipients that log in in the pop phase
 	local ctx = { vname = vname, V = V, P = P, U = U, M = M,
-		srv = srv, logfile = logfile, tag = tag, profile_out = profile_out, conns = {},
+		srv = srv, logfile = logfile, conns = {},
 		res = { variant = vname, N = N, R = R, B = P.B, S = S, C = P.C, U = U,
 			lost = 0, dup = 0, order = 0, nodelay = 0, misrouted = 0, errors = 0,
 			received = 0, pop_stanza_bytes = 0 } }
@@ -727,7 +564,7 @@ end
 
 -- The pop phase for recipients first..last (1-based), C at a time; adds to ctx.res.
 local function pop_range(ctx, first, last)
-	local vname, V, P, res = ctx.vname, ctx.V, ctx.P, ctx.res
+	local V, P, res = ctx.V, ctx.P, ctx.res
 	local R, S, C, M = P.R, P.S, P.C, ctx.M
 	local next_r, active, finished = first, 0, 0
 	local received, stanza_bytes = 0, 0
@@ -803,8 +640,7 @@ local function pop_range(ctx, first, last)
 	end
 
 	local n = last - first + 1
-	measure_phase(res, "pop", ctx.pid, profile_start("pop", vname, ctx.pid, ctx.tag), ctx.profile_out,
-		start_recipient, function() return finished == n end)
+	measure_phase(res, "pop", ctx.pid, start_recipient, function() return finished == n end)
 	res.received = res.received + received
 	res.pop_stanza_bytes = res.pop_stanza_bytes + stanza_bytes
 	res.stanza_bytes = res.received > 0 and res.pop_stanza_bytes / res.received or nil
@@ -874,14 +710,11 @@ local function derive(r)
 		pop_hwm = r.pop_hwm,
 		pop_gen = r.pop_gen / math.max(r.pop_cpu, 1e-9),
 		stanza_bytes = r.stanza_bytes,
-		store_kir = r.store_ir and r.store_ir / r.N / 1000,
-		pop_kir = r.pop_ir and r.pop_ir / pk / 1000000,
 	}
 end
 
 local METRICS = { "store_wall", "store_rate", "store_cpu_k", "store_rss", "store_gen", "disk_msg",
-	"pop_wall", "pop_rate", "pop_cpu_k", "pop_cpu_user", "pop_rss", "pop_hwm", "pop_gen", "stanza_bytes",
-	"store_kir", "pop_kir" }
+	"pop_wall", "pop_rate", "pop_cpu_k", "pop_cpu_user", "pop_rss", "pop_hwm", "pop_gen", "stanza_bytes" }
 
 local function summarise(results)
 	-- results: list of raw results of one variant
@@ -924,9 +757,7 @@ local function print_table(title, P, summaries, variants, stanza_ref)
 	if opt.pop_users and opt.pop_users < P.R then
 		print(format("  pop phase: the first %d of the %d recipients log in; the others keep their messages", opt.pop_users, P.R))
 	end
-	if opt.ours_lua ~= ROOT .. "/lua" then print("  ours: plugin directory " .. opt.ours_lua) end
-	print("  ours: " .. LIMIT_RULE .. "; bundled: storage_archive_item_limit = 10000; Prosody log level " .. opt.log_level
-		.. (opt.config and ("; extra config: " .. opt.config) or ""))
+	print("  ours: " .. LIMIT_RULE .. "; bundled: storage_archive_item_limit = 10000; Prosody log level info")
 	print()
 	local hdr = { "variant", "store s", "store msg/s", "CPU s/1k", "RSS MB", "disk B/msg", "disk/stanza",
 		"pop s", "pop msg/s", "CPU s/1k", "ms/user", "RSS MB", "gen CPU %", "lost", "dup", "order", "nodelay", "err" }
@@ -969,18 +800,6 @@ local function print_table(title, P, summaries, variants, stanza_ref)
 		ratio_row("ours/floor", summaries.stub)
 		ratio_row("ours/memory", summaries.memory)
 	end
-	-- callgrind instruction counts, when measured
-	for _, v in ipairs(variants) do
-		local s = summaries[v]
-		if s and (s.store_kir or s.pop_kir) then
-			local floor_s = summaries.stub
-			print(format("  callgrind %-24s store %s kIr/msg%s   pop %s kIr/msg%s", VARIANTS[v].label,
-				s.store_kir and format("%.1f", s.store_kir) or "-",
-				(floor_s and floor_s.store_kir and s.store_kir) and format(" (%.2fx floor)", s.store_kir / floor_s.store_kir) or "",
-				s.pop_kir and format("%.1f", s.pop_kir) or "-",
-				(summaries.internal and summaries.internal.pop_kir and s.pop_kir) and format(" (%.2fx bundled-internal)", s.pop_kir / summaries.internal.pop_kir) or ""))
-		end
-	end
 	-- spreads
 	local sp = {}
 	for _, v in ipairs(variants) do
@@ -993,20 +812,6 @@ local function print_table(title, P, summaries, variants, stanza_ref)
 	if #sp > 0 then print("  spread (half of max-min over median): " .. concat(sp, "; ")) end
 	print("  CPU s/1k = server utime+stime per 1000 messages; ms/user = pop-phase server CPU per recipient"
 		.. " (login included); gen CPU % = generator CPU / server CPU (store/pop); err = error stanzas + misrouted")
-end
-
-local RAW_FIELDS = { "variant", "N", "R", "B", "S", "C", "store_wall", "store_cpu", "store_utime", "store_stime", "store_gen", "store_rss", "store_hwm",
-	"disk", "sent_stanza_bytes", "pop_wall", "pop_cpu", "pop_utime", "pop_stime", "pop_gen", "pop_rss", "pop_hwm", "received", "stanza_bytes",
-	"lost", "dup", "order", "nodelay", "misrouted", "errors", "log_errors", "store_ir", "pop_ir", "U",
-	"last_n", "last_wall", "last_cpu" }
-
-local function raw_line(r)
-	if not opt.raw then return end
-	local f = assert(io.open(opt.raw, "a"))
-	local t = {}
-	for i, k in ipairs(RAW_FIELDS) do t[i] = tostring(r[k]) end
-	f:write(os.date("!%Y-%m-%dT%H:%M:%SZ"), "\t", concat(t, "\t"), "\n")
-	f:close()
 end
 
 -- Runs `variants`, interleaved, `runs` times; returns summaries by variant.
@@ -1063,7 +868,6 @@ local function campaign(P, variants)
 		for _, v in ipairs(order) do
 			log("run %d/%d: %s (N=%d, R=%d)", run, P.runs, v, P.N, P.R)
 			local r = run_variant(v, P)
-			raw_line(r)
 			raw[v][#raw[v] + 1] = r
 		end
 	end
@@ -1080,7 +884,6 @@ end
 -- Returns the summaries of both sizes and, per variant, the per-round ratios (b over a)
 -- of pop CPU per user and of the store rate (b's last P.N messages against a's).
 local function paired_scale_campaign(P, PS, variants)
-	assert(not (opt.profile or opt.perf or opt.callgrind), "--paired-scale does not profile")
 	assert(PS.N > P.N, "--paired-scale needs scale-N > N")
 	assert(math.min(opt.pop_users or P.R, P.R) == math.min(opt.pop_users or PS.R, PS.R),
 		"--paired-scale needs the same number of logins on both sides (--pop-users)")
@@ -1109,7 +912,6 @@ local function paired_scale_campaign(P, PS, variants)
 			local oka, ra = pcall(finish_variant, a)
 			if not oka then stop_variant(b); error(ra, 0) end
 			local rb = finish_variant(b)
-			raw_line(ra); raw_line(rb)
 			raw_a[v][#raw_a[v] + 1], raw_b[v][#raw_b[v] + 1] = ra, rb
 			local pop = derive(rb).pop_cpu_user / derive(ra).pop_cpu_user
 			local rate = (rb.last_n / rb.last_wall) / (ra.last_n / ra.last_wall)
@@ -1149,37 +951,9 @@ local function target(ok, text)
 	print(format("  [%s] %s", ok == nil and " ? " or ok and "met" or "MISSED", text))
 end
 
--- Results of earlier runs, from a --raw file: for the scale targets of a --scale-only run.
-local function load_raw(file, N, R)
-	local raw, variants = {}, {}
-	for line in io.lines(file) do
-		local cells = {}
-		for c in (line .. "\t"):gmatch("(.-)\t") do cells[#cells + 1] = c end
-		local r = {}
-		for i, k in ipairs(RAW_FIELDS) do
-			local v = cells[i + 1]
-			r[k] = (k == "variant") and v or tonumber(v)
-		end
-		if r.N == N and r.R == R and (r.U or r.R) == math.min(opt.pop_users or R, R) and VARIANTS[r.variant] then
-			if not raw[r.variant] then raw[r.variant] = {}; variants[#variants + 1] = r.variant end
-			table.insert(raw[r.variant], r)
-		end
-	end
-	local summaries = {}
-	local runs = 0
-	for v, list in pairs(raw) do summaries[v] = summarise(list); runs = math.max(runs, #list) end
-	return summaries, ordered(variants), runs, paired(raw)
-end
-
 local base, scale, base_paired, scale_paired
 local P = { N = opt.N, R = opt.R, B = opt.B, S = opt.S, C = opt.C, runs = opt.runs }
-if opt.base then
-	local variants
-	base, variants, P.runs, base_paired = load_raw(opt.base, opt.N, opt.R)
-	print_table("End-to-end, Prosody 0.12 (comparison, from " .. opt.base .. ")", P, base, variants)
-	print_paired(base_paired)
-end
-if opt.compare then
+if not opt.paired_scale then
 	base, base_paired = campaign(P, ordered(opt.variants))
 	check_clean(base)
 	print_table("End-to-end, Prosody 0.12 (" .. (opt.N == 20000 and "comparison" or "custom") .. ")",
@@ -1187,16 +961,7 @@ if opt.compare then
 	print_paired(base_paired)
 end
 local PS = { N = opt.scale_N, R = opt.scale_R, B = opt.B, S = opt.S, C = opt.C, runs = 1 }
-if opt.scale_from then
-	local variants
-	scale, variants, PS.runs = load_raw(opt.scale_from, opt.scale_N, opt.scale_R)
-	check_clean(scale)
-	print_table("Scale run (from " .. opt.scale_from .. ")", PS, scale, variants)
-elseif opt.scale then
-	scale = campaign(PS, ordered(opt.scale_variants))
-	check_clean(scale)
-	print_table("Scale run", PS, scale, ordered(opt.scale_variants))
-elseif opt.paired_scale then
+if opt.paired_scale then
 	P.runs = opt.runs
 	base, scale, scale_paired = paired_scale_campaign(P, PS, ordered(opt.scale_variants))
 	check_clean(base)
