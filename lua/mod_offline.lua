@@ -183,6 +183,8 @@ end
 --- A host: options validated at load, and again at each config reload.
 local settings, settings_err = read_options(host)
 if not settings then refuse(settings_err) end
+-- The events other modules and site plugins hook (offline_store.events).
+local ev = require "offline_store.events".new(prosody.hosts[host].events)
 local store_groupchat = settings.groupchat
 
 -- Admins (the `admin` ACL of the limit rules): roles on 13 (module:may), is_admin on 0.12. Asked only
@@ -334,7 +336,9 @@ local function attach(new_db)
 				end
 			end
 		end,
+		on_stored = function(stanza, username, count, id) ev:pending(stanza, username, id, count) end,
 		on_commit = function(n)
+			ev:commit()
 			m_stored:add(n)
 			module:log("debug", "Committed %d offline messages", n)
 		end,
@@ -343,6 +347,7 @@ local function attach(new_db)
 			notice:line("failed", "error", "Committing %d offline messages failed: %s (code %s); their senders are told",
 				#lost, err, tostring(code))
 			for _, stanza in ipairs(lost) do tell_sender(stanza, policy.failure_error(stanza)) end
+			ev:lost()
 		end,
 	})
 	b, guarded = this, this:guarded()
@@ -472,6 +477,15 @@ end
 -- deep", and is stored as the string util.stanza writes. mod_smacks waits for
 -- the answer to a re-queue: that one is committed at once.
 local function store_message(origin, stanza, username)
+	-- handlers of offline-store/store may rewrite the message, or veto it
+	local kept, vetoed = ev:store(stanza, username, origin)
+	if not kept then
+		m_dropped:with_labels(vetoed):add(1)
+		module:log("debug", "Not storing a message for %s@%s: %s", username, host, vetoed)
+		ev:rejected(stanza, username, "policy", vetoed)
+		return true
+	end
+	stanza = kept
 	-- Delay stamps are believed only on messages the server re-queues from the
 	-- recipient's own session (mod_smacks): a sender can forge any `from`.
 	local requeued = from_recipient(origin, username)
@@ -488,6 +502,7 @@ local function store_message(origin, stanza, username)
 	if count == false and why == "duplicate" then
 		m_dropped:with_labels("duplicate"):add(1)
 		module:log("debug", "Not storing a message for %s@%s again (same origin-id from the same sender)", username, host)
+		ev:rejected(stanza, username, "duplicate")
 		return true
 	end
 	if count then
@@ -495,18 +510,21 @@ local function store_message(origin, stanza, username)
 		if requeued or b.unbatched then
 			m_stored:add(1)
 			module:log("debug", "Stored offline message for %s@%s (%d queued)", username, host, count)
+			ev:stored(stanza, username, why, count)
 		end
 		return true
 	end
 	if count == false then
 		m_rejected:add(1)
 		notice:line("rejected", "warn", "Offline queue of %s@%s is full (%d messages); a message was rejected", username, host, current)
+		ev:rejected(stanza, username, "limit")
 		if requeued then return nil end
 		tell_sender(stanza, policy.limit_error(stanza))
 		return true
 	end
 	m_failed:with_labels("write"):add(1)
 	notice:line("failed", "error", "Storing an offline message for %s@%s failed: %s (code %s)", username, host, why, tostring(current))
+	ev:rejected(stanza, username, "failure")
 	if requeued then return nil end
 	tell_sender(stanza, policy.failure_error(stanza))
 	return true
@@ -517,6 +535,7 @@ local function offer(origin, stanza, username)
 	local action, reason = policy.classify(stanza, store_groupchat)
 	if action == "store" then return store_message(origin, stanza, username) end
 	m_dropped:with_labels(reason):add(1)
+	ev:rejected(stanza, username, "policy", reason)
 	if action == "bounce" then
 		if from_recipient(origin, username) then return nil end
 		module:log("debug", "Bouncing %s message to offline %s@%s", reason, username, host)
@@ -630,7 +649,11 @@ drainer = drain.new {
 		session.send(st.stanza("r", { xmlns = session.smacks }))
 	end,
 	log = function(...) module:log(...) end,
-	delivered = function(n) m_delivered:add(n) end,
+	delivered = function(n, session)
+		m_delivered:add(n)
+		ev:delivered(session, n)
+	end,
+	on_acked = function(session, n) ev:acked(session, n) end,
 	failed = function(operation) m_failed:with_labels(operation):add(1) end,
 }
 
