@@ -185,6 +185,8 @@ local settings, settings_err = read_options(host)
 if not settings then refuse(settings_err) end
 -- The events other modules and site plugins hook (offline_store.events).
 local ev = require "offline_store.events".new(prosody.hosts[host].events)
+-- XEP-0357 pushes (mod_cloud_notify) for stored messages only (offline_store.push).
+require "offline_store.push".setup(module, require "offline_store.events")
 local store_groupchat = settings.groupchat
 
 -- Admins (the `admin` ACL of the limit rules): roles on 13 (module:may), is_admin on 0.12. Asked only
