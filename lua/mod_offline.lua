@@ -187,6 +187,8 @@ if not settings then refuse(settings_err) end
 local ev = require "offline_store.events".new(prosody.hosts[host].events)
 -- XEP-0357 pushes (mod_cloud_notify) for stored messages only (offline_store.push).
 require "offline_store.push".setup(module, require "offline_store.events")
+-- Prosody 13's disabled accounts (nil on 0.12): their messages are not stored.
+local is_disabled = require "offline_store.disabled".setup(module, core)
 local store_groupchat = settings.groupchat
 
 -- Admins (the `admin` ACL of the limit rules): roles on 13 (module:may), is_admin on 0.12. Asked only
@@ -534,6 +536,12 @@ end
 
 -- Returns the handler's result for a message offered for storage.
 local function offer(origin, stanza, username)
+	if is_disabled and is_disabled(username) then
+		m_dropped:with_labels("disabled"):add(1)
+		ev:rejected(stanza, username, "policy", "account disabled")
+		module:log("debug", "Not storing a message for disabled account %s@%s", username, host)
+		return nil -- Prosody bounces it as for an account that does not exist
+	end
 	local action, reason = policy.classify(stanza, store_groupchat)
 	if action == "store" then return store_message(origin, stanza, username) end
 	m_dropped:with_labels(reason):add(1)
