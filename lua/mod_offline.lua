@@ -115,7 +115,14 @@ local m = require "offline_store.metrics".new(function(...) return module:metric
 local group = module:shared("/*/offline/group_commit")
 require "offline_store.group".install(group, require "util.filters", prosody)
 
+-- The events other modules and site plugins hook (offline_store.events); XEP-0357 pushes
+-- (mod_cloud_notify) for stored messages only; Prosody 13's disabled accounts (nil on 0.12).
+local events = require "offline_store.events"
+require "offline_store.push".setup(module, events, prosody.hosts[host].events)
+
 local h = require "offline_store.host".new {
+	ev = events.new(prosody.hosts[host].events),
+	is_disabled = require "offline_store.disabled".setup(module, core),
 	host = host, settings = settings, core = core, limit = limit, metrics = m, group = group,
 	stores = module:shared("/*/offline/stores"),
 	open = function(s) return options.open_store(host, s) end,

@@ -7,11 +7,13 @@
 --
 --   local b = batch.new(db, { max = 256, on_open = f(), on_close = f(),
 --                             on_commit = f(n), on_lost = f(tokens, err, code),
---                             before_write = f() })
+--                             before_write = f(), on_stored = f(token, user, count, id) })
 --
 -- before_write runs before this batch takes the database for anything (begin,
 -- or any call through idle/guarded): the caller commits other batches there that
 -- may hold the same file's write lock (several hosts on one sqlite file).
+-- on_stored runs for each store that joined the open batch, before a flush it
+-- may cause (so a caller can tell its on_commit what each store was).
 --   b:store(token, <db:store arguments>)  -> what db:store returns (up to dedup)
 --   b:flush()                              -> true | nil, err, code
 --   b:idle()                               -> the db, after a flush (for every other call)
@@ -42,6 +44,7 @@ function M.new(db, opts)
 		on_close = opts.on_close or noop,
 		on_commit = opts.on_commit or noop,
 		on_lost = opts.on_lost or noop,
+		on_stored = opts.on_stored or noop,
 		open = false,      -- a batch is open on db
 		unbatched = false, -- db has no group commit: every store commits itself
 		tokens = {},
@@ -76,6 +79,7 @@ function methods:store(token, h, user, from, xml, ts, expire, max_count, max_byt
 	if count then
 		local n = self.n + 1
 		self.n, self.tokens[n] = n, token
+		self.on_stored(token, user, count, why)
 		if n >= self.max then self:flush() end
 	elseif count == nil then
 		-- the failed store rolled back the whole batch

@@ -17,7 +17,8 @@
 --       db = f() -> db | nil, err,    now_us = f(),
 --       deliver = f(item) -> stanza | nil, why,   set_aside = f(username, item, why),
 --       later = f(seconds, fn),      request_ack = f(session),
---       log = f(level, fmt, ...),    delivered = f(n),  failed = f(operation) }
+--       log = f(level, fmt, ...),    delivered = f(n, session),  failed = f(operation),
+--       on_acked = f(session, n) (optional: rows the client's acks confirmed) }
 --   d:start(session)            message/offline/broadcast: O(1) count, then a page from a timer
 --   d:acked(session)            after mod_smacks handled an <a/> (or a <resume/>'s h)
 --   d:failure(session, stanza)  true when stanza is a leased row of the session (not to be stored)
@@ -201,7 +202,7 @@ function Drain:pump(session)
 		end
 	end
 	s.sending = false
-	if sent > 0 then self.delivered(sent) end
+	if sent > 0 then self.delivered(sent, session) end
 	if done[1] then self:confirm(session, done) end
 	if not q then
 		if #items < self.page then s.eligible = false; return end
@@ -238,6 +239,7 @@ function Drain:confirm(session, ids)
 		self.log("error", "Deleting %d acknowledged offline messages of %s@%s failed: %s (code %s); "
 			.. "they will be delivered again", #ids, session.username, self.host, tostring(err), tostring(code))
 	end
+	return n
 end
 
 -- mod_smacks has taken an ack: the rows it covers are delivered.
@@ -257,7 +259,7 @@ function Drain:acked(session)
 	end
 	if not done[1] then return end
 	s.inflight = rest
-	self:confirm(session, done)
+	if self:confirm(session, done) and self.on_acked then self.on_acked(session, #done) end
 	if not rest[1] then self:schedule(session) end
 end
 

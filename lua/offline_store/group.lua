@@ -45,7 +45,7 @@ end
 -- A batch over `db` that is in group.open while it is open, flushed at the latest on
 -- the next loop turn (later(fn) runs fn then), and that commits the other hosts'
 -- batches before it writes (they may share the file and hold its write lock).
--- opts: max, later, on_commit, on_lost (as for offline_store.batch).
+-- opts: max, later, on_commit, on_lost, on_stored (as for offline_store.batch).
 function M.batch(group, db, opts)
 	local this
 	this = batch.new(db, {
@@ -65,6 +65,7 @@ function M.batch(group, db, opts)
 		end,
 		on_commit = opts.on_commit,
 		on_lost = opts.on_lost,
+		on_stored = opts.on_stored,
 	})
 	return this
 end

@@ -9,6 +9,7 @@ local policy = require "offline_store.policy"
 local admin = require "offline_store.admin"
 local group_commit = require "offline_store.group"
 local drain = require "offline_store.drain"
+local events = require "offline_store.events"
 local jid_bare = require "util.jid".bare
 local st = require "util.stanza"
 
@@ -45,9 +46,11 @@ M.LIMITS_KEPT = 50000
 --   now() -> seconds                      util.time.now
 --   metrics (offline_store.metrics), notice (offline_store.ratelog)
 --   group (offline_store.group's shared table), stores (host -> the shell's store)
+--   ev (offline_store.events), is_disabled(username) -> bool | nil (Prosody 13)
 function M.new(cfg)
 	local self = setmetatable({}, Host)
 	for k, v in pairs(cfg) do self[k] = v end
+	self.ev = cfg.ev or events.new(events.NONE)
 	self.limits_seen = cfg.core.cache(M.LIMITS_KEPT)
 	self.reopen_at = 0
 	self.handed_over = false
@@ -67,7 +70,9 @@ function Host:attach(new_db)
 	local b = group_commit.batch(self.group, new_db, {
 		max = M.BATCH_MAX,
 		later = function(fn) self.later(0, fn) end,
+		on_stored = function(stanza, username, count, id) self.ev:pending(stanza, username, id, count) end,
 		on_commit = function(n)
+			self.ev:commit()
 			m.stored:add(n)
 			self.log("debug", "Committed %d offline messages", n)
 		end,
@@ -76,6 +81,7 @@ function Host:attach(new_db)
 			self.notice:line("failed", "error", "Committing %d offline messages failed: %s (code %s); their senders are told",
 				#lost, err, tostring(code))
 			for _, stanza in ipairs(lost) do self:tell_sender(stanza, policy.failure_error(stanza)) end
+			self.ev:lost()
 		end,
 	})
 	self.b, self.guarded = b, b:guarded()
@@ -201,6 +207,15 @@ end
 -- the answer to a re-queue: that one is committed at once.
 function Host:store_message(origin, stanza, username)
 	local host, m = self.host, self.metrics
+	-- handlers of offline-store/store may rewrite the message, or veto it
+	local kept, vetoed = self.ev:store(stanza, username, origin)
+	if not kept then
+		m.dropped:with_labels(vetoed):add(1)
+		self.log("debug", "Not storing a message for %s@%s: %s", username, host, vetoed)
+		self.ev:rejected(stanza, username, "policy", vetoed)
+		return true
+	end
+	stanza = kept
 	-- Delay stamps are believed only on messages the server re-queues from the
 	-- recipient's own session (mod_smacks): a sender can forge any `from`.
 	local requeued = self:from_recipient(origin, username)
@@ -217,6 +232,7 @@ function Host:store_message(origin, stanza, username)
 	if count == false and why == "duplicate" then
 		m.dropped:with_labels("duplicate"):add(1)
 		self.log("debug", "Not storing a message for %s@%s again (same origin-id from the same sender)", username, host)
+		self.ev:rejected(stanza, username, "duplicate")
 		return true
 	end
 	if count then
@@ -224,18 +240,21 @@ function Host:store_message(origin, stanza, username)
 		if requeued or self.b.unbatched then
 			m.stored:add(1)
 			self.log("debug", "Stored offline message for %s@%s (%d queued)", username, host, count)
+			self.ev:stored(stanza, username, why, count)
 		end
 		return true
 	end
 	if count == false then
 		m.rejected:add(1)
 		self.notice:line("rejected", "warn", "Offline queue of %s@%s is full (%d messages); a message was rejected", username, host, current)
+		self.ev:rejected(stanza, username, "limit")
 		if requeued then return nil end
 		self:tell_sender(stanza, policy.limit_error(stanza))
 		return true
 	end
 	m.failed:with_labels("write"):add(1)
 	self.notice:line("failed", "error", "Storing an offline message for %s@%s failed: %s (code %s)", username, host, why, tostring(current))
+	self.ev:rejected(stanza, username, "failure")
 	if requeued then return nil end
 	self:tell_sender(stanza, policy.failure_error(stanza))
 	return true
@@ -243,9 +262,16 @@ end
 
 -- Returns the handler's result for a message offered for storage.
 function Host:offer(origin, stanza, username)
+	if self.is_disabled and self.is_disabled(username) then
+		self.metrics.dropped:with_labels("disabled"):add(1)
+		self.ev:rejected(stanza, username, "policy", "account disabled")
+		self.log("debug", "Not storing a message for disabled account %s@%s", username, self.host)
+		return nil -- Prosody bounces it as for an account that does not exist
+	end
 	local action, reason = policy.classify(stanza, self.settings.groupchat)
 	if action == "store" then return self:store_message(origin, stanza, username) end
 	self.metrics.dropped:with_labels(reason):add(1)
+	self.ev:rejected(stanza, username, "policy", reason)
 	if action == "bounce" then
 		if self:from_recipient(origin, username) then return nil end
 		self.log("debug", "Bouncing %s message to offline %s@%s", reason, username, self.host)
@@ -339,7 +365,11 @@ function Host:drainer(page)
 		later = self.later,
 		request_ack = M.request_ack,
 		log = self.log,
-		delivered = function(n) m.delivered:add(n) end,
+		delivered = function(n, session)
+			m.delivered:add(n)
+			self.ev:delivered(session, n)
+		end,
+		on_acked = function(session, n) self.ev:acked(session, n) end,
 		failed = function(operation) m.failed:with_labels(operation):add(1) end,
 	}
 end

@@ -13,11 +13,11 @@ M.PLUGINS = M.ROOT .. "/lua"
 M.PW = "secret"
 M.NS_DELAY = "urn:xmpp:delay"
 
--- Starts a Prosody with our plugin directory first in plugin_paths. Users default to a
--- small cast, all with password M.PW.
+-- Starts a Prosody with our plugin directory first in plugin_paths (then opts.plugin_paths,
+-- if any). Users default to a small cast, all with password M.PW.
 function M.start(opts)
 	opts = opts or {}
-	opts.plugin_paths = { M.PLUGINS }
+	opts.plugin_paths = { M.PLUGINS, table.unpack(opts.plugin_paths or {}) }
 	opts.users = opts.users or { alice = M.PW, bob = M.PW, carol = M.PW, dave = M.PW, root = M.PW, boss = M.PW }
 	return server.start(opts)
 end
