@@ -263,7 +263,7 @@ static int held_by_other(const mnode *n, os_str owner, int64_t now) {
 
 /* pop (who.p == NULL: deletes what it takes) and lease (marks it for who), as
  * backend.h says. */
-static int take(os_store *s, const os_key *k, os_str who, int64_t now, int64_t until,
+static int mem_take(os_store *s, const os_key *k, os_str who, int64_t now, int64_t until,
                 int64_t max, os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
 	mstore *m = s->impl;
 	mqueue **slot = find_slot(m, k, os_key_hash(k)), *q = *slot;
@@ -591,9 +591,22 @@ static void mem_close(os_store *s) {
 }
 
 static const os_backend memory_backend = {
-	"memory", mem_store, take, mem_release, mem_release_all, mem_renew, mem_count, mem_list, mem_remove, mem_remove_user,
-	mem_remove_host, mem_delete_expired, mem_delete_older_than, mem_users, mem_close,
-	NULL, NULL, /* no group commit */
+	.name = "memory",
+	.store = mem_store,
+	.take = mem_take,
+	.release = mem_release,
+	.release_all = mem_release_all,
+	.renew = mem_renew,
+	.count = mem_count,
+	.list = mem_list,
+	.remove = mem_remove,
+	.remove_user = mem_remove_user,
+	.remove_host = mem_remove_host,
+	.delete_expired = mem_delete_expired,
+	.delete_older_than = mem_delete_older_than,
+	.users = mem_users,
+	.close = mem_close,
+	/* no group commit: .batch_begin and .batch_end stay NULL */
 };
 
 int os_memory_open(os_store *s) {

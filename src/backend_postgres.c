@@ -682,7 +682,7 @@ static int classify(const os_item *it, os_str owner, int64_t now) {
  * returns fewer than max; the next call goes on from there). */
 #define SCAN_SLACK 1024
 
-static int take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
+static int pg_take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
                 int64_t max, os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
 	pg *g = s->impl;
 	PGresult *r = NULL;
@@ -1057,9 +1057,22 @@ static void pg_close(os_store *s) {
 }
 
 static const os_backend postgres_backend = {
-	"postgres", pg_store, take, pg_release, pg_release_all, pg_renew, pg_count, pg_list, pg_remove, pg_remove_user,
-	pg_remove_host, pg_delete_expired, pg_delete_older_than, pg_users, pg_close,
-	NULL, NULL, /* no group commit */
+	.name = "postgres",
+	.store = pg_store,
+	.take = pg_take,
+	.release = pg_release,
+	.release_all = pg_release_all,
+	.renew = pg_renew,
+	.count = pg_count,
+	.list = pg_list,
+	.remove = pg_remove,
+	.remove_user = pg_remove_user,
+	.remove_host = pg_remove_host,
+	.delete_expired = pg_delete_expired,
+	.delete_older_than = pg_delete_older_than,
+	.users = pg_users,
+	.close = pg_close,
+	/* no group commit: .batch_begin and .batch_end stay NULL */
 };
 
 /* Runs one text-mode query of the schema check; NULL (and s records why) on failure. */

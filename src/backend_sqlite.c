@@ -885,7 +885,7 @@ static int held_until(sq *q, int64_t qid, int64_t now, os_str owner, int64_t *he
  * what they change is then a range of ids: pop deletes every row up to the last
  * it read but those set aside, lease deletes the expired rows up to there and
  * marks the free ones between the first and the last it took. */
-static int take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
+static int sq_take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
                 int64_t max, os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
 	sq *q = s->impl;
 	sqlite3_stmt *st;
@@ -1195,9 +1195,23 @@ static int sq_batch_end(os_store *s, int do_commit) {
 }
 
 static const os_backend sqlite_backend = {
-	"sqlite", sq_store, take, sq_release, sq_release_all, sq_renew, sq_count, sq_list, sq_remove, sq_remove_user,
-	sq_remove_host, sq_delete_expired, sq_delete_older_than, sq_users, sq_close,
-	sq_batch_begin, sq_batch_end,
+	.name = "sqlite",
+	.store = sq_store,
+	.take = sq_take,
+	.release = sq_release,
+	.release_all = sq_release_all,
+	.renew = sq_renew,
+	.count = sq_count,
+	.list = sq_list,
+	.remove = sq_remove,
+	.remove_user = sq_remove_user,
+	.remove_host = sq_remove_host,
+	.delete_expired = sq_delete_expired,
+	.delete_older_than = sq_delete_older_than,
+	.users = sq_users,
+	.close = sq_close,
+	.batch_begin = sq_batch_begin,
+	.batch_end = sq_batch_end,
 };
 
 /* Reads one integer pragma; SQLITE_OK or the error. */
