@@ -481,10 +481,11 @@ static int reconnect(os_store *s, pg *g) {
 	return OS_OK;
 }
 
-/* Every call starts here: frees a result an abandoned call left behind,
+/* The recover step (backend.h's cleanup rule); every call starts here: frees
+ * a result an abandoned call left behind,
  * reconnects a lost connection (with backoff), re-prepares the statements
  * and rolls back a transaction an abandoned call left open. */
-static int ready(os_store *s, pg *g) {
+static int pg_recover(os_store *s, pg *g) {
 	if (g->live) {
 		PQclear(g->live);
 		g->live = NULL;
@@ -580,7 +581,7 @@ static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 	PGresult *r = NULL;
 	params p;
 	int rc;
-	if (ready(s, g) != OS_OK)
+	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
 	p_key(&p, k);
 	p_i64(&p, m->ts);
@@ -662,20 +663,6 @@ static char *id_array(const int64_t *ids, size_t n, size_t *size) {
 	return a;
 }
 
-enum { SKIP, EXPIRED, TAKE, STOP };
-
-/* What pop (owner.p NULL) or lease does with a row it reads. */
-static int classify(const os_item *it, os_str owner, int64_t now) {
-	if (os_is_set_aside(it->meta))
-		return SKIP;
-	if (it->expire != OS_NONE && it->expire <= now)
-		return EXPIRED;
-	if (it->lease_owner.p && it->lease_until > now)
-		return owner.p && it->lease_owner.n == owner.n &&
-		       memcmp(it->lease_owner.p, owner.p, owner.n) == 0 ? SKIP /* in flight to owner */ : STOP;
-	return TAKE;
-}
-
 /* pop (owner.p NULL: deletes what it takes) and lease (marks it for owner
  * until `until`), as backend.h says, under the user's lock (see 3. and 6.). */
 /* Rows a page may pass over beyond its max before it ends short (it then
@@ -691,7 +678,7 @@ static int pg_take(os_store *s, const os_key *k, os_str owner, int64_t now, int6
 	int rc = OS_OK, i, n, stopped = 0;
 	*expired = 0;
 	*held = OS_NONE;
-	if (ready(s, g) != OS_OK)
+	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
 	p_key(&p, k);
 	/* Cheap read first, outside any transaction: the broadcast fires on every login. */
@@ -735,14 +722,14 @@ static int pg_take(os_store *s, const os_key *k, os_str owner, int64_t now, int6
 		os_item it;
 		int what;
 		read_item(r, i, &it);
-		if ((what = classify(&it, owner, now)) == STOP) {
+		if ((what = os_take_what(&it, owner, now)) == OS_TAKE_STOP) {
 			stopped = 1;
 			break;
 		}
-		if (what == SKIP)
+		if (what == OS_TAKE_SKIP)
 			continue;
 		last = it.id;
-		if (what == EXPIRED) {
+		if (what == OS_TAKE_EXPIRED) {
 			(*expired)++;
 			continue;
 		}
@@ -763,7 +750,7 @@ static int pg_take(os_store *s, const os_key *k, os_str owner, int64_t now, int6
 		for (j = 0; j < i; j++) {
 			os_item it;
 			read_item(r, j, &it);
-			if (classify(&it, owner, now) == TAKE)
+			if (os_take_what(&it, owner, now) == OS_TAKE_ROW)
 				ids[taken++] = it.id;
 		}
 	}
@@ -831,7 +818,7 @@ static int relet(os_store *s, int which, params *p, int64_t *touched) {
 	PGresult *r;
 	int rc = OS_OK;
 	*touched = 0;
-	if (ready(s, g) != OS_OK)
+	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
 	if (p->too_big)
 		return os_fail(s, 0, "a string is too large");
@@ -871,7 +858,7 @@ static int pg_count(os_store *s, const os_key *k, int64_t *count, int64_t *bytes
 	PGresult *r;
 	params p;
 	int rc = OS_OK;
-	if (ready(s, g) != OS_OK)
+	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
 	p_key(&p, k);
 	r = run(g, ST_QUEUE_GET, &p);
@@ -892,7 +879,7 @@ static int pg_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
 	PGresult *r;
 	params p;
 	int i, n, rc = OS_OK;
-	if (ready(s, g) != OS_OK)
+	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
 	p_key(&p, k);
 	p_i64(&p, after_id);
@@ -928,7 +915,7 @@ static int locked_delete(os_store *s, const os_key *k, int which, const char *ar
 	int64_t xid;
 	int rc;
 	*touched = 0;
-	if (ready(s, g) != OS_OK)
+	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
 	if (begin(s, g) != OS_OK)
 		return OS_FAIL;
@@ -987,7 +974,7 @@ static int bulk(os_store *s, int which, params *p, int64_t *touched) {
 	PGresult *r;
 	int rc = OS_OK;
 	*touched = 0;
-	if (ready(s, g) != OS_OK)
+	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
 	r = run(g, which, p);
 	if (!result_ok(r))
@@ -1024,7 +1011,7 @@ static int pg_users(os_store *s, os_str host, os_emit_user emit, void *ud) {
 	PGresult *r;
 	params p;
 	int i, n, rc = OS_OK;
-	if (ready(s, g) != OS_OK)
+	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
 	p.n = p.too_big = 0;
 	p_bytes(&p, host.p, host.n);

@@ -37,6 +37,7 @@
 #include <sqlite3.h>
 
 #include "backend.h"
+#include "buffer.h"
 #include "hash.h"
 
 #define SCHEMA_VERSION 5
@@ -243,28 +244,24 @@ typedef struct {
 	int n_msg;
 	pend_queue queue[CHUNK]; /* at most one per message */
 	int n_queue;
-	char *arena;
-	size_t used, cap;
+	os_buf arena; /* the rows' strings */
 	/* INSERT and UPDATE statements of k rows, prepared when first needed
 	 * ([1] is the statement of one row, prepared at open) */
 	sqlite3_stmt *insert[STMT_ROWS + 1], *update[STMT_ROWS + 1];
 } pending;
 
-/* The counter cache: a chained hash table of counter rows by (host, user). */
+/* The counter cache: counter rows by (host, user), in a hash table (hash.h). */
 typedef struct centry {
-	struct centry *next;
-	uint64_t hash;
+	os_link link; /* first: a link is its entry */
 	int64_t qid, count, bytes;
 	size_t host_n, user_n;
 	char key[]; /* host, user, back to back */
 } centry;
 
-#define CACHE_BUCKETS 4096 /* a power of two */
-#define CACHE_MAX 65536    /* entries; a full cache starts over */
+#define CACHE_MAX 65536 /* entries; a full cache starts over */
 
 typedef struct {
-	centry **bucket; /* CACHE_BUCKETS of them once anything is cached */
-	size_t n;
+	os_table t;
 	int64_t data_version; /* the file's, as of the last write transaction */
 } ccache;
 
@@ -315,60 +312,49 @@ static int run(sqlite3_stmt *st) {
 	return rc;
 }
 
-static void cache_clear(ccache *c) {
-	size_t i;
-	for (i = 0; c->bucket && c->n > 0 && i < CACHE_BUCKETS; i++) {
-		centry *e = c->bucket[i], *next;
-		for (; e; e = next) {
-			next = e->next;
-			free(e);
-		}
-		c->bucket[i] = NULL;
-	}
-	c->n = 0;
+static void centry_free(os_link *e) {
+	free(e);
 }
 
-/* The slot pointing at k's entry, or at the NULL ending its chain. */
-static centry **cache_slot(ccache *c, const os_key *k, uint64_t h) {
-	centry **slot = &c->bucket[h & (CACHE_BUCKETS - 1)];
-	for (; *slot; slot = &(*slot)->next)
-		if ((*slot)->hash == h && os_key_is((*slot)->key, (*slot)->host_n, (*slot)->user_n, k))
-			break;
-	return slot;
+static void cache_clear(ccache *c) {
+	os_table_clear(&c->t, centry_free);
+}
+
+static int centry_is(const os_link *l, const void *k) {
+	const centry *e = (const centry *)l;
+	return os_key_is(e->key, e->host_n, e->user_n, k);
 }
 
 static centry *cache_find(ccache *c, const os_key *k, uint64_t h) {
-	return c->bucket ? *cache_slot(c, k, h) : NULL;
+	return (centry *)os_table_find(&c->t, h, centry_is, k);
 }
 
 /* Caches a counter row (out of memory: it is just not cached). */
 static void cache_put(ccache *c, const os_key *k, uint64_t h, int64_t qid, int64_t count,
                       int64_t bytes) {
 	centry *e;
-	if (!c->bucket && !(c->bucket = calloc(CACHE_BUCKETS, sizeof *c->bucket)))
-		return;
-	if (c->n >= CACHE_MAX)
+	if (c->t.n >= CACHE_MAX)
 		cache_clear(c);
+	if (c->t.n >= c->t.nbucket && os_table_grow(&c->t) != 0 && !c->t.bucket)
+		return; /* (a table that cannot grow just gets longer chains) */
 	if (!(e = malloc(sizeof *e + k->host.n + k->user.n)))
 		return;
-	e->hash = h, e->qid = qid, e->count = count, e->bytes = bytes;
+	e->link.hash = h, e->qid = qid, e->count = count, e->bytes = bytes;
 	e->host_n = k->host.n, e->user_n = k->user.n;
 	os_key_copy(e->key, k);
-	e->next = c->bucket[h & (CACHE_BUCKETS - 1)];
-	c->bucket[h & (CACHE_BUCKETS - 1)] = e;
-	c->n++;
+	os_table_add(&c->t, &e->link);
 }
 
 /* Forgets k's counter row, before an operation that changes it. */
 static void cache_drop(ccache *c, const os_key *k) {
-	centry **slot, *e;
-	if (!c->bucket)
+	os_link **slot;
+	if (!c->t.bucket)
 		return;
-	slot = cache_slot(c, k, os_key_hash(k));
-	if ((e = *slot)) {
-		*slot = e->next;
+	slot = os_table_slot(&c->t, os_key_hash(k), centry_is, k);
+	if (*slot) {
+		os_link *e = *slot;
+		os_table_unlink(&c->t, slot);
 		free(e);
-		c->n--;
 	}
 }
 
@@ -377,18 +363,15 @@ static void cache_drop(ccache *c, const os_key *k) {
  * count its stores. */
 static void forget_tx(sq *q) {
 	q->pend.n_msg = q->pend.n_queue = 0;
-	q->pend.used = 0;
-	if (q->pend.cap > ARENA_KEEP) {
-		free(q->pend.arena);
-		q->pend.arena = NULL, q->pend.cap = 0;
-	}
+	os_buf_reset(&q->pend.arena, ARENA_KEEP);
 	cache_clear(&q->cache);
 }
 
-/* Rolls back the open transaction, if any, and resets any statement left
- * stepping (both left by a call abandoned when an emit callback raised: a read
- * statement left active would hold on to its snapshot). */
-static void rollback(sq *q) {
+/* The recover step (backend.h's cleanup rule): rolls back the open transaction,
+ * if any, and resets any statement left stepping (both left by a call abandoned
+ * when an emit callback raised: a read statement left active would hold on to
+ * its snapshot). Also the plain rollback of a call that failed. */
+static void sq_recover(sq *q) {
 	sqlite3_stmt *st = NULL;
 	while ((st = sqlite3_next_stmt(q->db, st)))
 		if (sqlite3_stmt_busy(st))
@@ -409,7 +392,7 @@ static int begin(os_store *s, sq *q) {
 	sqlite3_stmt *st;
 	int rc;
 	q->id_read = q->id_dirty = 0;
-	rollback(q);
+	sq_recover(q);
 	if (run(stmt(q, ST_BEGIN)) != SQLITE_DONE)
 		return sqfail(s, q->db);
 	st = stmt(q, ST_DATA_VERSION);
@@ -429,7 +412,7 @@ static int begin(os_store *s, sq *q) {
 static int abort_tx(os_store *s, sq *q) {
 	sqfail(s, q->db);
 	forget_tx(q);
-	rollback(q);
+	sq_recover(q);
 	return OS_FAIL;
 }
 
@@ -640,10 +623,10 @@ static int write_rows(sq *q, int update, int n) {
 				sqlite3_bind_int64(st, 3 * i + 3, pq->bytes);
 			} else {
 				msg_row *r = &p->msg[at + i];
-				r->xml.p = p->arena + r->xml_at;
-				r->from.p = p->arena + r->from_at; /* (unused when own_from) */
-				r->meta.p = r->meta_at < 0 ? NULL : p->arena + r->meta_at;
-				r->dedup.p = r->dedup_at < 0 ? NULL : p->arena + r->dedup_at;
+				r->xml.p = p->arena.p + r->xml_at;
+				r->from.p = p->arena.p + r->from_at; /* (unused when own_from) */
+				r->meta.p = r->meta_at < 0 ? NULL : p->arena.p + r->meta_at;
+				r->dedup.p = r->dedup_at < 0 ? NULL : p->arena.p + r->dedup_at;
 				if ((rc = bind_row(st, 8 * i, r)) != SQLITE_OK)
 					return rc;
 			}
@@ -662,31 +645,15 @@ static int flush_pending(sq *q) {
 	if (rc == SQLITE_DONE)
 		rc = write_rows(q, 1, p->n_queue);
 	p->n_msg = p->n_queue = 0;
-	p->used = 0;
-	if (p->cap > ARENA_KEEP) { /* a chunk of big stanzas: give the memory back */
-		free(p->arena);
-		p->arena = NULL, p->cap = 0;
-	}
+	os_buf_reset(&p->arena, ARENA_KEEP); /* (a chunk of big stanzas gives the memory back) */
 	return rc;
 }
 
 /* Copies n bytes into the arena; their offset, or -1 when out of memory.
  * (The arena exists after any call, so that no pointer into it is NULL.) */
 static long long arena_add(pending *p, const char *data, size_t n) {
-	size_t at = p->used;
-	if (!p->arena || p->cap - p->used < n) {
-		size_t cap = p->cap ? p->cap : 16384;
-		char *grown;
-		while (cap - p->used < n)
-			cap *= 2;
-		if (!(grown = realloc(p->arena, cap)))
-			return -1;
-		p->arena = grown, p->cap = cap;
-	}
-	if (n > 0)
-		memcpy(p->arena + at, data, n);
-	p->used += n;
-	return (long long)at;
+	size_t at = p->arena.n;
+	return os_buf_add(&p->arena, data, n) ? (long long)at : -1;
 }
 
 /* The batch's pending increment of queue qid, or NULL. */
@@ -722,7 +689,7 @@ static int defer_store(os_store *s, sq *q, msg_row *r, int add) {
 		r->dedup_at = -1;
 	if (oom) {
 		s->in_batch = 0;
-		rollback(q);
+		sq_recover(q);
 		return os_fail(s, SQLITE_NOMEM, "out of memory");
 	}
 	p->msg[p->n_msg++] = *r;
@@ -735,7 +702,7 @@ static int defer_store(os_store *s, sq *q, msg_row *r, int add) {
 		pq->count++;
 		pq->bytes += (int64_t)r->xml.n;
 	}
-	if ((p->n_msg == CHUNK || p->used >= ARENA_KEEP) && flush_pending(q) != SQLITE_DONE)
+	if ((p->n_msg == CHUNK || p->arena.n >= ARENA_KEEP) && flush_pending(q) != SQLITE_DONE)
 		return store_abort(s, q);
 	return OS_OK;
 }
@@ -749,7 +716,7 @@ static int dedup_held(sq *q, int64_t qid, os_str d) {
 	for (i = 0; i < p->n_msg; i++) {
 		const msg_row *r = &p->msg[i];
 		if (r->qid == qid && r->dedup_at >= 0 && r->dedup.n == d.n &&
-		    memcmp(p->arena + r->dedup_at, d.p, d.n) == 0)
+		    memcmp(p->arena.p + r->dedup_at, d.p, d.n) == 0)
 			return SQLITE_ROW;
 	}
 	st = stmt(q, ST_DEDUP_FIND);
@@ -792,8 +759,7 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 		if (rc != SQLITE_ROW)
 			return store_abort(s, q);
 		rc = OS_DUP;
-	} else if ((lim->max_count != OS_NONE && *count + 1 > lim->max_count) ||
-	           (lim->max_bytes != OS_NONE && bytes + (int64_t)m->xml.n > lim->max_bytes)) {
+	} else if (os_over_limit(lim, *count, bytes, m->xml.n)) {
 		rc = OS_LIMIT;
 	}
 	if (rc == OS_DUP || rc == OS_LIMIT) {
@@ -894,7 +860,7 @@ static int sq_take(os_store *s, const os_key *k, os_str owner, int64_t now, int6
 	*expired = 0;
 	*held = OS_NONE;
 	/* Cheap read first: the broadcast fires on every login. */
-	rollback(q);
+	sq_recover(q);
 	cache_drop(&q->cache, k);
 	if (queue_get(q, k, &qid, &count, &bytes) != SQLITE_DONE)
 		return sqfail(s, q->db);
@@ -909,19 +875,17 @@ static int sq_take(os_store *s, const os_key *k, os_str owner, int64_t now, int6
 	sqlite3_bind_int64(st, 1, qid);
 	while ((max == OS_NONE || returned < max) && (rc = sqlite3_step(st)) == SQLITE_ROW) {
 		os_item it;
+		int what;
 		read_item(st, &it);
-		if (os_is_set_aside(it.meta))
+		if ((what = os_take_what(&it, owner, now)) == OS_TAKE_SKIP)
 			continue;
-		if (it.expire != OS_NONE && it.expire <= now) {
+		if (what == OS_TAKE_EXPIRED) {
 			(*expired)++;
 			gone_bytes += (int64_t)it.xml.n;
 			last = it.id;
 			continue;
 		}
-		if (it.lease_owner.p && it.lease_until > now) {
-			if (owner.p && it.lease_owner.n == owner.n &&
-			    memcmp(it.lease_owner.p, owner.p, owner.n) == 0)
-				continue; /* in flight to this owner */
+		if (what == OS_TAKE_STOP) {
 			stopped = 1;
 			break;
 		}
@@ -972,7 +936,7 @@ static int relet(os_store *s, int which, os_str prefix, int64_t until, int64_t *
 	sq *q = s->impl;
 	sqlite3_stmt *st;
 	*touched = 0;
-	rollback(q);
+	sq_recover(q);
 	st = stmt(q, which);
 	sqlite3_bind_int64(st, 2, (int64_t)prefix.n);
 	sqlite3_bind_int64(st, 3, until);
@@ -986,7 +950,7 @@ static int sq_release(os_store *s, const os_key *k, os_str owner, int64_t *touch
 	sq *q = s->impl;
 	sqlite3_stmt *st;
 	*touched = 0;
-	rollback(q);
+	sq_recover(q);
 	st = stmt(q, ST_RELEASE);
 	if (bind_key(st, k) != SQLITE_OK || bind_blob(st, 3, owner) != SQLITE_OK || run(st) != SQLITE_DONE)
 		return sqfail(s, q->db);
@@ -1006,7 +970,7 @@ static int sq_renew(os_store *s, os_str prefix, int64_t until, int64_t *touched)
 static int sq_count(os_store *s, const os_key *k, int64_t *count, int64_t *bytes) {
 	sq *q = s->impl;
 	int64_t qid;
-	rollback(q);
+	sq_recover(q);
 	if (queue_get(q, k, &qid, count, bytes) != SQLITE_DONE)
 		return sqfail(s, q->db);
 	return OS_OK;
@@ -1018,7 +982,7 @@ static int sq_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
 	sqlite3_stmt *st;
 	int64_t n = 0;
 	int rc = SQLITE_DONE;
-	rollback(q);
+	sq_recover(q);
 	st = stmt(q, ST_MSG_LIST);
 	if (bind_key(st, k) != SQLITE_OK)
 		return sqfail(s, q->db);
@@ -1138,7 +1102,7 @@ static int sq_users(os_store *s, os_str host, os_emit_user emit, void *ud) {
 	sq *q = s->impl;
 	sqlite3_stmt *st;
 	int rc;
-	rollback(q);
+	sq_recover(q);
 	st = stmt(q, ST_USERS);
 	if (bind_text(st, 1, host) != SQLITE_OK)
 		return sqfail(s, q->db);
@@ -1160,9 +1124,8 @@ static void sq_free(sq *q) {
 		sqlite3_finalize(q->pend.insert[i]);
 		sqlite3_finalize(q->pend.update[i]);
 	}
-	free(q->pend.arena);
-	cache_clear(&q->cache);
-	free(q->cache.bucket);
+	os_buf_free(&q->pend.arena);
+	os_table_free(&q->cache.t, centry_free);
 	sqlite3_close_v2(q->db);
 	free(q);
 }
@@ -1188,7 +1151,7 @@ static int sq_batch_end(os_store *s, int do_commit) {
 	}
 	if (do_commit)
 		return commit(s, q);
-	rollback(q);
+	sq_recover(q);
 	if (!sqlite3_get_autocommit(q->db))
 		return sqfail(s, q->db);
 	return OS_OK;
