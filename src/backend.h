@@ -125,7 +125,7 @@ static inline int os_take_what(const os_item *it, os_str owner, int64_t now) {
  * Failures that do not raise return OS_FAIL through os_fail: a function that
  * owns something (a PGresult, malloc'd memory) leaves through its one exit
  * (`goto done`) that frees it; one that owns nothing returns at once (sqlite's
- * `return abort_tx(...)`, which rolls back). */
+ * `return sq_abort_tx(...)`, which rolls back). */
 typedef void (*os_emit_item)(void *ud, const os_item *item);
 typedef void (*os_emit_user)(void *ud, os_str user, int64_t count, int64_t bytes);
 
