@@ -19,8 +19,8 @@ PQ_LIBS       ?= $(shell pkg-config --libs libpq 2>/dev/null || echo -lpq)
 WARN      = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wformat=2 -Wstrict-prototypes
 ALLCFLAGS = $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) $(SQLITE_CFLAGS) $(PQ_CFLAGS)
 
-SRC  = src/core.c src/xml.c src/cache.c src/hash.c src/buffer.c src/backend_sqlite.c src/backend_sqlite_batch.c src/backend_sqlite_schema.c src/backend_memory.c src/backend_postgres.c
-HDR  = src/backend.h src/backend_sqlite.h src/xml.h src/cache.h src/hash.h src/buffer.h
+SRC  = src/core.c src/xml.c src/cache.c src/hash.c src/buffer.c src/backend_sqlite.c src/backend_sqlite_batch.c src/backend_sqlite_schema.c src/backend_memory.c src/backend_postgres.c src/backend_postgres_conn.c src/backend_postgres_schema.c
+HDR  = src/backend.h src/backend_sqlite.h src/backend_postgres.h src/xml.h src/cache.h src/hash.h src/buffer.h
 CORE = build/offline_store/core.so
 # The sanitizer build lives apart, so `make test` and `make test-asan` never mix objects.
 ASAN_CORE = build/asan/offline_store/core.so
