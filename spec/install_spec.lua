@@ -25,8 +25,8 @@ end
 
 function TestInstall:test_luarocks_make_then_prosody_uses_the_tree()
 	local src = self.dir .. "/src"
-	assert(support.sh(("mkdir -p %s && cp -r %s/src %s/lua %s %s/"):format(support.quote(src), support.quote(ROOT),
-		support.quote(ROOT), support.quote(ROCKSPEC), support.quote(src))))
+	assert(support.sh(("mkdir -p %s && cp -r %s/src %s/lua %s/Makefile %s %s/"):format(support.quote(src),
+		support.quote(ROOT), support.quote(ROOT), support.quote(ROOT), support.quote(ROCKSPEC), support.quote(src))))
 	local ok, out = support.sh(("cd %s && luarocks --lua-version 5.4 make --tree %s %s"):format(
 		support.quote(src), support.quote(self.tree), support.quote(ROCKSPEC:match("[^/]+$"))))
 	lu.assertTrue(ok, out)
