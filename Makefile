@@ -12,16 +12,39 @@ LUADIR     ?= $(PREFIX)/share/lua/5.4
 
 SQLITE_CFLAGS ?= $(shell pkg-config --cflags sqlite3 2>/dev/null)
 SQLITE_LIBS   ?= $(shell pkg-config --libs sqlite3 2>/dev/null || echo -lsqlite3)
-PQ_CFLAGS     ?= $(shell pkg-config --cflags libpq 2>/dev/null || echo -I/usr/include/postgresql)
-PQ_LIBS       ?= $(shell pkg-config --libs libpq 2>/dev/null || echo -lpq)
+
+# The postgres backend (libpq) is optional: POSTGRES=yes or no; by default yes when libpq's
+# headers are found (pkg-config libpq, else pg_config). Without it the core builds and opens
+# sqlite and memory stores; core.open_postgres raises, naming what is missing.
+POSTGRES ?= $(shell pkg-config --exists libpq 2>/dev/null && echo yes || \
+              { pg_config --includedir >/dev/null 2>&1 && echo yes; } || echo no)
+ifeq ($(POSTGRES),yes)
+PQ_CFLAGS ?= $(shell pkg-config --cflags libpq 2>/dev/null || echo -I$$(pg_config --includedir 2>/dev/null || echo /usr/include/postgresql))
+PQ_LIBS   ?= $(shell pkg-config --libs libpq 2>/dev/null || echo -lpq)
+PQ_DEFS    = -DOS_WITH_POSTGRES
+PQ_SRC     = src/backend_postgres.c src/backend_postgres_conn.c src/backend_postgres_schema.c
+else ifeq ($(POSTGRES),no)
+PQ_CFLAGS  =
+PQ_LIBS    =
+PQ_DEFS    =
+PQ_SRC     =
+else
+$(error POSTGRES=$(POSTGRES): say yes or no)
+endif
 
 # Kept apart from CFLAGS so that a user's CFLAGS keeps them.
 WARN      = -std=c99 -Wall -Wextra -pedantic -Wshadow -Wformat=2 -Wstrict-prototypes
-ALLCFLAGS = $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) $(SQLITE_CFLAGS) $(PQ_CFLAGS)
+ALLCFLAGS = $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) $(SQLITE_CFLAGS) $(PQ_CFLAGS) $(PQ_DEFS)
 
-SRC  = src/core.c src/xml.c src/cache.c src/hash.c src/backend_sqlite.c src/backend_memory.c src/backend_postgres.c
-HDR  = src/backend.h src/xml.h src/cache.h src/hash.h
+BASE_SRC = src/core.c src/xml.c src/cache.c src/hash.c src/buffer.c src/backend_sqlite.c src/backend_sqlite_batch.c \
+           src/backend_sqlite_schema.c src/backend_memory.c
+SRC  = $(BASE_SRC) $(PQ_SRC)
+HDR  = src/backend.h src/backend_sqlite.h src/backend_postgres.h src/xml.h src/cache.h src/hash.h src/buffer.h
 CORE = build/offline_store/core.so
+# Rewritten when POSTGRES changes, so that the cores are rebuilt for the other choice.
+BUILD_CHOICE = build/.postgres-$(POSTGRES)
+# A core without PostgreSQL support next to the normal one, for spec/core_nopostgres_spec.lua.
+NOPG_CORE = build/nopg/offline_store/core.so
 # The sanitizer build lives apart, so `make test` and `make test-asan` never mix objects.
 ASAN_CORE = build/asan/offline_store/core.so
 ASAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
@@ -49,17 +72,28 @@ P13_ENV      = PROSODY_BIN=$(CURDIR)/$(P13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)
 # The system's Prosody version ("0.12.3"), empty when there is none.
 SYSTEM_PROSODY = prosodyctl about 2>/dev/null | sed -n 's/^Prosody \([0-9][0-9.]*\).*/\1/p' | head -n 1
 
-.PHONY: all deps lint test test-prosody prosody13 deps-prosody13 test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml bench-batch bench-hash bench-drain
+.PHONY: all nopostgres deps lint test test-prosody prosody13 deps-prosody13 test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml bench-batch bench-hash bench-drain
 
 all: $(CORE)
 
-$(CORE): $(SRC) $(HDR)
+$(BUILD_CHOICE):
+	@mkdir -p $(dir $@)
+	@rm -f build/.postgres-*
+	@touch $@
+
+$(CORE): $(SRC) $(HDR) $(BUILD_CHOICE)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALLCFLAGS) $(LIBFLAG) -o $@ $(SRC) $(SQLITE_LIBS) $(PQ_LIBS)
 
-$(ASAN_CORE): $(SRC) $(HDR)
+$(ASAN_CORE): $(SRC) $(HDR) $(BUILD_CHOICE)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) $(ASAN_FLAGS) -fPIC -I$(LUA_INCDIR) $(SQLITE_CFLAGS) $(PQ_CFLAGS) -shared -o $@ $(SRC) $(SQLITE_LIBS) $(PQ_LIBS)
+	$(CC) $(WARN) $(ASAN_FLAGS) -fPIC -I$(LUA_INCDIR) $(SQLITE_CFLAGS) $(PQ_CFLAGS) $(PQ_DEFS) -shared -o $@ $(SRC) $(SQLITE_LIBS) $(PQ_LIBS)
+
+nopostgres: $(NOPG_CORE)
+
+$(NOPG_CORE): $(BASE_SRC) $(HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) $(SQLITE_CFLAGS) $(LIBFLAG) -o $@ $(BASE_SRC) $(SQLITE_LIBS)
 
 # Installs what is missing, non-interactively; does nothing when all is there.
 deps:
@@ -125,7 +159,7 @@ lint:
 
 # The lint, every spec against the normal build (the server specs against each Prosody PROSODY
 # names), then the core specs against the sanitizer build.
-test: deps $(CORE) $(FAULT)
+test: deps $(CORE) $(NOPG_CORE) $(FAULT)
 	$(MAKE) --no-print-directory lint
 	$(if $(UNIT_SPECS),$(LUA) spec/run.lua $(UNIT_SPECS))
 	@$(MAKE) --no-print-directory test-prosody
@@ -157,7 +191,7 @@ test-prosody: $(CORE) $(FAULT)
 
 # The core specs under AddressSanitizer + UBSan (the Lua interpreter is not
 # instrumented, so the runtime is preloaded; leak checks cover the core).
-test-asan: $(ASAN_CORE)
+test-asan: $(ASAN_CORE) $(NOPG_CORE)
 	OFFLINE_STORE_CPATH=$(CURDIR)/build/asan/?.so \
 	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
@@ -216,7 +250,7 @@ FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 120
 FUZZ_CFLAGS   = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
                 -DOS_SQLITE_CHUNK=7 -DOS_SQLITE_STMT_ROWS=3 -DOS_SQLITE_ARENA_KEEP=2048
-FUZZ_SRC      = spec/fuzz/fuzz_core.c src/backend_sqlite.c src/backend_memory.c src/hash.c
+FUZZ_SRC      = spec/fuzz/fuzz_core.c src/backend_sqlite.c src/backend_sqlite_batch.c src/backend_sqlite_schema.c src/backend_memory.c src/hash.c src/buffer.c
 
 build/fuzz_core: $(FUZZ_SRC) $(HDR)
 	@mkdir -p $(dir $@)

@@ -19,37 +19,26 @@ dependencies = {
 }
 external_dependencies = {
    SQLITE = { header = "sqlite3.h", library = "sqlite3" },
-   -- Debian's libpq-dev puts the header in include/postgresql/; both layouts are on incdirs.
-   PQ = { header = "postgresql/libpq-fe.h", library = "pq" },
 }
+-- The Makefile builds the core (and installs it with every Lua module of lua/offline_store/ and the
+-- two plugins). The postgres backend is built when libpq's headers are found (pkg-config libpq,
+-- else pg_config); POSTGRES=no in the environment builds without it, POSTGRES=yes insists.
 build = {
-   type = "builtin",
-   modules = {
-      ["offline_store.core"] = {
-         sources = { "src/core.c", "src/xml.c", "src/cache.c", "src/hash.c", "src/backend_sqlite.c", "src/backend_memory.c", "src/backend_postgres.c" },
-         libraries = { "sqlite3", "pq" },
-         incdirs = { "$(SQLITE_INCDIR)", "$(PQ_INCDIR)/postgresql", "$(PQ_INCDIR)" },
-         libdirs = { "$(SQLITE_LIBDIR)", "$(PQ_LIBDIR)" },
-      },
-      offline_store = "lua/offline_store/init.lua",
-      ["offline_store.policy"] = "lua/offline_store/policy.lua",
-      ["offline_store.limits"] = "lua/offline_store/limits.lua",
-      ["offline_store.admin"] = "lua/offline_store/admin.lua",
-      ["offline_store.batch"] = "lua/offline_store/batch.lua",
-      ["offline_store.command"] = "lua/offline_store/command.lua",
-      ["offline_store.disabled"] = "lua/offline_store/disabled.lua",
-      ["offline_store.drain"] = "lua/offline_store/drain.lua",
-      ["offline_store.events"] = "lua/offline_store/events.lua",
-      ["offline_store.group"] = "lua/offline_store/group.lua",
-      ["offline_store.host"] = "lua/offline_store/host.lua",
-      ["offline_store.loader"] = "lua/offline_store/loader.lua",
-      ["offline_store.metrics"] = "lua/offline_store/metrics.lua",
-      ["offline_store.options"] = "lua/offline_store/options.lua",
-      ["offline_store.push"] = "lua/offline_store/push.lua",
-      ["offline_store.ratelog"] = "lua/offline_store/ratelog.lua",
-      ["offline_store.shell"] = "lua/offline_store/shell.lua",
-      mod_offline = "lua/mod_offline.lua",
-      mod_offline_stub = "lua/mod_offline_stub.lua",
+   type = "make",
+   build_variables = {
+      CFLAGS = "$(CFLAGS)",
+      LIBFLAG = "$(LIBFLAG)",
+      LUA = "$(LUA)",
+      LUA_INCDIR = "$(LUA_INCDIR)",
+      SQLITE_CFLAGS = "-I$(SQLITE_INCDIR)",
+      SQLITE_LIBS = "-L$(SQLITE_LIBDIR) -lsqlite3",
+   },
+   install_variables = {
+      PREFIX = "$(PREFIX)",
+      LIBDIR = "$(LIBDIR)",
+      LUADIR = "$(LUADIR)",
+      SQLITE_CFLAGS = "-I$(SQLITE_INCDIR)",
+      SQLITE_LIBS = "-L$(SQLITE_LIBDIR) -lsqlite3",
    },
 }
 test = {

@@ -11,7 +11,7 @@ local st = require "util.stanza"
 local ROOT = select(2, support.sh("pwd")):gsub("%s+$", "")
 local ROCKSPEC = select(2, support.sh("ls " .. support.quote(ROOT) .. "/offline-store-*.rockspec")):gsub("%s+$", "")
 
--- The Lua modules of the checkout, as the rockspec must list them: module name -> file.
+-- The Lua modules of the checkout, which `luarocks make` must install: module name -> file.
 local function lua_modules()
 	local want = { mod_offline = "lua/mod_offline.lua", mod_offline_stub = "lua/mod_offline_stub.lua" }
 	local p = io.popen("cd " .. support.quote(ROOT) .. " && ls lua/offline_store/*.lua")
@@ -24,20 +24,6 @@ local function lua_modules()
 end
 
 -- Every Lua module is installed: a module added under lua/ and not listed fails here.
-TestRockspec = {}
-
-function TestRockspec:test_lists_every_lua_module()
-	local rockspec = {}
-	assert(loadfile(ROCKSPEC, "t", rockspec))()
-	local listed = {}
-	for name, what in pairs(rockspec.build.modules) do
-		if type(what) == "string" then listed[name] = what end
-	end
-	local want = lua_modules()
-	lu.assertTrue(want["offline_store.host"] ~= nil and want.offline_store ~= nil, "found the modules")
-	lu.assertEquals(listed, want)
-end
-
 TestInstall = {}
 
 function TestInstall:setUp()
@@ -52,8 +38,8 @@ end
 
 function TestInstall:test_luarocks_make_then_prosody_uses_the_tree()
 	local src = self.dir .. "/src"
-	assert(support.sh(("mkdir -p %s && cp -r %s/src %s/lua %s %s/"):format(support.quote(src), support.quote(ROOT),
-		support.quote(ROOT), support.quote(ROCKSPEC), support.quote(src))))
+	assert(support.sh(("mkdir -p %s && cp -r %s/src %s/lua %s/Makefile %s %s/"):format(support.quote(src),
+		support.quote(ROOT), support.quote(ROOT), support.quote(ROOT), support.quote(ROCKSPEC), support.quote(src))))
 	local ok, out = support.sh(("cd %s && luarocks --lua-version 5.4 make --tree %s %s"):format(
 		support.quote(src), support.quote(self.tree), support.quote(ROCKSPEC:match("[^/]+$"))))
 	lu.assertTrue(ok, out)

@@ -1,5 +1,5 @@
 /* The internal interface between the Lua-facing functions (core.c) and one
- * storage backend (backend_sqlite.c, backend_memory.c). Backends know rows,
+ * storage backend (backend_memory.c, backend_sqlite*.c, backend_postgres*.c). Backends know rows,
  * transactions, counters and bytes; they never touch the Lua stack except
  * through the emit callbacks, and never raise. */
 #ifndef OFFLINE_STORE_BACKEND_H
@@ -72,11 +72,60 @@ typedef struct {
 	int64_t max_bytes; /* OS_NONE: unlimited */
 } os_limit;
 
-/* Emit callbacks return 0 to go on. They may raise a Lua error (out of
- * memory); backends must therefore tolerate being abandoned mid-call and
- * recover on the next call (see os_sqlite "recover"). They may also run Lua
- * code (finalizers); core.c keeps that code from entering the same store
- * while the backend call is under way (os_store.busy). */
+/* The limit decision, the same in every backend: whether a queue holding count
+ * messages of `bytes` stanza bytes has no room for one more of xml_n bytes.
+ * (The postgres backend decides it in its store statement, under the queue
+ * row's lock, by this same rule.) */
+static inline int os_over_limit(const os_limit *lim, int64_t count, int64_t bytes, size_t xml_n) {
+	return (lim->max_count != OS_NONE && count + 1 > lim->max_count) ||
+	       (lim->max_bytes != OS_NONE && bytes + (int64_t)xml_n > lim->max_bytes);
+}
+
+static inline int os_is_expired(int64_t expire, int64_t now) {
+	return expire != OS_NONE && expire <= now;
+}
+
+/* What take (below) does with a row it walks to, the same in every backend:
+ * skips it (set aside, or in flight to owner already), deletes it (expired),
+ * takes it, or stops (a live lease that is not owner's; owner.p NULL, as pop
+ * has it: anybody's). */
+enum { OS_TAKE_SKIP, OS_TAKE_EXPIRED, OS_TAKE_ROW, OS_TAKE_STOP };
+static inline int os_take_what(const os_item *it, os_str owner, int64_t now) {
+	if (os_is_set_aside(it->meta))
+		return OS_TAKE_SKIP;
+	if (os_is_expired(it->expire, now))
+		return OS_TAKE_EXPIRED;
+	if (it->lease_owner.p && it->lease_until > now)
+		return owner.p && it->lease_owner.n == owner.n &&
+		       memcmp(it->lease_owner.p, owner.p, owner.n) == 0 ? OS_TAKE_SKIP : OS_TAKE_STOP;
+	return OS_TAKE_ROW;
+}
+
+/* Emit callbacks hand one row (or user) to core.c, which copies it into a Lua
+ * table. They may raise a Lua error (out of memory): lua_error longjmps out of
+ * the callback and out of the backend, to core.c's call_emitting, which clears
+ * os_store.busy and raises again. They may also run Lua code (finalizers);
+ * busy keeps that code from entering the same store meanwhile.
+ *
+ * The cleanup rule, the same in every backend, for a call that an emit can
+ * abandon at any emit:
+ *  1. Nothing only a C local points to while an emit can run: memory the call
+ *     allocates for itself is allocated after its last emit (memory's lease
+ *     owner, postgres's id array), and what it reads rows from hangs off the
+ *     store (sqlite's prepared statements, postgres's `live` result).
+ *  2. Nothing half-changed that another call could see: memory changes a
+ *     queue only after its last emit (emit, then unlink); sqlite and postgres
+ *     emit inside the transaction that the call commits after its last emit.
+ *  3. Every call begins with its backend's recover step (a store inside a
+ *     batch joins the open transaction instead), which undoes what an
+ *     abandoned call left: sq_recover (resets statements left
+ *     stepping, rolls back, forgets deferred rows) and pg_recover (frees
+ *     `live`, rolls back; also reconnects); the memory backend has nothing to
+ *     undo. close does the same.
+ * Failures that do not raise return OS_FAIL through os_fail: a function that
+ * owns something (a PGresult, malloc'd memory) leaves through its one exit
+ * (`goto done`) that frees it; one that owns nothing returns at once (sqlite's
+ * `return sq_abort_tx(...)`, which rolls back). */
 typedef void (*os_emit_item)(void *ud, const os_item *item);
 typedef void (*os_emit_user)(void *ud, os_str user, int64_t count, int64_t bytes);
 

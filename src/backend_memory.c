@@ -1,10 +1,11 @@
-/* The memory backend: a chained hash table of per-user FIFOs, in process,
+/* The memory backend: a hash table (hash.h) of per-user FIFOs, in process,
  * lost on restart (the seed's mnesia-in-RAM role). Every queue keeps its
  * own count and bytes, so store() checks the limit in O(1). Empty queues
  * are freed, so memory follows what is stored. Rows with a dedup key are also
  * in a second hash table, by (queue, key), so the duplicate check is O(1) too.
  * The rows one lease call marks share one reference-counted owner. */
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -25,15 +26,13 @@ typedef struct mnode {
 	int has_meta, has_dedup;
 	mowner *owner; /* NULL: free */
 	int64_t lease_until;
-	struct mnode *dnext;   /* the dedup table's chain (has_dedup only) */
+	os_link dlink;           /* in the dedup table (has_dedup only) */
 	const struct mqueue *dq; /* and the queue it belongs to */
-	uint64_t dhash;
 	char data[]; /* from, xml, meta, dedup, back to back */
 } mnode;
 
 typedef struct mqueue {
-	struct mqueue *hnext;
-	uint64_t hash;
+	os_link link; /* in the queue table (first: a link is its queue) */
 	int64_t count, bytes;
 	mnode *head, *tail;
 	size_t host_n, user_n;
@@ -41,79 +40,51 @@ typedef struct mqueue {
 } mqueue;
 
 typedef struct {
-	mqueue **bucket;
-	size_t nbucket, nqueue; /* nbucket is a power of two */
-	mnode **dbucket;        /* rows with a dedup key, by (queue, key) */
-	size_t ndbucket, ndedup; /* ndbucket: 0, or a power of two */
+	os_table queues; /* by (host, user) */
+	os_table dedup;  /* rows with a dedup key, by (queue, key) */
 	int64_t last_id;
 } mstore;
 
-static int queue_is(const mqueue *q, uint64_t h, const os_key *k) {
-	return q->hash == h && os_key_is(q->key, q->host_n, q->user_n, k);
+#define QUEUE(link) ((mqueue *)(link))
+
+static int queue_is(const os_link *l, const void *k) {
+	const mqueue *q = (const mqueue *)l;
+	return os_key_is(q->key, q->host_n, q->user_n, k);
 }
 
 /* Returns the slot pointing at the queue (or at the NULL ending its chain). */
-static mqueue **find_slot(mstore *m, const os_key *k, uint64_t h) {
-	mqueue **slot = &m->bucket[h & (m->nbucket - 1)];
-	while (*slot && !queue_is(*slot, h, k))
-		slot = &(*slot)->hnext;
-	return slot;
-}
-
-static int grow(mstore *m) {
-	size_t n = m->nbucket * 2, i;
-	mqueue **b = calloc(n, sizeof *b);
-	if (!b)
-		return -1;
-	for (i = 0; i < m->nbucket; i++) {
-		mqueue *q = m->bucket[i], *next;
-		for (; q; q = next) {
-			next = q->hnext;
-			q->hnext = b[q->hash & (n - 1)];
-			b[q->hash & (n - 1)] = q;
-		}
-	}
-	free(m->bucket);
-	m->bucket = b;
-	m->nbucket = n;
-	return 0;
+static os_link **find_slot(mstore *m, const os_key *k, uint64_t h) {
+	return os_table_slot(&m->queues, h, queue_is, k);
 }
 
 static const char *dedup_of(const mnode *n) {
 	return n->data + n->from_n + n->xml_n + n->meta_n;
 }
 
-/* The dedup table's slot pointing at q's row with key d, or at the NULL ending its chain. */
-static mnode **dedup_slot(mstore *m, const mqueue *q, os_str d, uint64_t h) {
-	mnode **slot = &m->dbucket[h & (m->ndbucket - 1)];
-	while (*slot && !((*slot)->dhash == h && (*slot)->dq == q && (*slot)->dedup_n == d.n &&
-	                  memcmp(dedup_of(*slot), d.p, d.n) == 0))
-		slot = &(*slot)->dnext;
-	return slot;
-}
-
 static uint64_t dedup_hash(const mqueue *q, os_str d) {
 	return os_hash_pair(q->key, q->host_n + q->user_n, d.p, d.n);
 }
 
-/* Doubles the dedup table (or makes its first 64 buckets); -1 when out of memory. */
-static int dedup_grow(mstore *m) {
-	size_t n = m->ndbucket ? m->ndbucket * 2 : 64, i;
-	mnode **b = calloc(n, sizeof *b);
-	if (!b)
-		return -1;
-	for (i = 0; i < m->ndbucket; i++) {
-		mnode *d = m->dbucket[i], *next;
-		for (; d; d = next) {
-			next = d->dnext;
-			d->dnext = b[d->dhash & (n - 1)];
-			b[d->dhash & (n - 1)] = d;
-		}
-	}
-	free(m->dbucket);
-	m->dbucket = b;
-	m->ndbucket = n;
-	return 0;
+static const mnode *dedup_node(const os_link *l) {
+	return (const mnode *)(const void *)((const char *)l - offsetof(mnode, dlink));
+}
+
+typedef struct {
+	const mqueue *q;
+	os_str d;
+} dedup_key;
+
+static int dedup_is(const os_link *l, const void *arg) {
+	const mnode *n = dedup_node(l);
+	const dedup_key *dk = arg;
+	return n->dq == dk->q && n->dedup_n == dk->d.n && memcmp(dedup_of(n), dk->d.p, dk->d.n) == 0;
+}
+
+/* Whether q holds a row with key d. */
+static int dedup_held(mstore *m, const mqueue *q, os_str d) {
+	dedup_key dk;
+	dk.q = q, dk.d = d;
+	return os_table_find(&m->dedup, dedup_hash(q, d), dedup_is, &dk) != NULL;
 }
 
 static void owner_unref(mowner *o) {
@@ -123,15 +94,8 @@ static void owner_unref(mowner *o) {
 
 /* Frees a row, taking it out of the dedup table and dropping its lease. */
 static void free_node(mstore *m, mnode *n) {
-	if (n->has_dedup) {
-		os_str d;
-		mnode **slot;
-		d.p = dedup_of(n), d.n = n->dedup_n;
-		slot = dedup_slot(m, n->dq, d, n->dhash);
-		if (*slot == n)
-			*slot = n->dnext;
-		m->ndedup--;
-	}
+	if (n->has_dedup)
+		os_table_unlink(&m->dedup, os_table_slot_of(&m->dedup, &n->dlink));
 	owner_unref(n->owner);
 	free(n);
 }
@@ -145,12 +109,11 @@ static void free_nodes(mstore *m, mnode *n) {
 }
 
 /* Unlinks and frees the queue at *slot. */
-static void drop_queue(mstore *m, mqueue **slot) {
-	mqueue *q = *slot;
-	*slot = q->hnext;
+static void drop_queue(mstore *m, os_link **slot) {
+	mqueue *q = QUEUE(*slot);
+	os_table_unlink(&m->queues, slot);
 	free_nodes(m, q->head);
 	free(q);
-	m->nqueue--;
 }
 
 static void to_item(const mnode *n, os_item *it) {
@@ -169,31 +132,23 @@ static void to_item(const mnode *n, os_item *it) {
 }
 
 static int is_expired(const mnode *n, int64_t now) {
-	return n->expire != OS_NONE && n->expire <= now;
-}
-
-static int is_set_aside(const mnode *n) {
-	os_str meta;
-	meta.p = n->has_meta ? n->data + n->from_n + n->xml_n : NULL;
-	meta.n = n->meta_n;
-	return os_is_set_aside(meta);
+	return os_is_expired(n->expire, now);
 }
 
 static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_limit *lim,
                      int64_t *count, int64_t *id) {
 	mstore *m = s->impl;
 	uint64_t h = os_key_hash(k);
-	mqueue **slot = find_slot(m, k, h), *q = *slot;
+	os_link **slot = find_slot(m, k, h);
+	mqueue *q = QUEUE(*slot);
 	mnode *n;
 	size_t dedup_n = in->dedup.p ? in->dedup.n : 0;
 	*count = q ? q->count : 0;
-	if (q && in->dedup.p && m->ndbucket &&
-	    *dedup_slot(m, q, in->dedup, dedup_hash(q, in->dedup)))
+	if (q && in->dedup.p && dedup_held(m, q, in->dedup))
 		return OS_DUP;
-	if ((lim->max_count != OS_NONE && *count + 1 > lim->max_count) ||
-	    (lim->max_bytes != OS_NONE && (q ? q->bytes : 0) + (int64_t)in->xml.n > lim->max_bytes))
+	if (os_over_limit(lim, *count, q ? q->bytes : 0, in->xml.n))
 		return OS_LIMIT;
-	if (in->dedup.p && m->ndedup >= m->ndbucket && dedup_grow(m) != 0)
+	if (in->dedup.p && m->dedup.n >= m->dedup.nbucket && os_table_grow(&m->dedup) != 0)
 		return os_fail(s, ENOMEM, "out of memory");
 	n = malloc(sizeof *n + in->from.n + in->xml.n + in->meta.n + dedup_n);
 	if (!n)
@@ -205,14 +160,13 @@ static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_l
 			return os_fail(s, ENOMEM, "out of memory");
 		}
 		memset(q, 0, sizeof *q);
-		q->hash = h;
+		q->link.hash = h;
 		q->host_n = k->host.n;
 		q->user_n = k->user.n;
 		os_key_copy(q->key, k);
-		*slot = q;
-		m->nqueue++;
-		if (m->nqueue > m->nbucket)
-			grow(m); /* on failure the chains just get longer */
+		os_table_add(&m->queues, &q->link);
+		if (m->queues.n > m->queues.nbucket)
+			os_table_grow(&m->queues); /* on failure the chains just get longer */
 	}
 	n->next = NULL;
 	n->id = ++m->last_id;
@@ -231,14 +185,10 @@ static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_l
 	n->has_dedup = in->dedup.p != NULL;
 	n->dedup_n = dedup_n;
 	if (n->has_dedup) {
-		mnode **ds;
 		memcpy(n->data + n->from_n + n->xml_n + n->meta_n, in->dedup.p, dedup_n);
 		n->dq = q;
-		n->dhash = dedup_hash(q, in->dedup);
-		ds = &m->dbucket[n->dhash & (m->ndbucket - 1)];
-		n->dnext = *ds;
-		*ds = n;
-		m->ndedup++;
+		n->dlink.hash = dedup_hash(q, in->dedup);
+		os_table_add(&m->dedup, &n->dlink);
 	}
 	if (q->tail)
 		q->tail->next = n;
@@ -261,12 +211,26 @@ static int held_by_other(const mnode *n, os_str owner, int64_t now) {
 	return n->owner && n->lease_until > now && !(owner.p && is_owner(n, owner));
 }
 
+/* What take does with row n (os_take_what); it as to_item makes it (no lease). */
+static int node_what(const mnode *n, os_str who, int64_t now, os_item *it) {
+	int what;
+	to_item(n, it);
+	if (n->owner) {
+		it->lease_owner.p = n->owner->p, it->lease_owner.n = n->owner->n;
+		it->lease_until = n->lease_until;
+	}
+	what = os_take_what(it, who, now);
+	it->lease_owner.p = NULL, it->lease_owner.n = 0, it->lease_until = 0;
+	return what;
+}
+
 /* pop (who.p == NULL: deletes what it takes) and lease (marks it for who), as
  * backend.h says. */
-static int take(os_store *s, const os_key *k, os_str who, int64_t now, int64_t until,
+static int mem_take(os_store *s, const os_key *k, os_str who, int64_t now, int64_t until,
                 int64_t max, os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
 	mstore *m = s->impl;
-	mqueue **slot = find_slot(m, k, os_key_hash(k)), *q = *slot;
+	os_link **slot = find_slot(m, k, os_key_hash(k));
+	mqueue *q = QUEUE(*slot);
 	mnode *n, *end, *kept = NULL, **kept_next = &kept, *kept_last = NULL;
 	mowner *shared = NULL;
 	int owner = who.p != NULL, stopped = 0;
@@ -275,16 +239,17 @@ static int take(os_store *s, const os_key *k, os_str who, int64_t now, int64_t u
 	*held = OS_NONE;
 	if (!q)
 		return OS_OK;
-	/* First emit, then change the queue: if emit raises, the queue is untouched. */
+	/* First emit, then change the queue: if emit raises, the queue is untouched
+	 * (backend.h's cleanup rule; nothing to recover at the next call). */
 	for (n = q->head; n && (max == OS_NONE || returned < max); n = n->next) {
 		os_item it;
-		if (is_set_aside(n) || is_expired(n, now) || (owner && is_owner(n, who) && n->lease_until > now))
+		int what = node_what(n, who, now, &it);
+		if (what == OS_TAKE_SKIP || what == OS_TAKE_EXPIRED)
 			continue;
-		if (held_by_other(n, who, now)) {
+		if (what == OS_TAKE_STOP) {
 			stopped = 1;
 			break;
 		}
-		to_item(n, &it);
 		emit(ud, &it);
 		returned++;
 	}
@@ -304,20 +269,21 @@ static int take(os_store *s, const os_key *k, os_str who, int64_t now, int64_t u
 	}
 	for (n = q->head; n != end;) {
 		mnode *next = n->next;
-		if (is_expired(n, now) && !is_set_aside(n)) {
+		os_item it;
+		int what = node_what(n, who, now, &it);
+		if (what == OS_TAKE_EXPIRED) {
 			(*expired)++;
 			q->count--;
 			q->bytes -= (int64_t)n->xml_n;
 			free_node(m, n);
 		} else {
-			if (owner && !is_set_aside(n) && !held_by_other(n, who, now) &&
-			    !(is_owner(n, who) && n->lease_until > now)) { /* taken: leased */
+			if (owner && what == OS_TAKE_ROW) { /* taken: leased */
 				owner_unref(n->owner);
 				n->owner = shared;
 				shared->refs++;
 				n->lease_until = until;
 			}
-			if (!owner && !is_set_aside(n)) { /* taken: deleted */
+			if (!owner && what == OS_TAKE_ROW) { /* taken: deleted */
 				q->count--;
 				q->bytes -= (int64_t)n->xml_n;
 				free_node(m, n);
@@ -339,7 +305,7 @@ static int take(os_store *s, const os_key *k, os_str who, int64_t now, int64_t u
 
 static int mem_count(os_store *s, const os_key *k, int64_t *count, int64_t *bytes) {
 	mstore *m = s->impl;
-	mqueue *q = *find_slot(m, k, os_key_hash(k));
+	mqueue *q = QUEUE(*find_slot(m, k, os_key_hash(k)));
 	*count = q ? q->count : 0;
 	*bytes = q ? q->bytes : 0;
 	return OS_OK;
@@ -348,7 +314,7 @@ static int mem_count(os_store *s, const os_key *k, int64_t *count, int64_t *byte
 static int mem_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
                     os_emit_item emit, void *ud) {
 	mstore *m = s->impl;
-	mqueue *q = *find_slot(m, k, os_key_hash(k));
+	mqueue *q = QUEUE(*find_slot(m, k, os_key_hash(k)));
 	mnode *n;
 	int64_t i = 0;
 	for (n = q ? q->head : NULL; n && (max == OS_NONE || i < max); n = n->next) {
@@ -369,9 +335,9 @@ static int mem_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
 
 /* Removes the nodes for which drop(node, arg) is true from one queue,
  * freeing the queue if it empties; returns how many went. */
-static int64_t filter_queue(mstore *m, mqueue **slot, int (*drop)(const mnode *, const void *),
+static int64_t filter_queue(mstore *m, os_link **slot, int (*drop)(const mnode *, const void *),
                             const void *arg) {
-	mqueue *q = *slot;
+	mqueue *q = QUEUE(*slot);
 	mnode **p = &q->head, *last = NULL;
 	int64_t gone = 0;
 	while (*p) {
@@ -421,7 +387,7 @@ static int drop_older(const mnode *n, const void *arg) {
 static int mem_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n,
                       int64_t *touched) {
 	mstore *m = s->impl;
-	mqueue **slot = find_slot(m, k, os_key_hash(k));
+	os_link **slot = find_slot(m, k, os_key_hash(k));
 	id_set set;
 	*touched = 0;
 	if (!*slot || n == 0)
@@ -440,7 +406,7 @@ static int mem_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n
 
 static int mem_remove_user(os_store *s, const os_key *k, int64_t *touched) {
 	mstore *m = s->impl;
-	mqueue **slot = find_slot(m, k, os_key_hash(k));
+	os_link **slot = find_slot(m, k, os_key_hash(k));
 	*touched = *slot ? filter_queue(m, slot, drop_all, NULL) : 0;
 	return OS_OK;
 }
@@ -450,17 +416,17 @@ static int64_t filter_all(mstore *m, const os_str *host,
                           int (*drop)(const mnode *, const void *), const void *arg) {
 	int64_t gone = 0;
 	size_t i;
-	for (i = 0; i < m->nbucket; i++) {
-		mqueue **slot = &m->bucket[i];
+	for (i = 0; i < m->queues.nbucket; i++) {
+		os_link **slot = &m->queues.bucket[i];
 		while (*slot) {
-			mqueue *q = *slot;
+			mqueue *q = QUEUE(*slot);
 			if (host && (q->host_n != host->n || memcmp(q->key, host->p, host->n) != 0)) {
-				slot = &q->hnext;
+				slot = &q->link.next;
 				continue;
 			}
 			gone += filter_queue(m, slot, drop, arg);
-			if (*slot == q) /* the queue survived */
-				slot = &q->hnext;
+			if (*slot == &q->link) /* the queue survived */
+				slot = &q->link.next;
 		}
 	}
 	return gone;
@@ -486,9 +452,9 @@ static int mem_delete_older_than(os_store *s, int64_t cutoff, int64_t *touched) 
 static int64_t each_row(mstore *m, mqueue *q, int (*f)(mnode *, const void *), const void *arg) {
 	int64_t changed = 0;
 	size_t i;
-	for (i = 0; i < m->nbucket; i++) {
+	for (i = 0; i < m->queues.nbucket; i++) {
 		mqueue *p;
-		for (p = q ? q : m->bucket[i]; p; p = q ? NULL : p->hnext) {
+		for (p = q ? q : QUEUE(m->queues.bucket[i]); p; p = q ? NULL : QUEUE(p->link.next)) {
 			mnode *n;
 			for (n = p->head; n; n = n->next)
 				changed += f(n, arg);
@@ -534,7 +500,7 @@ static int relet(mnode *n, const void *arg) {
 
 static int mem_release(os_store *s, const os_key *k, os_str owner, int64_t *touched) {
 	mstore *m = s->impl;
-	mqueue *q = *find_slot(m, k, os_key_hash(k));
+	mqueue *q = QUEUE(*find_slot(m, k, os_key_hash(k)));
 	lease_match lm;
 	lm.owner = owner, lm.prefix = 0, lm.until = 0;
 	*touched = q ? each_row(m, q, unlease, &lm) : 0;
@@ -562,9 +528,9 @@ static int mem_renew(os_store *s, os_str prefix, int64_t until, int64_t *touched
 static int mem_users(os_store *s, os_str host, os_emit_user emit, void *ud) {
 	mstore *m = s->impl;
 	size_t i;
-	for (i = 0; i < m->nbucket; i++) {
+	for (i = 0; i < m->queues.nbucket; i++) {
 		mqueue *q;
-		for (q = m->bucket[i]; q; q = q->hnext) {
+		for (q = QUEUE(m->queues.bucket[i]); q; q = QUEUE(q->link.next)) {
 			os_str user;
 			if (q->host_n != host.n || memcmp(q->key, host.p, host.n) != 0)
 				continue;
@@ -581,26 +547,37 @@ static void mem_close(os_store *s) {
 	size_t i;
 	if (!m)
 		return;
-	for (i = 0; i < m->nbucket; i++)
-		while (m->bucket[i])
-			drop_queue(m, &m->bucket[i]);
-	free(m->bucket);
-	free(m->dbucket);
+	for (i = 0; i < m->queues.nbucket; i++)
+		while (m->queues.bucket[i])
+			drop_queue(m, &m->queues.bucket[i]);
+	os_table_free(&m->queues, NULL);
+	os_table_free(&m->dedup, NULL);
 	free(m);
 	s->impl = NULL;
 }
 
 static const os_backend memory_backend = {
-	"memory", mem_store, take, mem_release, mem_release_all, mem_renew, mem_count, mem_list, mem_remove, mem_remove_user,
-	mem_remove_host, mem_delete_expired, mem_delete_older_than, mem_users, mem_close,
-	NULL, NULL, /* no group commit */
+	.name = "memory",
+	.store = mem_store,
+	.take = mem_take,
+	.release = mem_release,
+	.release_all = mem_release_all,
+	.renew = mem_renew,
+	.count = mem_count,
+	.list = mem_list,
+	.remove = mem_remove,
+	.remove_user = mem_remove_user,
+	.remove_host = mem_remove_host,
+	.delete_expired = mem_delete_expired,
+	.delete_older_than = mem_delete_older_than,
+	.users = mem_users,
+	.close = mem_close,
+	/* no group commit: .batch_begin and .batch_end stay NULL */
 };
 
 int os_memory_open(os_store *s) {
 	mstore *m = calloc(1, sizeof *m);
-	if (m)
-		m->bucket = calloc(m->nbucket = 64, sizeof *m->bucket);
-	if (!m || !m->bucket) {
+	if (!m || os_table_grow(&m->queues) != 0) {
 		free(m);
 		return os_fail(s, ENOMEM, "out of memory");
 	}

@@ -8,9 +8,9 @@
  * the store itself (doc/performance.md). Here the collector sees
  * one userdata.
  *
- * Open addressing with linear probing; keys are copied back to back into one
- * arena. The map holds at most `capacity` keys: a new key past that starts it
- * afresh (what is remembered here can always be asked again). */
+ * Entries (the key's bytes inside) in the core's hash table (hash.h). The map
+ * holds at most `capacity` keys: a new key past that starts it afresh (what is
+ * remembered here can always be asked again). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,78 +22,56 @@
 #include "hash.h"
 
 #define CACHE_MT "offline_store.cache"
-#define MIN_SLOTS 64
 #define KEY_MAX 65535 /* bytes; a JID's node part is at most 1023 */
 
 typedef struct {
-	uint64_t hash; /* 0: an empty slot */
+	os_link link; /* first: a link is its entry */
 	lua_Integer value;
-	uint32_t at, len; /* the key, in the arena */
-} slot;
+	size_t len;
+	char key[];
+} entry;
 
 typedef struct {
-	slot *slots;
-	size_t n_slots, count, capacity;
-	char *arena;
-	size_t used, cap;
+	os_table t;
+	size_t capacity;
 } cache;
 
-/* (0 marks an empty slot) */
-static uint64_t hash_of(const char *p, size_t n) {
-	uint64_t h = os_hash(p, n);
-	return h ? h : 1;
+typedef struct {
+	const char *p;
+	size_t n;
+} key;
+
+static int entry_is(const os_link *l, const void *arg) {
+	const entry *e = (const entry *)l;
+	const key *k = arg;
+	return e->len == k->n && memcmp(e->key, k->p, k->n) == 0;
 }
 
 static cache *check_cache(lua_State *L) {
 	return luaL_checkudata(L, 1, CACHE_MT);
 }
 
-/* The slot holding the key, or the empty slot where it would go. */
-static slot *find(const cache *c, const char *key, size_t len, uint64_t h) {
-	size_t mask = c->n_slots - 1, i = (size_t)h & mask;
-	for (;;) {
-		slot *s = &c->slots[i];
-		if (s->hash == 0 ||
-		    (s->hash == h && s->len == len && memcmp(c->arena + s->at, key, len) == 0))
-			return s;
-		i = (i + 1) & mask;
-	}
+static entry *find(cache *c, const key *k, uint64_t h) {
+	return (entry *)os_table_find(&c->t, h, entry_is, k);
+}
+
+static void entry_free(os_link *e) {
+	free(e);
 }
 
 static void forget_all(cache *c) {
-	free(c->slots);
-	free(c->arena);
-	c->slots = NULL, c->arena = NULL;
-	c->n_slots = c->count = c->used = c->cap = 0;
-}
-
-/* Doubles the slots (or makes the first ones); 0 when out of memory, the map
- * unchanged. */
-static int grow(cache *c) {
-	size_t n_old = c->n_slots, n = n_old ? n_old * 2 : MIN_SLOTS, i;
-	slot *old = c->slots, *fresh = calloc(n, sizeof *fresh);
-	if (!fresh)
-		return 0;
-	c->slots = fresh, c->n_slots = n;
-	for (i = 0; i < n_old; i++)
-		if (old[i].hash)
-			*find(c, c->arena + old[i].at, old[i].len, old[i].hash) = old[i];
-	free(old);
-	return 1;
+	os_table_free(&c->t, entry_free);
 }
 
 /* cache:get(key) -> integer | nil */
 static int l_get(lua_State *L) {
 	cache *c = check_cache(L);
-	size_t len;
-	const char *key = luaL_checklstring(L, 2, &len);
-	slot *s;
-	if (c->count == 0)
+	key k;
+	entry *e;
+	k.p = luaL_checklstring(L, 2, &k.n);
+	if (c->t.n == 0 || !(e = find(c, &k, os_hash(k.p, k.n))))
 		return 0;
-	s = find(c, key, len, hash_of(key, len));
-	if (!s->hash)
-		return 0;
-	lua_pushinteger(L, s->value);
+	lua_pushinteger(L, e->value);
 	return 1;
 }
 
@@ -101,34 +79,27 @@ static int l_get(lua_State *L) {
  * first forgets everything. */
 static int l_set(lua_State *L) {
 	cache *c = check_cache(L);
-	size_t len;
-	const char *key = luaL_checklstring(L, 2, &len);
-	lua_Integer value = luaL_checkinteger(L, 3);
-	uint64_t h = hash_of(key, len);
-	slot *s = c->count ? find(c, key, len, h) : NULL;
-	if (s && s->hash) {
-		s->value = value;
+	key k;
+	lua_Integer value;
+	uint64_t h;
+	entry *e;
+	k.p = luaL_checklstring(L, 2, &k.n);
+	value = luaL_checkinteger(L, 3);
+	h = os_hash(k.p, k.n);
+	if (c->t.n > 0 && (e = find(c, &k, h))) {
+		e->value = value;
 		return 0;
 	}
-	luaL_argcheck(L, len <= KEY_MAX, 2, "too long");
-	if (c->count >= c->capacity || c->used + len > UINT32_MAX)
+	luaL_argcheck(L, k.n <= KEY_MAX, 2, "too long");
+	if (c->t.n >= c->capacity)
 		forget_all(c);
-	if ((c->count + 1) * 2 > c->n_slots && !grow(c))
+	if (c->t.n * 2 >= c->t.nbucket && os_table_grow(&c->t) != 0 && !c->t.bucket)
 		return luaL_error(L, "not enough memory");
-	if (!c->arena || c->cap - c->used < len) { /* (made on the first key, even an empty one) */
-		size_t cap = c->cap ? c->cap : 4096;
-		char *grown;
-		while (cap - c->used < len)
-			cap *= 2;
-		if (!(grown = realloc(c->arena, cap)))
-			return luaL_error(L, "not enough memory");
-		c->arena = grown, c->cap = cap;
-	}
-	memcpy(c->arena + c->used, key, len);
-	s = find(c, key, len, h);
-	s->hash = h, s->value = value, s->at = (uint32_t)c->used, s->len = (uint32_t)len;
-	c->used += len;
-	c->count++;
+	if (!(e = malloc(sizeof *e + k.n)))
+		return luaL_error(L, "not enough memory");
+	e->link.hash = h, e->value = value, e->len = k.n;
+	memcpy(e->key, k.p, k.n);
+	os_table_add(&c->t, &e->link);
 	return 0;
 }
 
@@ -140,7 +111,7 @@ static int l_clear(lua_State *L) {
 
 /* #cache: the number of keys held */
 static int l_len(lua_State *L) {
-	lua_pushinteger(L, (lua_Integer)check_cache(L)->count);
+	lua_pushinteger(L, (lua_Integer)check_cache(L)->t.n);
 	return 1;
 }
 

@@ -124,13 +124,22 @@ static int l_open_memory(lua_State *L) {
 	return 1;
 }
 
-/* core.open_postgres(conninfo) -> db | fail, msg, code */
+/* core.open_postgres(conninfo) -> db | fail, msg, code
+ * In a core built without PostgreSQL support (make POSTGRES=no; core.postgres
+ * is false) it raises: the configuration asks for what this build cannot do. */
 static int l_open_postgres(lua_State *L) {
 	const char *conninfo = luaL_checkstring(L, 1);
+#ifdef OS_WITH_POSTGRES
 	os_store *s = new_store(L);
 	if (os_postgres_open(s, conninfo) != OS_OK)
 		return push_fail(L, s);
 	return 1;
+#else
+	(void)conninfo;
+	return luaL_error(L, "offline_store.core was built without PostgreSQL support (libpq): rebuild it "
+	                     "with libpq's headers installed (Debian: libpq-dev) and `make POSTGRES=yes`, "
+	                     "or choose the sqlite or memory backend");
+#endif
 }
 
 /* db:store(host, user, from, xml, ts [, expire [, max_count [, max_bytes [, meta [, dedup]]]]])
@@ -631,5 +640,11 @@ __attribute__((visibility("default"))) int luaopen_offline_store_core(lua_State 
 	lua_setfield(L, -2, "version");
 	lua_pushliteral(L, OS_SET_ASIDE); /* the meta of a row set aside (backend.h) */
 	lua_setfield(L, -2, "SET_ASIDE");
+#ifdef OS_WITH_POSTGRES
+	lua_pushboolean(L, 1);
+#else
+	lua_pushboolean(L, 0);
+#endif
+	lua_setfield(L, -2, "postgres"); /* whether open_postgres can open */
 	return 1;
 }

@@ -5,6 +5,7 @@
  * bucket and turn each lookup into a walk over all of them. */
 #define _DEFAULT_SOURCE /* getrandom, getpid under -std=c99 */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -158,4 +159,44 @@ uint64_t os_hash_pair(const char *a, size_t an, const char *b, size_t bn) {
 		return os_siphash(process_key, joined, an + 1 + bn, NULL, 0);
 	}
 	return os_siphash(process_key, a, an, b, bn);
+}
+
+int os_table_grow(os_table *t) {
+	size_t n = t->nbucket ? t->nbucket * 2 : 64, i;
+	os_link **b = calloc(n, sizeof *b);
+	if (!b)
+		return -1;
+	for (i = 0; i < t->nbucket; i++) {
+		os_link *e = t->bucket[i], *next;
+		for (; e; e = next) {
+			next = e->next;
+			e->next = b[e->hash & (n - 1)];
+			b[e->hash & (n - 1)] = e;
+		}
+	}
+	free(t->bucket);
+	t->bucket = b;
+	t->nbucket = n;
+	return 0;
+}
+
+void os_table_clear(os_table *t, void (*drop)(os_link *)) {
+	size_t i;
+	for (i = 0; t->n > 0 && i < t->nbucket; i++) {
+		os_link *e = t->bucket[i], *next;
+		t->bucket[i] = NULL;
+		for (; e; e = next, t->n--) {
+			next = e->next;
+			if (drop)
+				drop(e);
+		}
+	}
+	t->n = 0;
+}
+
+void os_table_free(os_table *t, void (*drop)(os_link *)) {
+	os_table_clear(t, drop);
+	free(t->bucket);
+	t->bucket = NULL;
+	t->nbucket = 0;
 }

@@ -14,43 +14,17 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "buffer.h"
 #include "xml.h"
 
 /* Deeper trees are left to util.stanza (serialize returns nil): C recursion is
  * bounded, and no real message nests this deep. */
 #define MAX_DEPTH 256
 
-/* A growing output buffer; `oom` sticks once an allocation failed. */
-typedef struct {
-	char *p;
-	size_t n, cap;
-	int oom;
-} sbuf;
+typedef os_buf sbuf; /* (buffer.h; oom sticks once an allocation failed) */
 
-/* Makes room for n more bytes; 0 (and `oom` set) when that failed. */
-static int sb_grow(sbuf *b, size_t n) {
-	size_t cap = b->cap ? b->cap : 512;
-	char *np;
-	if (b->oom)
-		return 0;
-	while (cap - b->n < n)
-		cap *= 2;
-	np = realloc(b->p, cap);
-	if (!np) {
-		b->oom = 1;
-		return 0;
-	}
-	b->p = np, b->cap = cap;
-	return 1;
-}
-
-/* (Inline, so that the many short literals become a few moves.) */
 static inline void sb_add(sbuf *b, const char *s, size_t n) {
-	if (n > b->cap - b->n && !sb_grow(b, n))
-		return;
-	if (n > 0)
-		memcpy(b->p + b->n, s, n);
-	b->n += n;
+	os_buf_add(b, s, n);
 }
 #define SB_LIT(b, lit) sb_add((b), (lit), sizeof(lit) - 1)
 
@@ -210,9 +184,7 @@ static int ser_el(lua_State *L, sbuf *b, int el, int pns, int skip_delays, int d
 }
 
 static int sbuf_gc(lua_State *L) {
-	sbuf *b = lua_touserdata(L, 1);
-	free(b->p);
-	b->p = NULL;
+	os_buf_free(lua_touserdata(L, 1));
 	return 0;
 }
 
@@ -249,11 +221,7 @@ static sbuf *take_buf(lua_State *L) {
 int os_xml_write(lua_State *L, int idx, int skip_delays, const char **p, size_t *n) {
 	int top = lua_gettop(L), rc;
 	sbuf *b = take_buf(L);
-	if (b->cap > KEEP_BUFFER) { /* left by a big stanza last time */
-		free(b->p);
-		b->p = NULL, b->cap = 0;
-	}
-	b->n = 0, b->oom = 0;
+	os_buf_reset(b, KEEP_BUFFER); /* (the memory of a big stanza last time goes back) */
 	rc = ser_el(L, b, lua_absindex(L, idx), 0, skip_delays, 0);
 	lua_pushvalue(L, top + 1);
 	lua_rawsetp(L, LUA_REGISTRYINDEX, &buf_key); /* back, for the next call */

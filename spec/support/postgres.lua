@@ -272,8 +272,12 @@ function M.server()
 	return srv
 end
 
--- For setUp: the shared server, or a luaunit skip when the developer asked for one.
+-- For setUp: the shared server, or a luaunit skip when the developer asked for one or the core
+-- was built without PostgreSQL support.
 function M.require_server(lu)
+	if require("offline_store.core").postgres == false then
+		lu.skip("offline_store.core was built without PostgreSQL support (make POSTGRES=no): postgres specs skipped")
+	end
 	local srv = M.server()
 	if not srv then lu.skip(M.SKIP_VAR .. "=1: PostgreSQL specs skipped on request") end
 	return srv
