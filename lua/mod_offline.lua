@@ -126,7 +126,9 @@ Usage: prosodyctl mod_offline <command>
   delete user@host       delete a user's queue
   expire host            delete expired messages (every host in that host's store)
   purge host days        delete messages older than days (>= 1)
-  orphans host           delete the queues of users that no longer exist]]
+  orphans host           delete the queues of users that no longer exist
+  import host            move what Prosody's own mod_offline queued into this store
+  export host            move this store's queues into Prosody's own mod_offline store]]
 
 	local function with_store(name, fn)
 		local h, herr = admin.host(name, prosody.hosts)
@@ -166,6 +168,13 @@ Usage: prosodyctl mod_offline <command>
 			local user_exists = require "util.prosodyctl".user_exists
 			return with_store(a1, function(db, h)
 				return admin.orphans(db, h, function(user) return user_exists { user = user, host = h } end)
+			end)
+		elseif cmd == "import" or cmd == "export" then
+			local migrate = require "offline_store.migrate"
+			return with_store(a1, function(db, h)
+				local archive, err = migrate.bundled_store(h, true)
+				if not archive then return nil, err end
+				return migrate[cmd](db, archive, h)
 			end)
 		end
 		return nil, nil
@@ -707,6 +716,25 @@ local function renew()
 end
 module:add_timer(0, release_at_start) -- (from the loop: see adopt_unparsable)
 module:add_timer(settings.lease / 3, renew)
+
+--- Drop-in: what Prosody's bundled mod_offline queued (its "offline" archive store, on
+--- the host's storage) moves into this store at start (offline_store.migrate), before
+--- any queue is delivered: at the loop's first turn (see adopt_unparsable), or at the
+--- first login if that comes first.
+local import_pending = true
+local function import_bundled()
+	if not import_pending then return end
+	local batch = usable_batch()
+	if not batch then return end -- (PostgreSQL away since the start: tried at the next login)
+	import_pending = false
+	local migrate = require "offline_store.migrate"
+	local archive, err = migrate.bundled_store(host)
+	local ok, msg, moved = false, err, 0
+	if archive then ok, msg, moved = migrate.import(batch:idle(), archive, host) end
+	module:log(not ok and "error" or moved > 0 and "info" or "debug", "%s", msg)
+end
+module:add_timer(0, import_bundled)
+module:hook("message/offline/broadcast", import_bundled, 1)
 
 --- Removal with the account, and the periodic sweep (expired messages, and
 --- queues of accounts deleted behind the server's back, e.g. 0.12's

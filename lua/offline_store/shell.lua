@@ -17,6 +17,8 @@ M.COMMANDS = {
 	{ "expire", { "host" }, "Delete expired messages (every host in that host's store)" },
 	{ "purge", { "host", "days" }, "Delete messages older than days (>= 1)" },
 	{ "orphans", { "host" }, "Delete the queues of users that no longer exist" },
+	{ "import", { "host" }, "Move what Prosody's own mod_offline queued into this store" },
+	{ "export", { "host" }, "Move this store's queues into Prosody's own mod_offline store" },
 	{ "help", {}, "This list" },
 }
 M.SECTION_DESC = "Offline messages: count, list and delete queues (mod_offline)"
@@ -81,6 +83,17 @@ function M.new(stores, problems, hosts, user_exists)
 		if not s then return nil, h end
 		return admin.orphans(s, h, user_exists)
 	end
+	-- (offline_store.migrate needs the C library: required on use)
+	local function migrate(name, direction)
+		local s, h = host_store(name)
+		if not s then return nil, h end
+		local m = require "offline_store.migrate"
+		local archive, err = m.bundled_store(h)
+		if not archive then return nil, err end
+		return m[direction](s, archive, h)
+	end
+	function shell:import(name) return migrate(name, "import") end
+	function shell:export(name) return migrate(name, "export") end
 	function shell:help()
 		M.print_help(self.session.print)
 		return true, "mod_offline's commands; run as `prosodyctl shell offline count user@host`"
