@@ -729,9 +729,12 @@ local function import_bundled()
 	import_pending = false
 	local migrate = require "offline_store.migrate"
 	local archive, err = migrate.bundled_store(host)
-	local ok, msg, moved = false, err, 0
-	if archive then ok, msg, moved = migrate.import(batch:idle(), archive, host) end
-	module:log(not ok and "error" or moved > 0 and "info" or "debug", "%s", msg)
+	local ok, msg, found = false, err, 0
+	if archive then
+		local _
+		ok, msg, _, _, found = migrate.import(batch:idle(), archive, host)
+	end
+	module:log(not ok and "error" or found > 0 and "info" or "debug", "%s", msg)
 end
 module:add_timer(0, import_bundled)
 module:hook("message/offline/broadcast", import_bundled, 1)

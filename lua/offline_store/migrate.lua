@@ -3,7 +3,7 @@
 -- internal files, or SQL through mod_storage_sql), in both directions, in order, with
 -- their stamps, and so that a crash at any point neither loses nor duplicates a message.
 --
---   M.import(db, archive, host)      -> ok, message, moved, users
+--   M.import(db, archive, host)      -> ok, message, moved, users, users_found
 --   M.export(db, archive, host [, now]) -> ok, message, moved, users
 --
 -- `db` is an open offline store (or the plugin's stand-in for one), `archive` the host's
@@ -145,13 +145,14 @@ end
 -- Moves every message of Prosody's own offline store of `host` into `db`.
 function M.import(db, archive, host)
 	local users, err = bundled_users(archive)
-	if not users then return nil, "listing the users of Prosody's offline store failed: " .. tostring(err), 0, 0 end
+	if not users then return nil, "listing the users of Prosody's offline store failed: " .. tostring(err), 0, 0, 0 end
 	local moved, found, with, failures = over_users(users, host, function(user)
 		return import_user(db, archive, host, user)
 	end)
-	return summary("Imported", "from Prosody's own offline store", moved, with, failures,
+	local ok, msg = summary("Imported", "from Prosody's own offline store", moved, with, failures,
 		found > 0 and ("; %d more were here already (an import interrupted before it deleted them there)")
 			:format(found) or nil)
+	return ok, msg, moved, with, #users
 end
 
 -- A user's queue here, oldest first, every page of it.
