@@ -229,6 +229,11 @@ end)
 module:add_timer(0, function() h:release_at_start(prosody.full_sessions, drainer) end)
 module:add_timer(settings.lease / 3, function() return h:renew() end)
 
+-- What Prosody's bundled mod_offline queued moves in at the loop's first turn (see
+-- Host:adopt_unparsable), or at the first login if that comes first.
+module:add_timer(0, function() h:import_bundled() end)
+module:hook("message/offline/broadcast", function() h:import_bundled() end, 1)
+
 --- Removal with the account, and the periodic sweep of expired messages and orphaned queues.
 
 module:hook_global("user-deleted", function(event)

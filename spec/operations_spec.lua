@@ -39,12 +39,7 @@ local function login_and_count(srv, user)
 	return n
 end
 
--- Runs prosodyctl and returns its output, failing the test if it failed.
-local function ctl(srv, ...)
-	local ok, out = srv:prosodyctl(...)
-	lu.assertTrue(ok, table.concat({ ... }, " ") .. ": " .. out)
-	return out
-end
+local ctl = offline.ctl
 
 -- The live server's count for `jid`, through the shell's Lua form (`offline:count(...)`), which
 -- both 0.12 and 13 run; the command-line form is test_live_shell_commands'.

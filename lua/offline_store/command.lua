@@ -5,7 +5,7 @@
 
 local admin = require "offline_store.admin"
 
-local print = print
+local print, require = print, require
 
 local _ENV = nil
 -- luacheck: std none
@@ -19,7 +19,9 @@ Usage: prosodyctl mod_offline <command>
   delete user@host       delete a user's queue
   expire host            delete expired messages (every host in that host's store)
   purge host days        delete messages older than days (>= 1)
-  orphans host           delete the queues of users that no longer exist]]
+  orphans host           delete the queues of users that no longer exist
+  import host            move what Prosody's own mod_offline queued into this store
+  export host            move this store's queues into Prosody's own mod_offline store]]
 
 -- Runs command `cmd` with its arguments a1, a2 (strings as typed). env:
 --   hosts: prosody.hosts, which hosts exist
@@ -27,6 +29,7 @@ Usage: prosodyctl mod_offline <command>
 --     results returned; or nil, error
 --   user_exists(user, host): the account check of `orphans`
 --   print: where `list` writes its lines
+--   prosodyctl: true in prosodyctl's process (import and export set up the host's storage)
 -- Returns ok, message; or nil, nil for a command it does not know.
 function M.run(env, cmd, a1, a2)
 	local with_store = env.with_store
@@ -50,6 +53,14 @@ function M.run(env, cmd, a1, a2)
 	elseif cmd == "orphans" then
 		return with_store(a1, function(db, h)
 			return admin.orphans(db, h, function(user) return env.user_exists(user, h) end)
+		end)
+	elseif cmd == "import" or cmd == "export" then
+		-- (offline_store.migrate needs Prosody's storage manager: required on use)
+		local migrate = require "offline_store.migrate"
+		return with_store(a1, function(db, h)
+			local archive, err = migrate.bundled_store(h, env.prosodyctl)
+			if not archive then return nil, err end
+			return migrate[cmd](db, archive, h)
 		end)
 	end
 	return nil, nil
@@ -75,7 +86,8 @@ function M.prosodyctl(arg, env)
 		db:close()
 		return ok, msg
 	end
-	local ok, msg = M.run({ hosts = hosts, with_store = with_store, user_exists = env.user_exists, print = out },
+	local ok, msg = M.run({ hosts = hosts, with_store = with_store, user_exists = env.user_exists, print = out,
+		prosodyctl = true },
 		arg[1], arg[2], arg[3])
 	if ok then out(msg); return 0 end
 	if msg then out("Error: " .. msg) else out(M.USAGE) end

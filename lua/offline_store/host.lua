@@ -13,7 +13,8 @@ local events = require "offline_store.events"
 local jid_bare = require "util.jid".bare
 local st = require "util.stanza"
 
-local floor, type, tostring, pairs, ipairs, pcall, setmetatable = math.floor, type, tostring, pairs, ipairs, pcall, setmetatable
+local floor, type, tostring, pairs, ipairs, pcall, setmetatable, require =
+	math.floor, type, tostring, pairs, ipairs, pcall, setmetatable, require
 local times = policy.times
 
 local _ENV = nil
@@ -372,6 +373,25 @@ function Host:drainer(page)
 		on_acked = function(session, n) self.ev:acked(session, n) end,
 		failed = function(operation) m.failed:with_labels(operation):add(1) end,
 	}
+end
+
+--- Drop-in: what Prosody's bundled mod_offline queued (its "offline" archive store, on
+--- the host's storage) moves into this store at start (offline_store.migrate), once,
+--- before any queue is delivered. Returns true when there is nothing left to try.
+function Host:import_bundled()
+	if self.imported then return true end
+	local batch = self:usable_batch()
+	if not batch then return false end -- (PostgreSQL away since the start: tried at the next login)
+	self.imported = true
+	local migrate = require "offline_store.migrate"
+	local archive, err = migrate.bundled_store(self.host)
+	local ok, msg, found = false, err, 0
+	if archive then
+		local _
+		ok, msg, _, _, found = migrate.import(batch:idle(), archive, self.host)
+	end
+	self.log(not ok and "error" or found > 0 and "info" or "debug", "%s", msg)
+	return true
 end
 
 --- Leases do not outlive their holder: at start, every lease of this node and

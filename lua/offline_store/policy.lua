@@ -231,6 +231,7 @@ local function stanza_of(xml)
 	end
 	return stanza, err
 end
+M.stanza_of = stanza_of -- (a stored row's stanza without a delay: offline_store.migrate's export)
 
 -- Turns a stored item back into a stanza ready to send: exactly one delay,
 -- from the host, stamped with the storage time. Returns nil, error if the

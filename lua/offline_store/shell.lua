@@ -21,6 +21,8 @@ M.COMMANDS = {
 	{ "expire", { "host" }, "Delete expired messages (every host in that host's store)" },
 	{ "purge", { "host", "days" }, "Delete messages older than days (>= 1)" },
 	{ "orphans", { "host" }, "Delete the queues of users that no longer exist" },
+	{ "import", { "host" }, "Move what Prosody's own mod_offline queued into this store" },
+	{ "export", { "host" }, "Move this store's queues into Prosody's own mod_offline store" },
 	{ "help", {}, "This list" },
 }
 M.SECTION_DESC = "Offline messages: count, list and delete queues (mod_offline)"
@@ -68,6 +70,8 @@ function M.new(stores, problems, hosts, user_exists)
 	function shell:expire(name) return run(self, "expire", name) end
 	function shell:purge(name, days) return run(self, "purge", name, days) end
 	function shell:orphans(name) return run(self, "orphans", name) end
+	function shell:import(name) return run(self, "import", name) end
+	function shell:export(name) return run(self, "export", name) end
 	function shell:help()
 		M.print_help(self.session.print)
 		return true, "mod_offline's commands; run as `prosodyctl shell offline count user@host`"

@@ -13,11 +13,19 @@ M.PLUGINS = M.ROOT .. "/lua"
 M.PW = "secret"
 M.NS_DELAY = "urn:xmpp:delay"
 
--- Starts a Prosody with our plugin directory first in plugin_paths (then opts.plugin_paths,
--- if any). Users default to a small cast, all with password M.PW.
+-- The plugin_paths of a server with our plugin (opts.bundled: without it, so that Prosody
+-- loads its own mod_offline), then opts.plugin_paths.
+function M.plugin_paths(opts)
+	local paths = opts.bundled and {} or { M.PLUGINS }
+	for _, p in ipairs(opts.plugin_paths or {}) do paths[#paths + 1] = p end
+	return paths
+end
+
+-- Starts a Prosody with our plugin directory first in plugin_paths (see M.plugin_paths).
+-- Users default to a small cast, all with password M.PW.
 function M.start(opts)
 	opts = opts or {}
-	opts.plugin_paths = { M.PLUGINS, table.unpack(opts.plugin_paths or {}) }
+	opts.plugin_paths = M.plugin_paths(opts)
 	opts.users = opts.users or { alice = M.PW, bob = M.PW, carol = M.PW, dave = M.PW, root = M.PW, boss = M.PW }
 	return server.start(opts)
 end
@@ -97,6 +105,13 @@ function M.error_of(s)
 	end
 	return { type = s.attr.type, etype = e.attr.type, code = e.attr.code, condition = cond,
 		text = e:get_child_text("text", NS_STANZAS) }
+end
+
+-- Runs prosodyctl on srv's config and returns its output, raising if it failed.
+function M.ctl(srv, ...)
+	local ok, out = srv:prosodyctl(...)
+	assert(ok, table.concat({ ... }, " ") .. ": " .. out)
+	return out
 end
 
 -- Runs sqlite3 on the server's default offline store file.

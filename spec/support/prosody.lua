@@ -292,6 +292,12 @@ function Server:kill()
 	return true
 end
 
+-- Writes a new config from `opts` (as M.start takes them; users aside) for the next start, keeping
+-- the dir, data and ports: e.g. to switch from Prosody's own mod_offline to this one.
+function Server:reconfigure(opts)
+	write_file(self.config, build_config(self, opts))
+end
+
 -- Start again with the same dir, config and ports (stopping first if still running).
 function Server:restart()
 	if self:running() then self:stop() end
