@@ -28,7 +28,7 @@ ASAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sa
 
 # Debian packages the build, the specs and the demo need.
 DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks pkg-config prosody gcc make postgresql libpq-dev \
-       clang libclang-rt-14-dev
+       clang libclang-rt-14-dev python3-slixmpp
 
 SPECS ?= $(wildcard spec/*_spec.lua)
 # The specs that start a Prosody run once per Prosody version; the others once.

@@ -674,6 +674,47 @@ module:hook("c2s-ondrain", function(event)
 	if session and session.offline_drain then drainer:ondrain(session) end
 end)
 
+--- XEP-0013 Flexible Offline Message Retrieval (offline_store.flexible): the count,
+--- the headers, view, remove, fetch and purge, and no flood at the initial presence of
+--- a session that asked for them. offline_flexible_retrieval = false turns it off (a
+--- config reload too): the node is then unknown and the feature not advertised.
+local flexible = require "offline_store.flexible"
+local flex = flexible.new {
+	host = host, db = drainer.db, now_us = now_us, later = drainer.later, log = drainer.log,
+	deliver = drainer.deliver, set_aside_meta = SET_ASIDE,
+	sessions = function(username)
+		local user = prosody.bare_sessions[username .. "@" .. host]
+		return user and user.sessions
+	end,
+}
+local function flex_switch(on)
+	if on == flex.advertised then return end
+	flex.enabled, flex.advertised = on, on
+	if on then module:add_feature(flexible.NS) else module:remove_item("feature", flexible.NS) end
+end
+flex_switch(settings.flexible)
+module:hook_global("config-reloaded", function() flex_switch(settings.flexible) end, -1)
+module:hook("account-disco-info", function(event)
+	if flex.enabled then event.reply:tag("feature", { var = flexible.NS }):up() end
+end)
+module:hook("account-disco-info-node", function(event) return flex:info_node(event) end)
+module:hook("account-disco-items-node", function(event) return flex:items_node(event) end)
+module:hook("iq/bare/" .. flexible.NS .. ":offline", function(event) return flex:query(event) end)
+module:hook("message/offline/broadcast", function(event)
+	if flex:holds_flood(event.origin) then return true end
+end, 0)
+-- A view's copy that mod_smacks gives back unacked: the row is still stored.
+module:hook("delivery/failure", function(event)
+	if flex:is_copy(event.session, event.stanza) then return true end
+end, 1)
+module:hook("message/offline/handle", function(event)
+	local origin = event.origin
+	if origin and origin.offline_flexible_sent and from_recipient(origin, event.username or policy.recipient(event))
+		and flex:is_copy(origin, event.stanza) then
+		return true
+	end
+end, 0)
+
 -- Leases do not outlive their holder: at start, every lease of this node and
 -- host is released (a crash or kill left them); a live node renews its own.
 local function release_at_start()
