@@ -370,6 +370,45 @@ function TestFlexible:test_nodes_stable_across_restart()
 	a:close()
 end
 
+-- The memory backend: headers, view, remove, purge.
+function TestFlexible:test_memory_backend()
+	self.srv = start('offline_backend = "memory"')
+	send_to_alice(self.srv, 3)
+	local a = login(self.srv, "alice")
+	local h = headers(a)
+	lu.assertEquals(#h, 3)
+	lu.assertEquals(ids(select(2, offline_iq(a, "get", item("view", h[3].node)))), { "m3" })
+	lu.assertEquals(offline_iq(a, "set", item("remove", h[1].node)).attr.type, "result")
+	lu.assertEquals(count_of(disco(a, NS_INFO, NS)), 2)
+	lu.assertEquals(offline_iq(a, "set", function(iq) iq:tag("purge"):up() end).attr.type, "result")
+	lu.assertEquals(headers(a), {})
+	a:close()
+end
+
+-- Two nodes on one PostgreSQL database: the same headers on both; a node from one views and
+-- removes on the other.
+function TestFlexible:test_postgres_nodes_agree()
+	local pg = require "support.postgres".require_server(lu)
+	local conf = ('offline_backend = "postgres"\noffline_postgres = %q'):format(
+		("host=127.0.0.1 port=%d dbname=%s user=postgres sslmode=disable"):format(pg.port, pg:fresh_database()))
+	self.srv = start(conf .. '\noffline_node = "A"')
+	local other = start(conf .. '\noffline_node = "B"')
+	local ok, err = pcall(function()
+		send_to_alice(self.srv, 3)
+		local a, b = login(self.srv, "alice"), login(other, "alice")
+		local h = headers(a)
+		lu.assertEquals(#h, 3)
+		lu.assertEquals(headers(b), h)
+		lu.assertEquals(ids(select(2, offline_iq(b, "get", item("view", h[2].node)))), { "m2" })
+		lu.assertEquals(offline_iq(b, "set", item("remove", h[1].node)).attr.type, "result")
+		lu.assertEquals(#headers(a), 2)
+		lu.assertEquals(condition(offline_iq(a, "get", item("view", h[1].node))), "item-not-found")
+		a:close(); b:close()
+	end)
+	other:cleanup()
+	assert(ok, err)
+end
+
 -- slixmpp's xep_0013 plugin (Debian's python3-slixmpp, the system's python3) as the client:
 -- count, headers, view one, purge.
 function TestFlexible:test_slixmpp_client()
