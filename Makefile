@@ -52,7 +52,7 @@ ASAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sa
 # Debian packages the build, the specs and the demo need (lua-dbi-sqlite3: Prosody's SQL storage on
 # sqlite, which spec/migrate_spec.lua imports from and exports to).
 DEBS = lua5.4 liblua5.4-dev lua-unit lua-socket libsqlite3-dev sqlite3 luarocks pkg-config prosody gcc make postgresql libpq-dev \
-       clang libclang-rt-14-dev lua-check prosody-modules lua-dbi-sqlite3
+       clang libclang-rt-14-dev lua-check prosody-modules lua-dbi-sqlite3 python3-slixmpp
 
 SPECS ?= $(wildcard spec/*_spec.lua)
 # The specs that start a Prosody run once per Prosody version; the others once.

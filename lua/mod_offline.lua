@@ -224,6 +224,21 @@ module:hook("c2s-ondrain", function(event)
 	if session and session.offline_drain then drainer:ondrain(session) end
 end)
 
+--- XEP-0013 Flexible Offline Message Retrieval (offline_store.flexible): the count, the
+--- headers, view, remove, fetch and purge, and no flood at the initial presence of a
+--- session that asked for them; its own hooks, while offline_flexible_retrieval is on.
+require "offline_store.flexible".setup(module, {
+	host = host, db = drainer.db, now_us = function() return h:now_us() end, later = drainer.later,
+	log = drainer.log, deliver = drainer.deliver, set_aside_meta = core.SET_ASIDE,
+	sessions = function(username)
+		local user = prosody.bare_sessions[username .. "@" .. host]
+		return user and user.sessions
+	end,
+	on = function() return h.settings.flexible end,
+	from_recipient = function(origin, username) return h:from_recipient(origin, username) end,
+	recipient = policy.recipient,
+})
+
 -- Leases left by a crash are released at start (from the loop: see Host:adopt_unparsable);
 -- a live node renews its own.
 module:add_timer(0, function() h:release_at_start(prosody.full_sessions, drainer) end)

@@ -30,6 +30,14 @@ function TestOptions:test_read_defaults_and_errors()
 	lu.assertStrContains(err, "offline_sqlite_busy_timeout must be a whole number")
 end
 
+function TestOptions:test_flexible_retrieval()
+	lu.assertTrue(assert(options.read(getter {}, "/d")).flexible)
+	lu.assertFalse(assert(options.read(getter { offline_flexible_retrieval = false }, "/d")).flexible)
+	local _, err = options.read(getter { offline_flexible_retrieval = "no" }, "/d")
+	lu.assertEquals(err, 'offline_flexible_retrieval must be true or false (got "no")')
+	lu.assertEquals(options.unknown { offline_flexible_retrieval = true }, {})
+end
+
 function TestOptions:test_delivery_options()
 	local s = assert(options.read(getter {}, "/d"))
 	lu.assertEquals({ s.page, s.lease }, { 100, 300 })

@@ -24,6 +24,7 @@ M.KNOWN = {
 	offline_sqlite_file = true, offline_sqlite_synchronous = true, offline_sqlite_busy_timeout = true,
 	offline_postgres = true, offline_library_path = true,
 	offline_delivery_page = true, offline_delivery_lease = true, offline_node = true,
+	offline_flexible_retrieval = true,
 }
 
 local SWEEPS = { hourly = true, daily = true, weekly = true }
@@ -74,6 +75,9 @@ function M.read(get, data_path)
 		"a name of letters, digits and . - _ : @")
 	if not ok then return nil, err end
 	s.node = s.node or M.machine_name()
+	s.flexible = opt("offline_flexible_retrieval", true)
+	ok, err = want("offline_flexible_retrieval", type(s.flexible) == "boolean", s.flexible, "true or false")
+	if not ok then return nil, err end
 
 	local backend, berr = offline_store.resolve_backend(backend_option, get("offline_postgres") ~= nil)
 	if not backend then return nil, "offline_backend: " .. berr end
