@@ -46,16 +46,21 @@ enum {
 	ST_BEGIN, ST_COMMIT, ST_ROLLBACK,
 	ST_QUEUE_GET, ST_QUEUE_NEW, ST_QUEUE_ADD, ST_QUEUE_SUB, ST_QUEUE_DROP, ST_QUEUE_DROP_IF_EMPTY,
 	ST_QUEUE_DROP_EMPTY, ST_ID_BUMP, ST_ID_GET, ST_MSG_INSERT, ST_MSG_SCAN, ST_MSG_LIST,
-	ST_MSG_DEL_UPTO, ST_MSG_DEL_ID,
+	ST_MSG_DEL_UPTO,
 	ST_USER_DEL_MSGS, ST_HOST_DEL_MSGS, ST_HOST_DEL_QUEUE, ST_DATA_VERSION,
 	ST_EXPIRED_SUB, ST_EXPIRED_DEL, ST_OLDER_SUB, ST_OLDER_DEL, ST_USERS,
 	ST_DEDUP_FIND, ST_MSG_LEASE, ST_MSG_DEL_EXPIRED_UPTO, ST_HELD, ST_RELEASE, ST_RELEASE_ALL,
-	ST_RENEW,
+	ST_RENEW, ST_MSG_SUM_IDS, ST_MSG_DEL_IDS,
 	ST__COUNT
 };
 
 #define ITEM_COLUMNS "id, ts, expire, sender, stanza, meta, lease_owner, lease_until"
 #define NOT_SET_ASIDE "AND meta IS NOT CAST('" OS_SET_ASIDE "' AS BLOB)"
+/* remove's (and so confirm's): up to IDS_PER_STMT ids, in ?2 to ?33 (NULL where unused) */
+#define IDS_PER_STMT 32
+#define IDS_IN "WHERE qid = ?1 AND id IN (?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, " \
+	"?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, " \
+	"?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)"
 #define OWNER_PREFIX "WHERE lease_owner IS NOT NULL AND (?2 = 0 OR substr(lease_owner, 1, ?2) = ?1)"
 
 /* Parameters: ?1 host, ?2 user where a statement finds a queue by its key;
@@ -86,7 +91,6 @@ static const char *const sql_text[ST__COUNT] = {
 		"WHERE qid = (SELECT id FROM queue WHERE host = ?1 AND user = ?2) AND id > ?3 ORDER BY id",
 	/* (rows set aside stay: see OS_SET_ASIDE) */
 	[ST_MSG_DEL_UPTO] = "DELETE FROM message WHERE qid = ?1 AND id <= ?2 " NOT_SET_ASIDE,
-	[ST_MSG_DEL_ID] = "DELETE FROM message WHERE qid = ?1 AND id = ?2 RETURNING length(stanza)",
 	[ST_USER_DEL_MSGS] = "DELETE FROM message WHERE qid = ?1",
 	[ST_HOST_DEL_MSGS] = "DELETE FROM message WHERE qid IN (SELECT id FROM queue WHERE host = ?1)",
 	[ST_HOST_DEL_QUEUE] = "DELETE FROM queue WHERE host = ?1",
@@ -125,6 +129,8 @@ static const char *const sql_text[ST__COUNT] = {
 	 * (substr of an empty BLOB is NULL: the empty prefix is tested apart) */
 	[ST_RELEASE_ALL] = "UPDATE message SET lease_owner = NULL, lease_until = NULL " OWNER_PREFIX,
 	[ST_RENEW] = "UPDATE message SET lease_until = ?3 " OWNER_PREFIX,
+	[ST_MSG_SUM_IDS] = "SELECT count(*), sum(length(stanza)) FROM message " IDS_IN,
+	[ST_MSG_DEL_IDS] = "DELETE FROM message " IDS_IN,
 };
 
 /* ts has no index: only delete_older_than (an operator's purge) reads it, and
@@ -1049,19 +1055,30 @@ static int sq_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n,
 	if (queue_get(q, k, &qid, &count, &bytes) != SQLITE_DONE)
 		return abort_tx(s, q);
 	bytes = 0;
-	for (i = 0; qid != 0 && i < n; i++) {
-		sqlite3_stmt *st = stmt(q, ST_MSG_DEL_ID);
+	/* IDS_PER_STMT ids at a time: what they hold is counted, then deleted (a
+	 * page confirmed costs a few statements, not one per row) */
+	for (i = 0; qid != 0 && i < n; i += IDS_PER_STMT) {
+		sqlite3_stmt *sum = stmt(q, ST_MSG_SUM_IDS), *del = stmt(q, ST_MSG_DEL_IDS);
+		size_t j;
 		int rc;
-		sqlite3_bind_int64(st, 1, qid);
-		sqlite3_bind_int64(st, 2, ids[i]);
-		rc = sqlite3_step(st);
-		if (rc == SQLITE_ROW) {
-			bytes += sqlite3_column_int64(st, 0);
-			(*touched)++;
-			rc = sqlite3_step(st);
+		sqlite3_bind_int64(sum, 1, qid);
+		sqlite3_bind_int64(del, 1, qid);
+		for (j = 0; j < IDS_PER_STMT; j++) {
+			if (i + j < n) {
+				sqlite3_bind_int64(sum, (int)j + 2, ids[i + j]);
+				sqlite3_bind_int64(del, (int)j + 2, ids[i + j]);
+			} else {
+				sqlite3_bind_null(sum, (int)j + 2);
+				sqlite3_bind_null(del, (int)j + 2);
+			}
 		}
-		sqlite3_reset(st);
-		if (rc != SQLITE_DONE)
+		if ((rc = sqlite3_step(sum)) == SQLITE_ROW) {
+			*touched += sqlite3_column_int64(sum, 0);
+			bytes += sqlite3_column_int64(sum, 1);
+			rc = SQLITE_DONE;
+		}
+		sqlite3_reset(sum);
+		if (rc != SQLITE_DONE || run(del) != SQLITE_DONE)
 			return abort_tx(s, q);
 	}
 	if (queue_sub(q, qid, *touched, bytes) != SQLITE_DONE)
