@@ -689,9 +689,12 @@ local function release_at_start()
 	if reloaded then return end
 	local batch = usable_batch()
 	if not batch then return end
-	local n, err = batch:idle():release_all(owner_prefix)
+	local n, err, code = batch:idle():release_all(owner_prefix)
 	if n and n > 0 then
 		module:log("info", "Released %d offline messages leased before the restart; they are queued again", n)
+	elseif code == tonumber("55P03", 36) then -- (postgres: held by a live process, see doc/manual.md)
+		module:log("error", "Another running server uses offline_node = %q with this database: its leases "
+			.. "are left alone; give each server its own offline_node (%s)", settings.node, tostring(err))
 	elseif not n then
 		module:log("error", "Releasing the offline messages leased before the restart failed: %s", tostring(err))
 	end
