@@ -253,7 +253,8 @@ local function buckets() return { 0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003
 local m_write = module:metric("histogram", "write_messages", "seconds",
 	"Time of each offline store write", {}, { buckets = buckets() }):with_labels()
 local m_pop = module:metric("histogram", "pop_messages", "seconds",
-	"Time of each offline store pop (read and delete)", {}, { buckets = buckets() }):with_labels()
+	"Time of each offline delivery: the queue's check at login, then each page read and sent", {},
+	{ buckets = buckets() }):with_labels()
 local m_stored = module:metric("counter", "stored", "", "Messages stored offline", {}):with_labels()
 local m_delivered = module:metric("counter", "delivered", "", "Offline messages delivered", {}):with_labels()
 local m_rejected = module:metric("counter", "rejected_by_limit", "",
@@ -632,6 +633,7 @@ drainer = drain.new {
 	log = function(...) module:log(...) end,
 	delivered = function(n) m_delivered:add(n) end,
 	failed = function(operation) m_failed:with_labels(operation):add(1) end,
+	timed = timed and function(us) m_pop:sample(us / 1000000) end or nil,
 }
 
 module:hook("message/offline/broadcast", function(event)

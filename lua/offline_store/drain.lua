@@ -17,7 +17,8 @@
 --       db = f() -> db | nil, err,    now_us = f(),
 --       deliver = f(item) -> stanza | nil, why,   set_aside = f(username, item, why),
 --       later = f(seconds, fn),      request_ack = f(session),
---       log = f(level, fmt, ...),    delivered = f(n),  failed = f(operation) }
+--       log = f(level, fmt, ...),    delivered = f(n),  failed = f(operation),
+--       timed = nil | f(µs) }       (each page's read and sending, when the clock is wanted)
 --   d:start(session)            message/offline/broadcast: O(1) count, then a page from a timer
 --   d:acked(session)            after mod_smacks handled an <a/> (or a <resume/>'s h)
 --   d:failure(session, stanza)  true when stanza is a leased row of the session (not to be stored)
@@ -142,7 +143,9 @@ function Drain:pump(session)
 			username, host, tostring(leased_until), tostring(code))
 		return
 	end
+	local timed = self.timed
 	if #items == 0 then
+		if timed then timed(self.now_us() - now) end
 		if leased_until then return wait(self, session, username, leased_until, now) end
 		-- (a page that only passed over expired rows, which it deleted: go on)
 		if expired and expired > 0 then return self:schedule(session) end
@@ -186,6 +189,7 @@ function Drain:pump(session)
 		end
 	end
 	s.sending = false
+	if timed then timed(self.now_us() - now) end
 	if sent > 0 then self.delivered(sent) end
 	if done[1] then self:confirm(session, done) end
 	if not q then
