@@ -168,13 +168,13 @@ function Drain:pump(session)
 			s.sending_row = nil
 			local seq = q and q:count_acked() + q:count_unacked()
 			if q and seq > before then
-				-- queued by mod_smacks: deleted when acked (a send that raised included: the
-				-- row stays held until the session ends and is released then)
+				-- queued by mod_smacks: deleted when acked (a send that raised included)
 				row.seq = seq
 				s.inflight[#s.inflight + 1] = row
 			end
 			if not sok then
-				-- not written: popped, it is set aside rather than lost
+				-- not written: leased, the row stays held until the session ends and is
+				-- released then; popped, it is set aside rather than lost
 				self.log("error", "Sending offline message %d to %s failed: %s", item.id,
 					tostring(session.full_jid), tostring(serr))
 				if not q then self.set_aside(username, item, serr) end
