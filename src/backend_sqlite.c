@@ -56,8 +56,13 @@ enum {
 
 #define ITEM_COLUMNS "id, ts, expire, sender, stanza, meta, lease_owner, lease_until"
 #define NOT_SET_ASIDE "AND meta IS NOT CAST('" OS_SET_ASIDE "' AS BLOB)"
-/* remove's (and so confirm's): up to IDS_PER_STMT ids, in ?2 to ?33 (NULL where unused) */
-#define IDS_PER_STMT 32
+/* remove's (and so confirm's): up to 32 ids, in ?2 to ?33 (NULL where unused); IDS_PER_STMT
+ * of them at a time (the fuzzer builds with fewer, so that its lists cross statements) */
+#ifndef OS_SQLITE_IDS_PER_STMT
+#define OS_SQLITE_IDS_PER_STMT 32
+#endif
+#define IDS_MAX 32
+#define IDS_PER_STMT (OS_SQLITE_IDS_PER_STMT < IDS_MAX ? OS_SQLITE_IDS_PER_STMT : IDS_MAX)
 #define IDS_IN "WHERE qid = ?1 AND id IN (?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, " \
 	"?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, " \
 	"?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)"
@@ -1063,8 +1068,8 @@ static int sq_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n,
 		int rc;
 		sqlite3_bind_int64(sum, 1, qid);
 		sqlite3_bind_int64(del, 1, qid);
-		for (j = 0; j < IDS_PER_STMT; j++) {
-			if (i + j < n) {
+		for (j = 0; j < IDS_MAX; j++) {
+			if (j < IDS_PER_STMT && i + j < n) {
 				sqlite3_bind_int64(sum, (int)j + 2, ids[i + j]);
 				sqlite3_bind_int64(del, (int)j + 2, ids[i + j]);
 			} else {
