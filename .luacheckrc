@@ -12,6 +12,7 @@ files["lua/mod_offline.lua"] = {
 }
 files["lua/mod_offline_stub.lua"] = { read_globals = { "prosody", "module" } }
 files["spec/support/plugins/"] = { read_globals = { "prosody", "module" } }
+files["bench/profile/"] = { read_globals = { "prosody", "module" } }
 
 -- luaunit specs: the runner sets _RUNNER; the test classes are globals luaunit finds by name.
 -- Their methods (TestX:test_y) need no self.

@@ -246,11 +246,12 @@ clean:
 # corpus grows in build/fuzz/corpus (seeded from spec/fuzz/corpus); a failing input is saved as
 # build/fuzz/crash-*; replay it with OFFLINE_STORE_FUZZ_TRACE=1 build/fuzz_core FILE. The sqlite
 # backend is built with chunks of 7 rows, statements of 3 and an arena of 2 kB instead of 256, 32
-# and 1 MB, so that the fuzzer's batches (up to 80 stores) write their rows in several chunks.
+# and 1 MB, so that the fuzzer's batches (up to 80 stores) write their rows in several chunks,
+# and removes 3 ids per statement instead of 32.
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 120
 FUZZ_CFLAGS   = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-                -DOS_SQLITE_CHUNK=7 -DOS_SQLITE_STMT_ROWS=3 -DOS_SQLITE_ARENA_KEEP=2048
+                -DOS_SQLITE_CHUNK=7 -DOS_SQLITE_STMT_ROWS=3 -DOS_SQLITE_ARENA_KEEP=2048 -DOS_SQLITE_IDS_PER_STMT=3
 FUZZ_SRC      = spec/fuzz/fuzz_core.c src/backend_sqlite.c src/backend_sqlite_batch.c src/backend_sqlite_schema.c src/backend_memory.c src/hash.c src/buffer.c
 
 build/fuzz_core: $(FUZZ_SRC) $(HDR)

@@ -1,7 +1,7 @@
 -- bench/drain.lua: one login drains a backlog, in a real Prosody 0.12 on loopback.
 --
 --   make bench-drain                      N = 1000 and 100000, every variant, 1 run each
---   lua5.4 bench/drain.lua -N 1000,20000 --runs 3
+--   lua5.4 bench/drain.lua -N 1000,20000 --runs 3 [--variants acked-sm,main-sm]
 --
 -- Variants (each a fresh server with mod_smacks loaded, the backlog written into its sqlite
 -- file with the server stopped, then one login):
@@ -15,7 +15,14 @@
 -- Measured: wall seconds from the initial presence to the last message received, messages/s,
 -- server CPU (utime+stime of the prosody process, /proc/PID/stat) per message over that
 -- interval, and the process's peak RSS (VmHWM, /proc/PID/status: includes start-up).
--- The client is the specs' Lua client (util.xmppstream); it shares the 2 cores.
+-- The client is the specs' Lua client (util.xmppstream); it shares the 2 cores. A run ends at
+-- the last message, or after 30 s without one (main's plugin sends nothing until it has built
+-- and written its whole queue: over 5 s at N=100,000 with XEP-0198 on a loaded machine).
+--
+-- Profiles (one file per variant and N): --perf PREFIX records the server with `perf record`
+-- during the drain (PREFIX.VARIANT.N.data; `perf report -i FILE --sort dso`); --lua-profile
+-- PREFIX loads bench/profile/mod_bench_lua_profile.lua into the server, which writes where its
+-- Lua code spends its VM instructions, per function and per line (PREFIX.VARIANT.N.txt).
 
 local function script_dir()
 	local src = debug.getinfo(1, "S").source:sub(2)
@@ -51,7 +58,7 @@ if arg[1] == "--fill" then
 end
 
 local Ns, runs = { 1000, 100000 }, 1
-local only
+local only, perf_prefix, lua_prefix
 do
 	local i = 1
 	while arg[i] do
@@ -60,6 +67,8 @@ do
 			for n in arg[i + 1]:gmatch("%d+") do Ns[#Ns + 1] = tonumber(n) end
 			i = i + 1
 		elseif arg[i] == "--runs" then runs = tonumber(arg[i + 1]); i = i + 1
+		elseif arg[i] == "--perf" then perf_prefix = arg[i + 1]; i = i + 1
+		elseif arg[i] == "--lua-profile" then lua_prefix = arg[i + 1]; i = i + 1
 		elseif arg[i] == "--variants" then
 			only = {}
 			for v in arg[i + 1]:gmatch("[^,]+") do only[v] = true end
@@ -108,11 +117,12 @@ local function run_one(v, n)
 	local plugins = v.main and (MAIN .. "/lua") or (ROOT .. "/lua")
 	local core_path = (v.main and MAIN or ROOT) .. "/build/offline_store/core.so"
 	local srv = server.start {
-		plugin_paths = { plugins },
+		plugin_paths = { plugins, ROOT .. "/bench/profile" },
 		users = { bob = PW },
-		modules_enabled = { "smacks" },
+		modules_enabled = { "smacks", lua_prefix and "bench_lua_profile" or nil },
 		host = 'access = { max_user_offline_messages = { { acl = "all", value = "infinity" } } }',
-		global = 'log = { error = "' .. "/dev/null" .. '" }',
+		global = 'log = { error = "' .. "/dev/null" .. '" }'
+			.. (lua_prefix and ('\nbench_lua_profile = "%s.%s.%d.txt"'):format(lua_prefix, v.name, n) or ""),
 	}
 	local ok, res = pcall(function()
 		-- the store file as the plugin creates it, then the backlog, server stopped
@@ -129,6 +139,14 @@ local function run_one(v, n)
 			if k ~= last + 1 then ordered = false end
 			last = k
 		end
+		local perf
+		if perf_prefix then
+			local out = ("%s.%s.%d.data"):format(perf_prefix, v.name, n)
+			local p = assert(io.popen(("perf record -q -F 499 -p %d -o '%s' 2>/dev/null & echo $!"):format(pid, out)))
+			perf = p:read("l")
+			p:close()
+			socket.sleep(0.3)
+		end
 		local cpu0, w0 = cpu_seconds(pid), socket.gettime()
 		c:presence()
 		local w1 = w0
@@ -136,10 +154,11 @@ local function run_one(v, n)
 			local before = count
 			c:collect(0.05)
 			if count > before then w1 = socket.gettime()
-			elseif socket.gettime() - w1 > 5 then break end
+			elseif socket.gettime() - w1 > 30 then break end
 		end
 		local cpu1 = cpu_seconds(pid)
 		local hwm = hwm_mib(pid)
+		if perf then sh("kill -INT " .. perf .. "; while kill -0 " .. perf .. " 2>/dev/null; do sleep 0.1; done") end
 		c:close()
 		return { n = count, ordered = ordered, wall = (last_t or w0) - w0, cpu = cpu1 - cpu0, hwm = hwm }
 	end)

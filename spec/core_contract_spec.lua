@@ -185,6 +185,27 @@ local function contract(open, finish)
 		lu.assertEquals(self.db:store(H, U, FROM, "again", T0, nil, 1), 1, "counter restarts at zero")
 	end
 
+	-- A long list (a page confirmed at once is 100 ids): every id listed goes, once, whatever
+	-- the order, repeats, ids of another user's queue or unknown ids in it; nothing else goes.
+	function T:test_remove_a_long_list_of_ids()
+		local ids = fill(self.db, 90)
+		local other = fill(self.db, 3, H, "other")
+		local list = {}
+		for i = 80, 11, -1 do list[#list + 1] = ids[i] end -- 70 ids, backwards
+		list[#list + 1] = ids[40]
+		list[#list + 1] = other[2]
+		list[#list + 1] = 999999
+		lu.assertEquals(self.db:remove(H, U, list), 70)
+		assert_counter(self.db)
+		assert_counter(self.db, H, "other")
+		local want = {}
+		for i = 1, 10 do want[#want + 1] = "m" .. i end
+		for i = 81, 90 do want[#want + 1] = "m" .. i end
+		lu.assertEquals(xmls(self.db:list(H, U)), want)
+		lu.assertEquals(self.db:count(H, "other"), 3)
+		lu.assertEquals(self.db:confirm(H, U, list), 0, "gone already")
+	end
+
 	function T:test_pop_max_deletes_only_what_it_returned()
 		fill(self.db, 5)
 		lu.assertEquals(xmls(self.db:pop(H, U, T0, 2)), { "m1", "m2" })

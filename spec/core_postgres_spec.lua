@@ -178,6 +178,38 @@ function TestPostgresConcurrency:test_two_nodes_leasing_one_user_keep_arrival_or
 	lu.assertEquals({ self.db:count(H, "bob") }, { 0, 0 })
 end
 
+-- Two live stores releasing the same owner prefix (two servers started with the same node
+-- name): the first holds the prefix for as long as its connection lives; the second releases
+-- nothing and says so (SQLSTATE 55P03), other prefixes are not affected, and once the first
+-- has closed the prefix is free. A store in another schema (another deployment) is no twin.
+function TestPostgresConcurrency:test_a_twin_releases_nothing()
+	local LOCK_NOT_AVAILABLE = tonumber("55P03", 36)
+	for i = 1, 3 do assert(self.db:store(H, "bob", FROM, "m" .. i, T0 + i)) end
+	lu.assertEquals(self.db:release_all("twin " .. H .. " "), 0, "the first process at start")
+	lu.assertEquals(#self.db:lease(H, "bob", "twin " .. H .. " s1", T0, T0 + 1e9, 2), 2)
+	local twin = assert(core.open_postgres(self.conninfo))
+	local n, err, code = twin:release_all("twin " .. H .. " ")
+	lu.assertNil(n, "the twin released the live leases")
+	lu.assertEquals(code, LOCK_NOT_AVAILABLE, err)
+	lu.assertStrContains(err, "twin " .. H)
+	lu.assertEquals(#twin:lease(H, "bob", "other", T0, T0 + 1e9), 0, "still leased")
+	lu.assertEquals(twin:release_all("other-node " .. H .. " "), 0, "another node's prefix")
+	lu.assertEquals(self.db:release_all("twin " .. H .. " "), 2, "the holder itself may release again")
+	local elsewhere = fresh()
+	lu.assertEquals(elsewhere:release_all("twin " .. H .. " "), 0, "another schema")
+	elsewhere:close()
+	self.db:close(); self.db = nil
+	-- (the server ends the closed connection's process, and its locks, a moment later)
+	local freed
+	local deadline = socket.gettime() + 5
+	repeat
+		freed = twin:release_all("twin " .. H .. " ")
+		if not freed then socket.sleep(0.05) end
+	until freed or socket.gettime() > deadline
+	lu.assertEquals(freed, 0, "free once its holder has gone")
+	twin:close()
+end
+
 -- Three processes store, two pop the same user meanwhile: every stored message is popped once
 -- or still there, none lost, none twice, each popper's stream in id order, each writer's
 -- messages in the order it stored them.

@@ -326,21 +326,25 @@ function TestAckedTwoNodes.teardownClass()
 		if TestAckedTwoNodes[k] then TestAckedTwoNodes[k]:cleanup(); TestAckedTwoNodes[k] = nil end
 	end
 end
+TestAckedTwoNodes.tearDown = TestAckedTwoNodes.teardownClass
+
+-- A server on a fresh PostgreSQL database (pg, db) with offline_node = name.
+local function pg_node(pg, db, name)
+	return offline.start {
+		users = USERS,
+		modules_enabled = { "smacks" },
+		global = "smacks_hibernation_time = " .. HIBERNATE,
+		host = ('offline_backend = "postgres"\noffline_postgres = %q\noffline_node = %q\noffline_delivery_lease = %d\n'
+			.. 'access = { max_user_offline_messages = { { acl = "all", value = "infinity" } } }')
+			:format(("host=127.0.0.1 port=%d dbname=%s user=postgres sslmode=disable"):format(pg.port, db), name, LEASE),
+	}
+end
 
 function TestAckedTwoNodes:test_8_dead_nodes_lease_expires_to_the_other_node()
 	local postgres = require "support.postgres"
 	local pg = postgres.require_server(lu)
 	local db = pg:fresh_database()
-	local function node(name)
-		return offline.start {
-			users = USERS,
-			modules_enabled = { "smacks" },
-			global = "smacks_hibernation_time = " .. HIBERNATE,
-			host = ('offline_backend = "postgres"\noffline_postgres = %q\noffline_node = %q\noffline_delivery_lease = %d\n'
-				.. 'access = { max_user_offline_messages = { { acl = "all", value = "infinity" } } }')
-				:format(("host=127.0.0.1 port=%d dbname=%s user=postgres sslmode=disable"):format(pg.port, db), name, LEASE),
-		}
-	end
+	local function node(name) return pg_node(pg, db, name) end
 	local a, b = node("node-a"), node("node-b")
 	TestAckedTwoNodes.a, TestAckedTwoNodes.b = a, b
 	local alice = online(a, "alice")
@@ -368,4 +372,31 @@ function TestAckedTwoNodes:test_8_dead_nodes_lease_expires_to_the_other_node()
 	lu.assertTrue(waited >= LEASE - 1, "not before the lease expired (" .. waited .. " s)")
 	laptop:close()
 	lu.assertEquals(#plain_drain(b, "b1", 0.5), 0, "nothing twice")
+end
+
+-- 9. PostgreSQL, two servers started with the same offline_node (a misconfiguration): the
+-- second leaves the leases of the first, which is alive, alone and says which option to fix.
+function TestAckedTwoNodes:test_9_a_twin_node_leaves_live_leases_alone()
+	local pg = require "support.postgres".require_server(lu)
+	local db = pg:fresh_database()
+	local a = pg_node(pg, db, "twin")
+	TestAckedTwoNodes.a = a
+	local alice = online(a, "alice")
+	for i = 1, 150 do alice:send(chat("b2@localhost", "m" .. i, tostring(i))) end
+	alice:ping()
+	alice:close()
+	local phone = sm_login(a, "b2", "phone")
+	lu.assertEquals(ids(phone:read_messages(PAGE, 1)), range(1, PAGE), "a page leased to the phone, not acked")
+	local b = pg_node(pg, db, "twin")
+	TestAckedTwoNodes.b = b
+	local deadline = socket.gettime() + 10
+	while not b:log():find("Another running server uses offline_node", 1, true) and socket.gettime() < deadline do
+		socket.sleep(0.1)
+	end
+	local laptop = login(b, "b2", "laptop")
+	laptop:presence()
+	lu.assertEquals(ids(laptop:read_messages(300, 1.5)), {}, "nothing behind the phone's live lease")
+	laptop:close()
+	lu.assertStrContains(b:log(), 'Another running server uses offline_node = "twin"')
+	phone:close()
 end

@@ -180,6 +180,46 @@ end
 
 -- A bad row whose setting aside fails stays leased (released when the session ends), and a
 -- send that raises confirms nothing: neither is lost.
+-- A session that dies inside a send gives its queue back from inside that send (the stanza
+-- being sent included); each copy is recognised once, as many times as the row was sent.
+function TestDrain:test_copies_given_back_inside_the_send_are_recognised_once_each()
+	self:fill(3)
+	local s = session("phone", true)
+	local send, recognised = s.send, {}
+	s.send = function(stanza)
+		local ok = send(stanza)
+		if stanza.attr.id == "m2" then
+			for _, clone in ipairs(s.outgoing_stanza_queue:table()) do
+				recognised[#recognised + 1] = self.d:failure(s, clone) or false
+			end
+			recognised[#recognised + 1] = self.d:failure(s, st.clone(stanza)) or false
+		end
+		return ok
+	end
+	self.d:start(s); self:run()
+	lu.assertEquals(recognised, { true, true, false }, "m1 (in flight) and m2 (being sent), once each")
+	lu.assertTrue(self.d:failure(s, st.clone(s.sent[3])), "m3, sent after")
+	lu.assertNil(self.d:failure(s, st.clone(s.sent[3])), "m3 recognised once only")
+	self.d:unbind(s)
+	lu.assertNil(self.d:failure(s, st.clone(s.sent[1])), "released: nothing is in flight")
+end
+
+-- The time of each page (its read and its sending) goes to cfg.timed: a clock that moves a
+-- second per stanza sent gives a page of 10 ten seconds.
+function TestDrain:test_each_page_is_timed_with_its_sending()
+	self:fill(25)
+	local times = {}
+	self.d.timed = function(us) times[#times + 1] = us // 1000000 end
+	local s = session("laptop", false)
+	local send = s.send
+	s.send = function(stanza) self.clock = self.clock + 1000000; return send(stanza) end
+	self.d:start(s); self:run()
+	self.d:ondrain(s); self:run()
+	self.d:ondrain(s); self:run()
+	lu.assertEquals(#s.sent, 25)
+	lu.assertEquals(times, { 10, 10, 5 })
+end
+
 function TestDrain:test_failed_set_aside_and_raising_send_keep_their_rows()
 	assert(self.db:store(HOST, USER, "x", "<message id='cut'><body>", 1))
 	self:fill(2)

@@ -422,8 +422,39 @@ static int pg_release(os_store *s, const os_key *k, os_str owner, int64_t *touch
 	return relet(s, ST_RELEASE, &p, touched);
 }
 
+/* Two processes started with the same node name (a misconfiguration) must not
+ * release each other's live leases. The first to release a prefix's leases
+ * takes a session-level advisory lock named by the prefix and holds it as long
+ * as its connection lives; a second process finds it taken, releases nothing
+ * and fails with SQLSTATE 55P03 (lock_not_available). A reconnection drops the
+ * lock (taken again at the next release_all). Named (class "OFLS", hash of the
+ * schema and the prefix: advisory locks are per database): two names whose
+ * hashes collide share it (a false alarm, never a wrong release). */
+static int hold_prefix(os_store *s, pg *g, os_str prefix) {
+	const char *val[1];
+	int len[1], fmt[1] = { 1 }, rc;
+	PGresult *r;
+	if (pg_recover(s, g) != OS_OK)
+		return OS_FAIL;
+	val[0] = prefix.p, len[0] = (int)prefix.n;
+	r = PQexecParams(g->conn, "SELECT pg_try_advisory_lock(1330007123, hashtext(current_schema() || md5($1::bytea)))",
+	                 1, NULL, val, len, fmt, 1);
+	if (!result_ok(r) || PQntuples(r) != 1 || PQgetlength(r, 0, 0) != 1)
+		rc = pgfail(s, g, r);
+	else if (PQgetvalue(r, 0, 0)[0])
+		rc = OS_OK;
+	else
+		rc = os_fail(s, pg_sqlstate_code("55P03"), "the leases of \"%.*s\" are held by another live process: "
+		             "none released (SQLSTATE 55P03)", (int)(prefix.n > 80 ? 80 : prefix.n), prefix.p);
+	PQclear(r);
+	return rc;
+}
+
 static int pg_release_all(os_store *s, const os_str *prefix, int64_t *touched) {
 	params p;
+	*touched = 0;
+	if (prefix && prefix->n > 0 && hold_prefix(s, s->impl, *prefix) != OS_OK)
+		return OS_FAIL;
 	p.n = p.too_big = 0;
 	p_bytes(&p, prefix ? prefix->p : "", prefix ? prefix->n : 0);
 	return relet(s, ST_RELEASE_ALL, &p, touched);

@@ -41,6 +41,8 @@ OS_HIDDEN extern const os_backend postgres_backend;
 /* backend_postgres_conn.c */
 OS_HIDDEN void pg_tidy(char *dst, size_t size, const char *src);
 OS_HIDDEN int pgfail(os_store *s, pg *g, const PGresult *r);
+/* The integer code of a SQLSTATE (its five characters read in base 36), as errcode holds it. */
+OS_HIDDEN int pg_sqlstate_code(const char *state);
 OS_HIDDEN int pg_command(pg *g, const char *sql);
 OS_HIDDEN int pg_begin(os_store *s, pg *g);
 OS_HIDDEN int pg_abort_tx(os_store *s, pg *g, const PGresult *r);

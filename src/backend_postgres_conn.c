@@ -48,7 +48,7 @@ void pg_tidy(char *dst, size_t size, const char *src) {
 }
 
 /* SQLSTATE as a base-36 number: what Lua's tonumber(state, 36) gives. */
-static int sqlstate_code(const char *state) {
+int pg_sqlstate_code(const char *state) {
 	int code = 0, i;
 	for (i = 0; state && i < 5 && state[i]; i++) {
 		char c = state[i];
@@ -67,7 +67,7 @@ int pgfail(os_store *s, pg *g, const PGresult *r) {
 		return os_fail(s, 0, "lost the connection to PostgreSQL (reconnecting on the next call): %s%s%s%s",
 		               msg, state ? " (SQLSTATE " : "", state ? state : "", state ? ")" : "");
 	if (state)
-		return os_fail(s, sqlstate_code(state), "%s (SQLSTATE %s)", msg, state);
+		return os_fail(s, pg_sqlstate_code(state), "%s (SQLSTATE %s)", msg, state);
 	return os_fail(s, 0, "%s", msg[0] ? msg : "PostgreSQL call failed");
 }
 

@@ -494,19 +494,30 @@ static int sq_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n,
 	if (queue_get(q, k, &qid, &count, &bytes) != SQLITE_DONE)
 		return sq_abort_tx(s, q);
 	bytes = 0;
-	for (i = 0; qid != 0 && i < n; i++) {
-		sqlite3_stmt *st = stmt(q, ST_MSG_DEL_ID);
+	/* IDS_PER_STMT ids at a time: what they hold is counted, then deleted (a
+	 * page confirmed costs a few statements, not one per row) */
+	for (i = 0; qid != 0 && i < n; i += IDS_PER_STMT) {
+		sqlite3_stmt *sum = stmt(q, ST_MSG_SUM_IDS), *del = stmt(q, ST_MSG_DEL_IDS);
+		size_t j;
 		int rc;
-		sqlite3_bind_int64(st, 1, qid);
-		sqlite3_bind_int64(st, 2, ids[i]);
-		rc = sqlite3_step(st);
-		if (rc == SQLITE_ROW) {
-			bytes += sqlite3_column_int64(st, 0);
-			(*touched)++;
-			rc = sqlite3_step(st);
+		sqlite3_bind_int64(sum, 1, qid);
+		sqlite3_bind_int64(del, 1, qid);
+		for (j = 0; j < IDS_MAX; j++) {
+			if (j < IDS_PER_STMT && i + j < n) {
+				sqlite3_bind_int64(sum, (int)j + 2, ids[i + j]);
+				sqlite3_bind_int64(del, (int)j + 2, ids[i + j]);
+			} else {
+				sqlite3_bind_null(sum, (int)j + 2);
+				sqlite3_bind_null(del, (int)j + 2);
+			}
 		}
-		sqlite3_reset(st);
-		if (rc != SQLITE_DONE)
+		if ((rc = sqlite3_step(sum)) == SQLITE_ROW) {
+			*touched += sqlite3_column_int64(sum, 0);
+			bytes += sqlite3_column_int64(sum, 1);
+			rc = SQLITE_DONE;
+		}
+		sqlite3_reset(sum);
+		if (rc != SQLITE_DONE || run(del) != SQLITE_DONE)
 			return sq_abort_tx(s, q);
 	}
 	if (queue_sub(q, qid, *touched, bytes) != SQLITE_DONE)

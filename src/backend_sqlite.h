@@ -19,13 +19,22 @@ enum {
 	ST_BEGIN, ST_COMMIT, ST_ROLLBACK,
 	ST_QUEUE_GET, ST_QUEUE_NEW, ST_QUEUE_ADD, ST_QUEUE_SUB, ST_QUEUE_DROP, ST_QUEUE_DROP_IF_EMPTY,
 	ST_QUEUE_DROP_EMPTY, ST_ID_BUMP, ST_ID_GET, ST_MSG_INSERT, ST_MSG_SCAN, ST_MSG_LIST,
-	ST_MSG_DEL_UPTO, ST_MSG_DEL_ID,
+	ST_MSG_DEL_UPTO,
 	ST_USER_DEL_MSGS, ST_HOST_DEL_MSGS, ST_HOST_DEL_QUEUE, ST_DATA_VERSION,
 	ST_EXPIRED_SUB, ST_EXPIRED_DEL, ST_OLDER_SUB, ST_OLDER_DEL, ST_USERS,
 	ST_DEDUP_FIND, ST_MSG_LEASE, ST_MSG_DEL_EXPIRED_UPTO, ST_HELD, ST_RELEASE, ST_RELEASE_ALL,
-	ST_RENEW,
+	ST_RENEW, ST_MSG_SUM_IDS, ST_MSG_DEL_IDS,
 	ST__COUNT
 };
+
+/* remove's (and so confirm's): up to IDS_MAX ids, in ?2 to ?33 (NULL where unused);
+ * IDS_PER_STMT of them at a time (the fuzzer builds with fewer, so that its lists
+ * cross statements) */
+#ifndef OS_SQLITE_IDS_PER_STMT
+#define OS_SQLITE_IDS_PER_STMT 32
+#endif
+#define IDS_MAX 32
+#define IDS_PER_STMT (OS_SQLITE_IDS_PER_STMT < IDS_MAX ? OS_SQLITE_IDS_PER_STMT : IDS_MAX)
 
 /* Group commit defers a batch's writes (see sq_flush_pending): its messages wait
  * here, their bytes copied into one arena, and its counter increments are

@@ -26,6 +26,9 @@
 #define ITEM_COLUMNS "id, ts, expire, sender, stanza, meta, lease_owner, lease_until"
 #define NOT_SET_ASIDE "AND meta IS NOT CAST('" OS_SET_ASIDE "' AS BLOB)"
 #define OWNER_PREFIX "WHERE lease_owner IS NOT NULL AND (?2 = 0 OR substr(lease_owner, 1, ?2) = ?1)"
+#define IDS_IN "WHERE qid = ?1 AND id IN (?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, " \
+	"?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, " \
+	"?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)"
 
 /* Parameters: ?1 host, ?2 user where a statement finds a queue by its key;
  * ?1 the queue id (qid) where it has it already (store, pop, remove). */
@@ -55,7 +58,6 @@ static const char *const sql_text[ST__COUNT] = {
 		"WHERE qid = (SELECT id FROM queue WHERE host = ?1 AND user = ?2) AND id > ?3 ORDER BY id",
 	/* (rows set aside stay: see OS_SET_ASIDE) */
 	[ST_MSG_DEL_UPTO] = "DELETE FROM message WHERE qid = ?1 AND id <= ?2 " NOT_SET_ASIDE,
-	[ST_MSG_DEL_ID] = "DELETE FROM message WHERE qid = ?1 AND id = ?2 RETURNING length(stanza)",
 	[ST_USER_DEL_MSGS] = "DELETE FROM message WHERE qid = ?1",
 	[ST_HOST_DEL_MSGS] = "DELETE FROM message WHERE qid IN (SELECT id FROM queue WHERE host = ?1)",
 	[ST_HOST_DEL_QUEUE] = "DELETE FROM queue WHERE host = ?1",
@@ -94,6 +96,8 @@ static const char *const sql_text[ST__COUNT] = {
 	 * (substr of an empty BLOB is NULL: the empty prefix is tested apart) */
 	[ST_RELEASE_ALL] = "UPDATE message SET lease_owner = NULL, lease_until = NULL " OWNER_PREFIX,
 	[ST_RENEW] = "UPDATE message SET lease_until = ?3 " OWNER_PREFIX,
+	[ST_MSG_SUM_IDS] = "SELECT count(*), sum(length(stanza)) FROM message " IDS_IN,
+	[ST_MSG_DEL_IDS] = "DELETE FROM message " IDS_IN,
 };
 
 /* ts has no index: only delete_older_than (an operator's purge) reads it, and

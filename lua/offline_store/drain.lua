@@ -18,7 +18,8 @@
 --       deliver = f(item) -> stanza | nil, why,   set_aside = f(username, item, why),
 --       later = f(seconds, fn),      request_ack = f(session),
 --       log = f(level, fmt, ...),    delivered = f(n, session),  failed = f(operation),
---       on_acked = f(session, n) (optional: rows the client's acks confirmed) }
+--       on_acked = f(session, n) (optional: rows the client's acks confirmed),
+--       timed = nil | f(µs) }       (each page's read and sending, when the clock is wanted)
 --   d:start(session)            message/offline/broadcast: O(1) count, then a page from a timer
 --   d:acked(session)            after mod_smacks handled an <a/> (or a <resume/>'s h)
 --   d:failure(session, stanza)  true when stanza is a leased row of the session (not to be stored)
@@ -65,7 +66,7 @@ end
 local function state(self, session)
 	local s = session.offline_drain
 	if not s then
-		s = { owner = self.owner_prefix .. tostring(session.id or session), inflight = {}, keys = {} }
+		s = { owner = self.owner_prefix .. tostring(session.id or session), inflight = {} }
 		session.offline_drain = s
 	end
 	return s
@@ -96,12 +97,6 @@ function Drain:start(session)
 	if n == 0 then return end -- (most logins)
 	state(self, session).eligible = true
 	self:schedule(session)
-end
-
-local function keys_add(keys, key, n)
-	if not key then return end
-	local v = (keys[key] or 0) + n
-	keys[key] = v > 0 and v or nil
 end
 
 -- Held back by another session's lease until `until_` (µs): tried again then
@@ -153,7 +148,9 @@ function Drain:pump(session)
 			username, host, tostring(leased_until), tostring(code))
 		return
 	end
+	local timed = self.timed
 	if #items == 0 then
+		if timed then timed(self.now_us() - now) end
 		if leased_until then return wait(self, session, username, leased_until, now) end
 		-- (a page that only passed over expired rows, which it deleted: go on)
 		if expired and expired > 0 then return self:schedule(session) end
@@ -169,32 +166,27 @@ function Drain:pump(session)
 		if session.destroyed or (q and session.outgoing_stanza_queue ~= q) then break end
 		local ok, stanza, why = pcall(self.deliver, item)
 		if ok and stanza then
-			local before = q and q:count_acked() + q:count_unacked()
-			local key = q and M.key(stanza, host, self.delay_text)
-			if key then keys_add(s.keys, key, 1) end
+			-- (with XEP-0198: what failure() recognises; in flight once mod_smacks queued it)
+			local row, before = q and { id = item.id, stanza = stanza }, q and q:count_acked() + q:count_unacked()
+			s.sending_row = row
 			local sok, serr = pcall(session.send, stanza)
+			s.sending_row = nil
 			local seq = q and q:count_acked() + q:count_unacked()
+			if q and seq > before then
+				-- queued by mod_smacks: deleted when acked (a send that raised included)
+				row.seq = seq
+				s.inflight[#s.inflight + 1] = row
+			end
 			if not sok then
 				-- not written: leased, the row stays held until the session ends and is
 				-- released then; popped, it is set aside rather than lost
 				self.log("error", "Sending offline message %d to %s failed: %s", item.id,
 					tostring(session.full_jid), tostring(serr))
-				if q then
-					if seq > before then s.inflight[#s.inflight + 1] = { seq = seq, id = item.id, key = key }
-					else keys_add(s.keys, key, -1) end
-				else
-					self.set_aside(username, item, serr)
-				end
-			elseif q and seq > before then
-				s.inflight[#s.inflight + 1] = { seq = seq, id = item.id, key = key }
-				sent = sent + 1
+				if not q then self.set_aside(username, item, serr) end
 			else
 				-- written, and (with XEP-0198) not queued by mod_smacks (a filter dropped
 				-- it): delivered as written
-				if q then
-					keys_add(s.keys, key, -1)
-					done[#done + 1] = item.id
-				end
+				if q and seq <= before then done[#done + 1] = item.id end
 				sent = sent + 1
 			end
 		elseif self.set_aside(username, item, ok and why or stanza) and q then
@@ -202,6 +194,7 @@ function Drain:pump(session)
 		end
 	end
 	s.sending = false
+	if timed then timed(self.now_us() - now) end
 	if sent > 0 then self.delivered(sent, session) end
 	if done[1] then self:confirm(session, done) end
 	if not q then
@@ -252,7 +245,6 @@ function Drain:acked(session)
 	for _, row in ipairs(inflight) do
 		if row.seq <= h then
 			done[#done + 1] = row.id
-			keys_add(s.keys, row.key, -1)
 		else
 			rest[#rest + 1] = row
 		end
@@ -270,13 +262,28 @@ function Drain:resumed(session)
 	if s and not s.inflight[1] then self:schedule(session) end
 end
 
+-- Whether row (in flight, or being sent) is the row of key and not recognised
+-- already; its own key is read once, when first needed (most sessions never need it).
+local function is_row(self, row, key)
+	if not row or row.recognised then return false end
+	local k = row.key
+	if k == nil then
+		k = M.key(row.stanza, self.host, self.delay_text) or false
+		row.key = k
+	end
+	if k ~= key then return false end
+	row.recognised = true
+	return true
+end
+
 function Drain:failure(session, stanza)
 	local s = session and session.offline_drain
-	if not s or next(s.keys) == nil then return nil end
+	if not s or not (s.inflight[1] or s.sending_row) then return nil end
 	local key = M.key(stanza, self.host, self.delay_text)
-	if key and s.keys[key] then
-		keys_add(s.keys, key, -1)
-		return true
+	if not key then return nil end
+	if is_row(self, s.sending_row, key) then return true end
+	for _, row in ipairs(s.inflight) do
+		if is_row(self, row, key) then return true end
 	end
 	return nil
 end
@@ -286,7 +293,7 @@ local RELEASE_RETRY = 5 -- seconds between attempts at a release that failed
 function Drain:release(session)
 	local s = session.offline_drain
 	if not s or not s.leased then return end
-	s.inflight, s.keys, s.leased = {}, {}, false
+	s.inflight, s.sending_row, s.leased = {}, nil, false
 	local db, err = self.db()
 	local n, code
 	if db then n, err, code = db:release(self.host, session.username, s.owner) end

@@ -13,8 +13,8 @@ local events = require "offline_store.events"
 local jid_bare = require "util.jid".bare
 local st = require "util.stanza"
 
-local floor, type, tostring, pairs, ipairs, pcall, setmetatable, require =
-	math.floor, type, tostring, pairs, ipairs, pcall, setmetatable, require
+local floor, type, tostring, tonumber, pairs, ipairs, pcall, setmetatable, require =
+	math.floor, type, tostring, tonumber, pairs, ipairs, pcall, setmetatable, require
 local times = policy.times
 
 local _ENV = nil
@@ -372,6 +372,7 @@ function Host:drainer(page)
 		end,
 		on_acked = function(session, n) self.ev:acked(session, n) end,
 		failed = function(operation) m.failed:with_labels(operation):add(1) end,
+		timed = m.timed and function(us) m.pop:sample(us / 1000000) end or nil,
 	}
 end
 
@@ -416,9 +417,12 @@ function Host:release_at_start(sessions, drainer)
 	if reloaded then return end
 	local batch = self:usable_batch()
 	if not batch then return end
-	local n, err = batch:idle():release_all(self:owner_prefix())
+	local n, err, code = batch:idle():release_all(self:owner_prefix())
 	if n and n > 0 then
 		self.log("info", "Released %d offline messages leased before the restart; they are queued again", n)
+	elseif code == tonumber("55P03", 36) then -- (postgres: held by a live process, see doc/manual.md)
+		self.log("error", "Another running server uses offline_node = %q with this database: its leases "
+			.. "are left alone; give each server its own offline_node (%s)", self.settings.node, tostring(err))
 	elseif not n then
 		self.log("error", "Releasing the offline messages leased before the restart failed: %s", tostring(err))
 	end

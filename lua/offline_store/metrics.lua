@@ -22,7 +22,8 @@ function M.new(metric)
 	m.write = metric("histogram", "write_messages", "seconds",
 		"Time of each offline store write", {}, { buckets = buckets() }):with_labels()
 	m.pop = metric("histogram", "pop_messages", "seconds",
-		"Time of each offline store pop (read and delete)", {}, { buckets = buckets() }):with_labels()
+		"Time of each offline delivery: the queue's check at login, then each page read and sent", {},
+		{ buckets = buckets() }):with_labels()
 	m.stored = metric("counter", "stored", "", "Messages stored offline", {}):with_labels()
 	m.delivered = metric("counter", "delivered", "", "Offline messages delivered", {}):with_labels()
 	m.rejected = metric("counter", "rejected_by_limit", "",
