@@ -86,12 +86,18 @@ else
 	is_admin = function(bare) return usermanager.is_admin(bare, host) == true end
 end
 
--- The limit function of settings `s` under the current `access` and `acl`.
+-- The limit functions of settings `s` under the current `access` and `acl`: count, and
+-- bytes (false: no byte rule); or nil, error.
 local function compile_limits(s)
-	return limits.compile(s.rule_name, module:get_option("access"), module:get_option("acl"), is_admin)
+	local access, acl = module:get_option("access"), module:get_option("acl")
+	local limit, err = limits.compile(s.rule_name, access, acl, is_admin)
+	if not limit then return nil, err end
+	local limit_bytes, berr = limits.compile(s.bytes_rule_name, access, acl, is_admin, true)
+	if limit_bytes == nil then return nil, berr end
+	return limit, limit_bytes
 end
-local limit, limit_err = compile_limits(settings)
-if not limit then refuse(limit_err) end
+local limit, limit_bytes = compile_limits(settings)
+if not limit then refuse(limit_bytes) end
 
 -- The store is opened here, before any hook exists: one that cannot be opened
 -- stops the module before it handles anything (Prosody then bounces messages
@@ -123,7 +129,7 @@ require "offline_store.push".setup(module, events, prosody.hosts[host].events)
 local h = require "offline_store.host".new {
 	ev = events.new(prosody.hosts[host].events),
 	is_disabled = require "offline_store.disabled".setup(module, core),
-	host = host, settings = settings, core = core, limit = limit, metrics = m, group = group,
+	host = host, settings = settings, core = core, limit = limit, limit_bytes = limit_bytes, metrics = m, group = group,
 	stores = module:shared("/*/offline/stores"),
 	open = function(s) return options.open_store(host, s) end,
 	log = log,
@@ -268,14 +274,15 @@ schedule_sweep(settings.sweep)
 --- effect when the store is opened again.
 module:hook_global("config-reloaded", function()
 	local s, err = read_options(host)
-	local new_limit
-	if s then new_limit, err = compile_limits(s) end
+	local new_limit, new_limit_bytes
+	if s then new_limit, new_limit_bytes = compile_limits(s) end
 	if not new_limit then
+		err = err or new_limit_bytes
 		module:log("error", "Config reload: %s; mod_offline on %s keeps its running settings", err, host)
 		return
 	end
 	options.keep_running(settings, s, host, log)
-	h:set_limit(new_limit)
+	h:set_limit(new_limit, new_limit_bytes)
 	drainer.page, drainer.lease_us = page_size(s), s.lease * 1000000
 	if s.sweep ~= settings.sweep then schedule_sweep(s.sweep) end
 	settings, h.settings = s, s

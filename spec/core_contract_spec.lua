@@ -162,6 +162,118 @@ local function contract(open, finish)
 		lu.assertEquals(xmls(self.db:pop(H, U, T0)), { "12345", "12345" })
 	end
 
+	-- Over the limit with evict (the last argument), the oldest rows go to make room for
+	-- the new one, in the same transaction, and store says how many went.
+	function T:test_evict_oldest_by_count()
+		local db = self.db
+		fill(db, 3)
+		local count, id, evicted = db:store(H, U, FROM, "new1", T0, nil, 3, nil, nil, nil, true)
+		lu.assertEquals({ count, evicted }, { 3, 1 })
+		lu.assertIsNumber(id)
+		lu.assertEquals(xmls(db:list(H, U)), { "m2", "m3", "new1" })
+		lu.assertEquals({ db:store(H, U, FROM, "new2", T0, nil, 5, nil, nil, nil, true) }, { 4, id + 1, 0 },
+			"with room, nothing goes")
+		lu.assertEquals(select("#", db:store(H, "carol", FROM, "x", T0, nil, 5)), 2,
+			"without evict, store returns count and id")
+		local _
+		count, _, evicted = db:store(H, U, FROM, "new3", T0, nil, 2, nil, nil, nil, true)
+		lu.assertEquals({ count, evicted }, { 2, 3 }, "as many as it takes: a lower limit evicts several")
+		lu.assertEquals(xmls(db:list(H, U)), { "new2", "new3" })
+		assert_counter(db)
+		lu.assertEquals({ db:store(H, U, FROM, "x", T0, nil, 2) }, { false, "limit", 2 },
+			"without evict the limit refuses as before")
+	end
+
+	function T:test_evict_oldest_by_bytes()
+		local db = self.db
+		for _, x in ipairs { "aaaa", "bbb", "cc" } do assert(db:store(H, U, FROM, x, T0, nil, nil, 10)) end
+		local count, _, evicted = db:store(H, U, FROM, "dddddd", T0, nil, nil, 10, nil, nil, true)
+		lu.assertEquals({ count, evicted }, { 2, 2 }, "9 + 6 bytes: two of the oldest make room for 6")
+		lu.assertEquals(xmls(db:list(H, U)), { "cc", "dddddd" })
+		lu.assertEquals({ db:count(H, U) }, { 2, 8 })
+		count, _, evicted = db:store(H, U, FROM, "eeeeeeeeee", T0, nil, 100, 10, nil, nil, true)
+		lu.assertEquals({ count, evicted }, { 1, 2 }, "a message as large as the whole quota empties the queue")
+		lu.assertEquals({ db:count(H, U) }, { 1, 10 })
+		assert_counter(db)
+	end
+
+	function T:test_evict_refuses_what_could_never_fit()
+		local db = self.db
+		fill(db, 2)
+		lu.assertEquals({ db:store(H, U, FROM, "123456", T0, nil, nil, 5, nil, nil, true) }, { false, "limit", 2 },
+			"larger than the whole byte quota: refused, nothing evicted")
+		lu.assertEquals({ db:store(H, U, FROM, "x", T0, nil, 0, nil, nil, nil, true) }, { false, "limit", 2 },
+			"a count limit of 0: refused, nothing evicted")
+		lu.assertEquals({ db:store(H, "carol", FROM, "123456", T0, nil, nil, 5, nil, nil, true) }, { false, "limit", 0 })
+		lu.assertEquals(xmls(db:list(H, U)), { "m1", "m2" })
+		assert_counter(db)
+	end
+
+	function T:test_evict_passes_over_leased_rows()
+		local db = self.db
+		fill(db, 5)
+		lu.assertEquals(xmls(db:lease(H, U, "n1", T0, T0 + 100, 2)), { "m1", "m2" })
+		local count, _, evicted = db:store(H, U, FROM, "new", T0, nil, 4, nil, nil, nil, true)
+		lu.assertEquals({ count, evicted }, { 4, 2 })
+		lu.assertEquals(xmls(db:list(H, U)), { "m1", "m2", "m5", "new" }, "the leased rows stay; the oldest free ones go")
+		assert_counter(db)
+		-- a lease whose time ran out still has its owner: not evicted either
+		lu.assertEquals(db:release(H, U, "n1"), 2)
+		lu.assertEquals(xmls(db:lease(H, U, "n2", T0, T0 + 1)), { "m1", "m2", "m5", "new" })
+		lu.assertEquals({ db:store(H, U, FROM, "refused", T0 + 10, nil, 4, nil, nil, nil, true) }, { false, "limit", 4 },
+			"only leased rows left: refused, nothing evicted")
+		lu.assertEquals(xmls(db:list(H, U)), { "m1", "m2", "m5", "new" })
+		assert_counter(db)
+		-- released: the room is there again
+		lu.assertEquals(db:release(H, U, "n2"), 4)
+		lu.assertEquals(select(3, db:store(H, U, FROM, "last", T0, nil, 4, nil, nil, nil, true)), 1)
+		lu.assertEquals(xmls(db:list(H, U)), { "m2", "m5", "new", "last" })
+	end
+
+	function T:test_evict_takes_set_aside_and_expired_rows_like_any()
+		local db = self.db
+		assert(db:store(H, U, FROM, "aside", T0, nil, nil, nil, core.SET_ASIDE))
+		assert(db:store(H, U, FROM, "expired", T0, T0 + 1))
+		assert(db:store(H, U, FROM, "live", T0))
+		lu.assertEquals(select(3, db:store(H, U, FROM, "new", T0 + 10, nil, 2, nil, nil, nil, true)), 2)
+		lu.assertEquals(xmls(db:list(H, U)), { "live", "new" })
+		assert_counter(db)
+	end
+
+	function T:test_evict_after_dedup()
+		local db = self.db
+		fill(db, 2, H, U, "m", { dedup = "k" })
+		lu.assertEquals({ db:store(H, U, FROM, "again", T0, nil, 2, nil, nil, "k2", true) }, { false, "duplicate", 2 },
+			"a duplicate is refused before anything is evicted")
+		lu.assertEquals({ db:store(H, U, FROM, "again", T0, nil, 2, nil, nil, "k1", true) }, { false, "duplicate", 2 },
+			"the oldest row's key counts until it is evicted")
+		lu.assertEquals(select(3, db:store(H, U, FROM, "new", T0, nil, 2, nil, nil, "k3", true)), 1)
+		lu.assertEquals(select(3, db:store(H, U, FROM, "again", T0, nil, 2, nil, nil, "k1", true)), 1,
+			"an evicted row's key goes with it")
+		lu.assertEquals(xmls(db:list(H, U)), { "new", "again" })
+	end
+
+	function T:test_evict_inside_a_batch()
+		local db = self.db
+		fill(db, 2, H, U, "before")
+		local batched = db:begin()
+		for i = 1, 4 do
+			local count, _, evicted = db:store(H, U, FROM, "in" .. i, T0 + i, nil, 3, nil, nil, nil, true)
+			lu.assertEquals({ count, evicted }, { math.min(2 + i, 3), i == 1 and 0 or 1 }, "store " .. i)
+		end
+		lu.assertEquals(db:store(H, "carol", FROM, "other", T0, nil, 3, nil, nil, nil, true), 1)
+		lu.assertTrue(db:commit())
+		lu.assertEquals(xmls(db:list(H, U)), { "in2", "in3", "in4" }, "the batch's own rows are evicted too")
+		assert_counter(db)
+		if batched then
+			lu.assertTrue(db:begin())
+			lu.assertEquals(select(3, db:store(H, U, FROM, "rolled back", T0, nil, 1, nil, nil, nil, true)), 3)
+			lu.assertTrue(db:rollback())
+			lu.assertEquals(xmls(db:list(H, U)), { "in2", "in3", "in4" }, "a rollback undoes the eviction")
+			assert_counter(db)
+		end
+	end
+
 	function T:test_counter_follows_every_operation()
 		local ids = fill(self.db, 6)
 		assert_counter(self.db)

@@ -45,7 +45,8 @@ local function run_workers(dir, names, cmd)
 	assert(ok, out)
 	local res = {}
 	for _, name in ipairs(names) do
-		local r = { ok = {}, limit = 0, dup = 0, leased = {}, fail = {}, pop = {}, expired = 0, touched = 0, done = false }
+		local r = { ok = {}, limit = 0, dup = 0, leased = {}, fail = {}, pop = {}, expired = 0, touched = 0, evicted = 0,
+			done = false }
 		for line in (support.read(dir .. "/" .. name) or ""):gmatch("[^\n]+") do
 			local kind, a, b, c = line:match("^(%S+) ?(%S*) ?(%S*) ?(.*)$")
 			if kind == "ok" then r.ok[#r.ok + 1] = { id = tonumber(a), xml = b, user = c }
@@ -58,6 +59,7 @@ local function run_workers(dir, names, cmd)
 			elseif kind == "pop" then r.pop[#r.pop + 1] = { id = tonumber(a), xml = b }
 			elseif kind == "expired" then r.expired = r.expired + tonumber(a)
 			elseif kind == "touched" then r.touched = r.touched + tonumber(a)
+			elseif kind == "evicted" then r.evicted = r.evicted + tonumber(a)
 			elseif kind == "fail" then r.fail[#r.fail + 1] = line
 			elseif kind == "done" then r.done = true end
 		end
@@ -126,6 +128,43 @@ function TestPostgresConcurrency:test_bytes_limit_exact_across_processes()
 	lu.assertEquals({ self.db:count(H, "bob") }, { 20, 100 }, "20 messages of 5 bytes fill 100 bytes")
 	lu.assertEquals(stored, 20)
 	assert_counter(self.db, "bob")
+end
+
+-- drop_oldest (store's evict) under concurrent writers: every store is taken, the queue ends at
+-- exactly the limit (count, or bytes: 5-byte messages, 50 bytes), the evictions add up to what
+-- was stored beyond it, and the rows kept are the most recent ones (the highest ids).
+local function evicting_writers(spec, limit_opts, kept, n)
+	local start_at, names, cmds = socket.gettime() + 1.5, {}, {}
+	for i = 1, 3 do
+		names[i] = "store" .. i
+		local opts = { n = n, tag = "pp" .. i, user = "bob", evict = 1 } -- "ppN:i": 5 bytes up to i = 9
+		for k, v in pairs(limit_opts) do opts[k] = v end
+		cmds[i] = worker("store", spec.conninfo, spec.dir, names[i], start_at, opts) .. " &"
+	end
+	local res = run_workers(spec.dir, names, concat(cmds, " ") .. " wait")
+	local stored, evicted, all = 0, 0, {}
+	for _, name in ipairs(names) do
+		lu.assertEquals(res[name].limit, 0, "drop_oldest refuses nothing that fits")
+		stored, evicted = stored + #res[name].ok, evicted + res[name].evicted
+		for _, it in ipairs(res[name].ok) do all[#all + 1] = it.id end
+	end
+	lu.assertEquals(stored, 3 * n)
+	local items = assert_counter(spec.db, "bob")
+	lu.assertEquals(#items, kept)
+	lu.assertEquals(evicted, 3 * n - kept, "each eviction counted once")
+	table.sort(all)
+	local want, got = {}, {}
+	for i = #all - kept + 1, #all do want[#want + 1] = all[i] end
+	for i, it in ipairs(items) do got[i] = it.id end
+	lu.assertEquals(got, want, "the most recent are kept")
+end
+
+function TestPostgresConcurrency:test_drop_oldest_exact_across_processes()
+	evicting_writers(self, { max = 10 }, 10, 40)
+end
+
+function TestPostgresConcurrency:test_drop_oldest_by_bytes_exact_across_processes()
+	evicting_writers(self, { max_bytes = 22 }, 4, 9) -- (9 each: all 5 bytes)
 end
 
 -- Four processes store the same 40 dedup keys to one user at once: each key is stored once,

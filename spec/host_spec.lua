@@ -137,6 +137,44 @@ function TestHost:test_full_queue_tells_the_sender_and_the_log()
 	lu.assertEquals(#self.sent, 1, "no limit now: stored")
 end
 
+-- offline_over_limit and the byte rule: each outcome with its counter. full@ has a count
+-- limit of 1 (setUp); the byte rule here gives everyone 250 bytes but admin@, who has none.
+function TestHost:test_over_limit_policies_and_byte_limit()
+	local h = self:loaded()
+	local asked = 0
+	h:set_limit(h.limit, function(bare) asked = asked + 1; if bare ~= "admin@" .. H then return 250 end end)
+	local big = chat("bob@" .. H, "big"):tag("x", { xmlns = "urn:example:pad" }):text(("p"):rep(300)):up()
+	lu.assertTrue(h:offer(nil, big, "bob"))
+	lu.assertEquals({ #self.sent, self.sent[1] and self.sent[1].attr.type }, { 1, "error" }, "bounce: over the byte limit")
+	lu.assertTrue(h:offer(nil, st.clone(big), "admin"))
+	lu.assertEquals(#self.sent, 1, "admin: no byte limit")
+	lu.assertTrue(h:offer(nil, chat("bob@" .. H, "b2"), "bob"))
+	lu.assertTrue(h:offer(nil, chat("bob@" .. H, "b3"), "bob"))
+	lu.assertEquals(asked, 2, "the byte limit is remembered per recipient")
+	self.settings.over_limit = "drop"
+	lu.assertTrue(h:offer(nil, chat("full@" .. H, "f1"), "full"))
+	lu.assertTrue(h:offer(nil, chat("full@" .. H, "f2"), "full"))
+	lu.assertTrue(h:offer(nil, st.clone(big), "bob"))
+	lu.assertEquals(#self.sent, 1, "drop: the sender is told nothing")
+	lu.assertEquals(count(self.seen, "dropped_by_policy", "over_limit"), 2, "the full queue and the message over the quota")
+	lu.assertEquals(count(self.seen, "rejected_by_limit"), 1)
+	self.settings.over_limit = "drop_oldest"
+	lu.assertTrue(h:offer(nil, chat("full@" .. H, "f3"), "full"))
+	lu.assertTrue(h:offer(nil, chat("full@" .. H, "f4"), "full"))
+	lu.assertEquals(#self.sent, 1)
+	lu.assertEquals(count(self.seen, "evicted_by_limit"), 2)
+	h:flush()
+	local items = h.db:list(H, "full")
+	lu.assertEquals(#items, 1)
+	lu.assertStrContains(items[1].xml, "id='f4'", "the newest stays")
+	lu.assertTrue(h:offer(nil, st.clone(big), "bob"))
+	lu.assertEquals({ #self.sent, self.sent[2] and self.sent[2].attr.id }, { 2, "big" },
+		"drop_oldest: a message over the whole quota is refused with the error")
+	lu.assertEquals(count(self.seen, "rejected_by_limit"), 2)
+	h:flush()
+	lu.assertEquals(h.db:count(H, "bob"), 2, "and nothing was evicted for it")
+end
+
 function TestHost:test_duplicate_and_dropped_messages_are_counted()
 	local h = self:loaded()
 	local m = chat("bob@" .. H, "d"):tag("origin-id", { xmlns = "urn:xmpp:sid:0", id = "o1" }):up()

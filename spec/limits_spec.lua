@@ -75,3 +75,23 @@ function TestLimits:test_configuration_errors_name_the_option()
 	lu.assertStrContains(err("", nil, nil, is_admin), "offline_access_max_user_messages must name an access rule")
 	lu.assertStrContains(err(42, nil, nil, is_admin), "offline_access_max_user_messages must name an access rule")
 end
+
+-- The byte limit's rule (offline_access_max_user_bytes): the same clauses and ACLs, but no
+-- built-in default: no rule of that name, no byte limit.
+function TestLimits:test_byte_rule_without_default()
+	lu.assertEquals({ limits.compile("max_user_offline_bytes", nil, nil, is_admin, true) }, { false })
+	lu.assertEquals({ limits.compile("max_user_offline_bytes", { other = { { acl = "all", value = 1 } } }, nil, is_admin, true) },
+		{ false }, "another rule is not this one")
+	local access = { quota = { { acl = "admin", value = "infinity" }, { acl = "vip", value = 50000 } } }
+	local limit = assert(limits.compile("quota", access, { vip = { "boss@example.org" } }, is_admin, true))
+	lu.assertNil(limit("root@example.org"), "infinity")
+	lu.assertEquals(limit("boss@example.org"), 50000)
+	lu.assertNil(limit("bob@example.org"), "no clause matches: no byte limit (no default)")
+	local _, err = limits.compile("quota", { quota = { { acl = "nobody", value = 1 } } }, nil, is_admin, true)
+	lu.assertStrContains(err, "access.quota[1].acl names an undefined ACL")
+	_, err = limits.compile("", nil, nil, is_admin, true)
+	lu.assertStrContains(err, "offline_access_max_user_bytes must name an access rule")
+	lu.assertEquals({ limits.describe("max_user_offline_bytes", nil, true) },
+		{ "no byte limit (no rule max_user_offline_bytes)", false })
+	lu.assertEquals({ limits.describe("quota", access, true) }, { "bytes rule quota: admin infinity, vip 50000", true })
+end

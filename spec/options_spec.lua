@@ -38,6 +38,37 @@ function TestOptions:test_flexible_retrieval()
 	lu.assertEquals(options.unknown { offline_flexible_retrieval = true }, {})
 end
 
+function TestOptions:test_byte_rule_and_over_limit_policy()
+	local s = assert(options.read(getter {}, "/d"))
+	lu.assertEquals({ s.bytes_rule_name, s.bytes_rule_named, s.over_limit }, { "max_user_offline_bytes", false, "bounce" })
+	for _, policy in ipairs { "bounce", "drop", "drop_oldest" } do
+		s = assert(options.read(getter { offline_over_limit = policy, offline_access_max_user_bytes = "quota" }, "/d"))
+		lu.assertEquals({ s.bytes_rule_name, s.bytes_rule_named, s.over_limit }, { "quota", true, policy })
+	end
+	for _, bad in ipairs { "dropoldest", "Drop", true, 1 } do
+		local _, err = options.read(getter { offline_over_limit = bad }, "/d")
+		lu.assertStrContains(err, 'offline_over_limit must be "bounce", "drop" or "drop_oldest" (got ')
+	end
+	lu.assertTrue(options.KNOWN.offline_access_max_user_bytes and options.KNOWN.offline_over_limit)
+	lu.assertEquals(options.unknown { offline_over_limits = "drop" },
+		{ "unknown option offline_over_limits is ignored (did you mean offline_over_limit?)" })
+end
+
+function TestOptions:test_report_says_byte_limit_and_policy()
+	local lines = {}
+	local function log(level, fmt, ...) lines[#lines + 1] = level .. " " .. fmt:format(...) end
+	local s = assert(options.read(getter { offline_backend = "memory", offline_access_max_user_bytes = "quota" }, "/d"))
+	options.report(s, "Loaded", {}, {}, nil, log)
+	lu.assertEquals(lines, {
+		'warn offline_access_max_user_bytes names the rule "quota", which the access option does not define; there is no byte limit',
+		"info Loaded: memory (inside the server process, lost at restart); limits rule max_user_offline_messages: "
+			.. "admin 5000, all 100 (built-in default); expiry sweep daily; no byte limit (no rule quota); over the limit: bounce" })
+	lines = {}
+	s = assert(options.read(getter { offline_backend = "memory", offline_over_limit = "drop_oldest" }, "/d"))
+	options.report(s, "Loaded", {}, {}, { max_user_offline_bytes = { { acl = "all", value = 1000 } } }, log)
+	lu.assertStrContains(lines[1], "; bytes rule max_user_offline_bytes: all 1000; over the limit: drop_oldest")
+end
+
 function TestOptions:test_delivery_options()
 	local s = assert(options.read(getter {}, "/d"))
 	lu.assertEquals({ s.page, s.lease }, { 100, 300 })

@@ -70,6 +70,7 @@ static inline int os_is_set_aside(os_str meta) {
 typedef struct {
 	int64_t max_count; /* OS_NONE: unlimited */
 	int64_t max_bytes; /* OS_NONE: unlimited */
+	int evict_oldest;  /* over the limit: make room by evicting (see store below) */
 } os_limit;
 
 /* The limit decision, the same in every backend: whether a queue holding count
@@ -79,6 +80,27 @@ typedef struct {
 static inline int os_over_limit(const os_limit *lim, int64_t count, int64_t bytes, size_t xml_n) {
 	return (lim->max_count != OS_NONE && count + 1 > lim->max_count) ||
 	       (lim->max_bytes != OS_NONE && bytes + (int64_t)xml_n > lim->max_bytes);
+}
+
+/* Whether a message of xml_n bytes could never fit, however much is evicted. */
+static inline int os_never_fits(const os_limit *lim, size_t xml_n) {
+	return (lim->max_count != OS_NONE && lim->max_count < 1) ||
+	       (lim->max_bytes != OS_NONE && (int64_t)xml_n > lim->max_bytes);
+}
+
+/* Eviction's walk, the same in every backend: the queue holds *count messages
+ * of *bytes; a row of row_n bytes, leased or not, comes next in id order.
+ * Returns 1 when the row is to be evicted (and takes it off *count and
+ * *bytes), 0 when it is passed over (it is leased: a row with a lease owner,
+ * live or run out, is never evicted). The walk stops once os_over_limit says
+ * there is room; a walk that reaches the end of the queue first evicts
+ * nothing (OS_LIMIT). Rows set aside and expired rows are evicted like any. */
+static inline int os_evict_row(int64_t *count, int64_t *bytes, int64_t row_n, int leased) {
+	if (leased)
+		return 0;
+	*count -= 1;
+	*bytes -= row_n;
+	return 1;
 }
 
 static inline int os_is_expired(int64_t expire, int64_t now) {
@@ -136,7 +158,15 @@ typedef struct os_store os_store;
  * whose lease ran out is free. Leasing changes no counter: a leased row is
  * stored, counted, listed (with its owner) and deleted like any row.
  *
- * store: item->dedup.p non-NULL is a key; when a row of the user's queue (leased,
+ * store: when the queue has no room for the message (os_over_limit) and
+ *   lim->evict_oldest is set, the oldest rows of the queue that are not leased
+ *   are deleted, in id order, until it has room (os_evict_row), and the message
+ *   is stored, all in one transaction: *evicted says how many were deleted. A
+ *   message that could never fit (os_never_fits), or a queue whose unleased rows
+ *   do not make room, gives OS_LIMIT with nothing deleted. The walk reads the
+ *   queue's front only: the rows it evicts and the leased rows it passes over.
+ *   *evicted is 0 whenever nothing was evicted.
+ *   item->dedup.p non-NULL is a key; when a row of the user's queue (leased,
  *   set aside, or written by the open batch but not committed, included) has the
  *   same key, nothing is stored and OS_DUP is returned with *count the queue's
  *   count. Checked before the limit; exact under concurrent writers. A row's key
@@ -156,7 +186,7 @@ typedef struct os_store os_store;
 typedef struct {
 	const char *name;
 	int (*store)(os_store *, const os_key *, const os_item *, const os_limit *,
-	             int64_t *count, int64_t *id);
+	             int64_t *count, int64_t *id, int64_t *evicted);
 	/* pop (owner.p == NULL: emitted rows are deleted) and lease (emitted rows
 	 * are leased to owner until `until`) in one walk of the queue. */
 	int (*take)(os_store *, const os_key *, os_str owner, int64_t now, int64_t until,

@@ -135,8 +135,37 @@ static int is_expired(const mnode *n, int64_t now) {
 	return os_is_expired(n->expire, now);
 }
 
+/* Whether evicting q's oldest unleased rows makes room for xml_n more bytes
+ * (backend.h's walk); if so, evicts them and says how many in *evicted. Reads
+ * the rows it evicts and the leased ones it passes over, no further. */
+static int evict_oldest(mstore *m, mqueue *q, const os_limit *lim, size_t xml_n,
+                        int64_t *evicted) {
+	int64_t count = q->count, bytes = q->bytes, n = 0;
+	mnode *it, **link, *end, *kept;
+	for (it = q->head; it && os_over_limit(lim, count, bytes, xml_n); it = it->next)
+		n += os_evict_row(&count, &bytes, (int64_t)it->xml_n, it->owner != NULL);
+	if (os_over_limit(lim, count, bytes, xml_n))
+		return 0;
+	/* unlink the unleased rows before `end`, the first row the walk left */
+	for (end = it, link = &q->head, kept = NULL; *link != end;) {
+		mnode *row = *link;
+		if (row->owner) {
+			kept = row;
+			link = &row->next;
+			continue;
+		}
+		*link = row->next;
+		free_node(m, row);
+	}
+	if (!end)
+		q->tail = kept;
+	q->count = count, q->bytes = bytes;
+	*evicted = n;
+	return 1;
+}
+
 static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_limit *lim,
-                     int64_t *count, int64_t *id) {
+                     int64_t *count, int64_t *id, int64_t *evicted) {
 	mstore *m = s->impl;
 	uint64_t h = os_key_hash(k);
 	os_link **slot = find_slot(m, k, h);
@@ -144,15 +173,23 @@ static int mem_store(os_store *s, const os_key *k, const os_item *in, const os_l
 	mnode *n;
 	size_t dedup_n = in->dedup.p ? in->dedup.n : 0;
 	*count = q ? q->count : 0;
+	*evicted = 0;
 	if (q && in->dedup.p && dedup_held(m, q, in->dedup))
 		return OS_DUP;
-	if (os_over_limit(lim, *count, q ? q->bytes : 0, in->xml.n))
+	if (os_over_limit(lim, *count, q ? q->bytes : 0, in->xml.n) &&
+	    (!lim->evict_oldest || !q || os_never_fits(lim, in->xml.n)))
 		return OS_LIMIT;
 	if (in->dedup.p && m->dedup.n >= m->dedup.nbucket && os_table_grow(&m->dedup) != 0)
 		return os_fail(s, ENOMEM, "out of memory");
 	n = malloc(sizeof *n + in->from.n + in->xml.n + in->meta.n + dedup_n);
 	if (!n)
 		return os_fail(s, ENOMEM, "out of memory");
+	/* (after the last allocation that can fail: an eviction is never undone) */
+	if (q && os_over_limit(lim, q->count, q->bytes, in->xml.n) &&
+	    !evict_oldest(m, q, lim, in->xml.n, evicted)) {
+		free(n);
+		return OS_LIMIT;
+	}
 	if (!q) {
 		q = malloc(sizeof *q + k->host.n + k->user.n);
 		if (!q) {

@@ -57,6 +57,15 @@
  *    only clear or move lease columns (no insert, no delete, no counter), so
  *    they take no queue lock.
  *
+ * 7. Eviction (store with lim->evict_oldest, when the one-statement store
+ *    found no room): one transaction that locks the queue row (as pop does),
+ *    reads the counter and then the queue's front in id order, a page at a
+ *    time, until the unleased rows read make room; deletes exactly those ids
+ *    (ST_DEL_IDS, whose counter change is what its DELETE returned); and runs
+ *    the store statement again, under the lock, so nobody can fill the room
+ *    in between. Leases are only taken under the same lock, so a row read
+ *    free stays free until the commit.
+ *
  * Failures and transactions in doubt: backend_postgres_conn.c. The SQL:
  * backend_postgres_schema.c. */
 #define _POSIX_C_SOURCE 200809L /* struct timespec in backend_postgres.h */
@@ -159,12 +168,155 @@ static void read_item(const PGresult *r, int row, os_item *it) {
 
 
 
+static char *id_array(const int64_t *ids, size_t n, size_t *size);
+
+/* Sets $3 of p (after the key) to the int8[] of ids, in *a (the caller frees
+ * it after the statement); out of memory: rolls back, OS_FAIL. */
+static int ids_param(os_store *s, pg *g, params *p, const int64_t *ids, size_t n, char **a) {
+	size_t size;
+	if (!(*a = id_array(ids, n, &size))) {
+		os_fail(s, 0, "out of memory");
+		pg_command(g, "ROLLBACK");
+		return OS_FAIL;
+	}
+	p->n = 2;
+	p_bytes(p, *a, size);
+	return OS_OK;
+}
+
+/* Begins a transaction and locks k's queue row (ST_QUEUE_LOCK, with p set to
+ * the key): OS_OK with *r its result (no row: no queue), or OS_FAIL, rolled back. */
+static int begin_locked(os_store *s, pg *g, const os_key *k, params *p, PGresult **r) {
+	if (pg_begin(s, g) != OS_OK)
+		return OS_FAIL;
+	p_key(p, k);
+	*r = run(g, ST_QUEUE_LOCK, p);
+	if (result_ok(*r))
+		return OS_OK;
+	pg_abort_tx(s, g, *r);
+	PQclear(*r);
+	*r = NULL;
+	return OS_FAIL;
+}
+
+/* Rows of the queue's front that eviction reads per statement, beyond those it
+ * needs for the count (leased rows are passed over: a delivery page at most). */
+#define EVICT_PAGE 128
+
+/* Eviction's walk (see 7. above), inside the transaction, with the queue row
+ * locked: the ids of the oldest unleased rows that make room for xml_n bytes
+ * into *ids (malloc'd, *n of them; none when the queue has room already or
+ * when they do not make it: the store statement then decides). On failure the
+ * transaction is rolled back. */
+static int evict_ids(os_store *s, pg *g, const os_key *k, const os_limit *lim, size_t xml_n,
+                     int64_t **ids, int64_t *n) {
+	PGresult *r;
+	params p;
+	int64_t c, b, after = 0, cap = 0, want, *grown;
+	int i, rows;
+	p_key(&p, k);
+	r = run(g, ST_QUEUE_GET, &p);
+	if (!result_ok(r))
+		goto fail;
+	c = PQntuples(r) == 1 ? col_i64(r, 0, 0) : 0;
+	b = PQntuples(r) == 1 ? col_i64(r, 0, 1) : 0;
+	PQclear(r);
+	want = lim->max_count != OS_NONE && c + 1 > lim->max_count ? c + 1 - lim->max_count : 0;
+	do {
+		p.n = 2;
+		p_i64(&p, after);
+		p_i64(&p, want + EVICT_PAGE);
+		r = run(g, ST_OLDEST, &p);
+		if (!result_ok(r))
+			goto fail;
+		rows = PQntuples(r);
+		for (i = 0; i < rows && os_over_limit(lim, c, b, xml_n); i++) {
+			after = col_i64(r, i, 0);
+			if (!os_evict_row(&c, &b, col_i64(r, i, 1), PQgetvalue(r, i, 2)[0] != 0))
+				continue;
+			if (*n == cap) {
+				cap = 2 * cap + want + 16;
+				if (!(grown = realloc(*ids, (size_t)cap * sizeof *grown))) {
+					os_fail(s, 0, "out of memory");
+					goto fail;
+				}
+				*ids = grown;
+			}
+			(*ids)[(*n)++] = after;
+		}
+		PQclear(r);
+	} while (rows == want + EVICT_PAGE && os_over_limit(lim, c, b, xml_n));
+	if (os_over_limit(lim, c, b, xml_n))
+		*n = 0;
+	return OS_OK;
+fail:
+	if (result_ok(r))
+		pg_command(g, "ROLLBACK");
+	else
+		pg_abort_tx(s, g, r);
+	PQclear(r);
+	return OS_FAIL;
+}
+
+/* The store statement again, in one transaction with the eviction that makes
+ * room for it (see 7. above). store_p: its parameters. */
+static int store_evicting(os_store *s, pg *g, const os_key *k, const params *store_p,
+                          const os_limit *lim, size_t xml_n, int64_t *count, int64_t *id,
+                          int64_t *evicted) {
+	PGresult *r = NULL;
+	params p;
+	int64_t xid, *ids = NULL, n = 0;
+	int rc;
+	if (begin_locked(s, g, k, &p, &r) != OS_OK)
+		return OS_FAIL;
+	xid = PQntuples(r) == 1 ? col_i64(r, 0, 1) : 0; /* (no row: emptied meanwhile) */
+	PQclear(r);
+	r = NULL;
+	if (evict_ids(s, g, k, lim, xml_n, &ids, &n) != OS_OK) {
+		rc = OS_FAIL;
+		goto done;
+	}
+	if (n > 0) {
+		char *a;
+		if ((rc = ids_param(s, g, &p, ids, (size_t)n, &a)) != OS_OK)
+			goto done;
+		r = run(g, ST_DEL_IDS, &p);
+		free(a);
+		if (!result_ok(r))
+			goto fail;
+		PQclear(r);
+	}
+	r = run(g, ST_STORE, store_p);
+	if (!result_ok(r))
+		goto fail;
+	if (PQntuples(r) != 1 || PQgetisnull(r, 0, 1)) { /* no room after all, or a duplicate */
+		rc = PQntuples(r) == 1 && PQgetvalue(r, 0, 2)[0] ? OS_DUP : OS_LIMIT;
+		pg_command(g, "ROLLBACK");
+		goto done;
+	}
+	*count = col_i64(r, 0, 0);
+	*id = col_i64(r, 0, 1);
+	PQclear(r);
+	r = NULL;
+	/* In doubt and the server cannot tell: reported as failed. */
+	if ((rc = pg_commit_xid(s, g, xid, OS_FAIL)) == OS_OK)
+		*evicted = n;
+	goto done;
+fail:
+	rc = pg_abort_tx(s, g, r);
+done:
+	free(ids);
+	PQclear(r);
+	return rc;
+}
+
 static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
-                    int64_t *count, int64_t *id) {
+                    int64_t *count, int64_t *id, int64_t *evicted) {
 	pg *g = s->impl;
 	PGresult *r = NULL;
 	params p;
 	int rc;
+	*evicted = 0;
 	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
 	p_key(&p, k);
@@ -210,6 +362,14 @@ static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 		goto done;
 	} else {
 		rc = PQntuples(r) == 1 && PQgetvalue(r, 0, 2)[0] ? OS_DUP : OS_LIMIT;
+	}
+	if (rc == OS_LIMIT && lim->evict_oldest && !os_never_fits(lim, m->xml.n)) {
+		PQclear(r);
+		r = NULL;
+		rc = store_evicting(s, g, k, &p, lim, m->xml.n, count, id, evicted);
+		if (rc != OS_LIMIT)
+			goto done;
+		p_key(&p, k); /* (for the count below) */
 	}
 	/* Refused: nothing was written; report the count as it is now. */
 	PQclear(r);
@@ -367,16 +527,9 @@ static int pg_take(os_store *s, const os_key *k, os_str owner, int64_t now, int6
 		r = NULL;
 	}
 	if (owner.p && returned > 0) {
-		size_t size;
-		char *a = id_array(ids, (size_t)returned, &size);
-		if (!a) {
-			os_fail(s, 0, "out of memory");
-			pg_command(g, "ROLLBACK");
-			rc = OS_FAIL;
+		char *a;
+		if ((rc = ids_param(s, g, &p, ids, (size_t)returned, &a)) != OS_OK)
 			goto done;
-		}
-		p.n = 2;
-		p_bytes(&p, a, size);
 		p_bytes(&p, owner.p, owner.n);
 		p_i64(&p, until);
 		r = run(g, ST_LEASE_SET, &p);
@@ -532,12 +685,8 @@ static int locked_delete(os_store *s, const os_key *k, int which, const char *ar
 	*touched = 0;
 	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
-	if (pg_begin(s, g) != OS_OK)
+	if (begin_locked(s, g, k, &p, &r) != OS_OK)
 		return OS_FAIL;
-	p_key(&p, k);
-	r = run(g, ST_QUEUE_LOCK, &p);
-	if (!result_ok(r))
-		goto fail;
 	if (PQntuples(r) == 0) { /* no queue, no messages */
 		rc = pg_commit(s, g);
 		goto done;

@@ -112,6 +112,10 @@ static const struct {
 	[ST_RELEASE_ALL] = {"UPDATE offline_message SET lease_owner = NULL, lease_until = NULL "
 	                    "WHERE " OWNER_PREFIX, 1},
 	[ST_RENEW] = {"UPDATE offline_message SET lease_until = $2::int8 WHERE " OWNER_PREFIX, 2},
+	/* eviction's walk (see 7. in backend_postgres.c): $3 after id, $4 how many rows */
+	[ST_OLDEST] = {"SELECT id, octet_length(stanza)::int8, lease_owner IS NOT NULL FROM offline_message "
+	               "WHERE host = $1::bytea AND username = $2::bytea AND id > $3::int8 "
+	               "ORDER BY id LIMIT $4::int8", 4},
 };
 
 /* Table names carry a prefix: the database is usually shared with

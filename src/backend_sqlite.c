@@ -209,12 +209,52 @@ static int from_in_xml(os_str xml, os_str *from) {
 	return 0;
 }
 
+/* Makes room in queue qid (holding *count messages of *bytes) for a message of
+ * xml_n bytes by deleting its oldest unleased rows (backend.h's walk), inside
+ * the open write transaction, so the rows it reads are the rows it deletes.
+ * A batch's deferred rows are written first (they may be the oldest). *evicted:
+ * how many went; SQLITE_DONE, NO_ROOM when no room can be made (nothing
+ * deleted), or the error. */
+#define NO_ROOM (-1)
+static int evict_oldest(sq *q, int64_t qid, const os_limit *lim, size_t xml_n, int64_t *count,
+                        int64_t *bytes, int64_t *evicted) {
+	sqlite3_stmt *st;
+	int64_t c = *count, b = *bytes, n = 0, last = 0;
+	int rc = SQLITE_DONE;
+	if (q->pend.n_msg > 0 && (rc = sq_flush_pending(q)) != SQLITE_DONE)
+		return rc;
+	st = stmt(q, ST_MSG_OLDEST);
+	sqlite3_bind_int64(st, 1, qid);
+	while (os_over_limit(lim, c, b, xml_n) && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+		last = sqlite3_column_int64(st, 0);
+		n += os_evict_row(&c, &b, sqlite3_column_int64(st, 1), sqlite3_column_int(st, 2));
+	}
+	sqlite3_reset(st);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return rc;
+	if (os_over_limit(lim, c, b, xml_n))
+		return NO_ROOM;
+	st = stmt(q, ST_MSG_EVICT);
+	sqlite3_bind_int64(st, 1, qid);
+	sqlite3_bind_int64(st, 2, last);
+	if ((rc = run(st)) != SQLITE_DONE)
+		return rc;
+	st = stmt(q, ST_QUEUE_SUB);
+	sqlite3_bind_int64(st, 1, qid);
+	sqlite3_bind_int64(st, 2, n);
+	sqlite3_bind_int64(st, 3, *bytes - b);
+	if ((rc = run(st)) != SQLITE_DONE)
+		return rc;
+	*count = c, *bytes = b, *evicted = n;
+	return SQLITE_DONE;
+}
+
 /* In a batch (s->in_batch) the store joins the open transaction: it neither
  * begins nor commits, and a refusal by the limit leaves the batch as it was
  * (the refusal is decided before anything is written). The batch's rows are
  * written a chunk at a time (sq_defer_store); the limit counts them meanwhile. */
 static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
-                    int64_t *count, int64_t *id) {
+                    int64_t *count, int64_t *id, int64_t *evicted) {
 	sq *q = s->impl;
 	sqlite3_stmt *st;
 	msg_row r;
@@ -223,6 +263,7 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 	centry *cached;
 	os_str own;
 	int add, rc = OS_OK;
+	*evicted = 0;
 	if (!s->in_batch && begin(s, q) != OS_OK)
 		return OS_FAIL;
 	if ((cached = sq_cache_find(&q->cache, k, h))) {
@@ -242,6 +283,13 @@ static int sq_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 		rc = OS_DUP;
 	} else if (os_over_limit(lim, *count, bytes, m->xml.n)) {
 		rc = OS_LIMIT;
+		if (lim->evict_oldest && r.qid != 0 && !os_never_fits(lim, m->xml.n)) {
+			int e = evict_oldest(q, r.qid, lim, m->xml.n, count, &bytes, evicted);
+			if (e != SQLITE_DONE && e != NO_ROOM)
+				return sq_store_abort(s, q);
+			if (e == SQLITE_DONE)
+				rc = OS_OK;
+		}
 	}
 	if (rc == OS_DUP || rc == OS_LIMIT) {
 		if (!s->in_batch)

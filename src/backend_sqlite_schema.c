@@ -98,6 +98,11 @@ static const char *const sql_text[ST__COUNT] = {
 	[ST_RENEW] = "UPDATE message SET lease_until = ?3 " OWNER_PREFIX,
 	[ST_MSG_SUM_IDS] = "SELECT count(*), sum(length(stanza)) FROM message " IDS_IN,
 	[ST_MSG_DEL_IDS] = "DELETE FROM message " IDS_IN,
+	/* eviction (drop the oldest to make room): the queue's rows from the front,
+	 * then the unleased ones up to the last it read */
+	[ST_MSG_OLDEST] = "SELECT id, length(stanza), lease_owner IS NOT NULL FROM message "
+	                  "WHERE qid = ?1 ORDER BY id",
+	[ST_MSG_EVICT] = "DELETE FROM message WHERE qid = ?1 AND id <= ?2 AND lease_owner IS NULL",
 };
 
 /* ts has no index: only delete_older_than (an operator's purge) reads it, and

@@ -142,10 +142,13 @@ static int l_open_postgres(lua_State *L) {
 #endif
 }
 
-/* db:store(host, user, from, xml, ts [, expire [, max_count [, max_bytes [, meta [, dedup]]]]])
- *   -> count, id | false, "limit", count | false, "duplicate", count | false, "too deep"
- *    | fail, msg, code
+/* db:store(host, user, from, xml, ts [, expire [, max_count [, max_bytes [, meta [, dedup
+ *          [, evict]]]]]])
+ *   -> count, id [, evicted] | false, "limit", count | false, "duplicate", count
+ *    | false, "too deep" | fail, msg, code
  * dedup (a string): nothing is stored when the user's queue holds a row with the same dedup.
+ * evict (true): over a limit, the oldest unleased messages are deleted to make room, in the
+ * same transaction; evicted (returned when evict is given) says how many.
  * xml is a string, or a util.stanza tree, stored as core.serialize(xml, true)
  * writes it (without the top element's delays) with no Lua string in between;
  * a tree deeper than the serializer goes gives false, "too deep", storing nothing. */
@@ -154,7 +157,7 @@ static int l_store(lua_State *L) {
 	os_key k = check_key(L);
 	os_item m;
 	os_limit lim;
-	int64_t count = 0, id = 0;
+	int64_t count = 0, id = 0, evicted = 0;
 	int rc, tree = lua_type(L, 5) == LUA_TTABLE;
 	m.from = check_str(L, 4);
 	if (!tree)
@@ -171,6 +174,7 @@ static int l_store(lua_State *L) {
 		m.dedup.p = NULL, m.dedup.n = 0;
 	else
 		m.dedup = check_str(L, 11);
+	lim.evict_oldest = lua_toboolean(L, 12);
 	m.lease_owner.p = NULL, m.lease_owner.n = 0, m.lease_until = 0;
 	if (tree && os_xml_write(L, 5, 1, &m.xml.p, &m.xml.n) != 0) {
 		lua_pushboolean(L, 0);
@@ -183,7 +187,7 @@ static int l_store(lua_State *L) {
 		return push_fail(L, s);
 	}
 	check_state(L, s, 0);
-	rc = s->be->store(s, &k, &m, &lim, &count, &id);
+	rc = s->be->store(s, &k, &m, &lim, &count, &id, &evicted);
 	if (rc == OS_FAIL)
 		return push_fail(L, s);
 	if (rc == OS_LIMIT || rc == OS_DUP) {
@@ -194,7 +198,10 @@ static int l_store(lua_State *L) {
 	}
 	lua_pushinteger(L, count);
 	lua_pushinteger(L, id);
-	return 2;
+	if (!lim.evict_oldest)
+		return 2;
+	lua_pushinteger(L, evicted);
+	return 3;
 }
 
 typedef struct {

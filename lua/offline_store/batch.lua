@@ -14,7 +14,7 @@
 -- may hold the same file's write lock (several hosts on one sqlite file).
 -- on_stored runs for each store that joined the open batch, before a flush it
 -- may cause (so a caller can tell its on_commit what each store was).
---   b:store(token, <db:store arguments>)  -> what db:store returns (up to dedup)
+--   b:store(token, <db:store arguments>)  -> what db:store returns (up to evict)
 --   b:flush()                              -> true | nil, err, code
 --   b:idle()                               -> the db, after a flush (for every other call)
 --
@@ -61,7 +61,7 @@ end
 
 -- (The arguments are spelled out rather than passed as `...`: this runs for
 -- every message stored, and a vararg call costs a copy of the frame.)
-function methods:store(token, h, user, from, xml, ts, expire, max_count, max_bytes, meta, dedup)
+function methods:store(token, h, user, from, xml, ts, expire, max_count, max_bytes, meta, dedup, evict)
 	local db = self.db
 	if not self.open and not self.unbatched then
 		self.before_write()
@@ -74,7 +74,7 @@ function methods:store(token, h, user, from, xml, ts, expire, max_count, max_byt
 			self.unbatched = true
 		end
 	end
-	local count, why, current = db:store(h, user, from, xml, ts, expire, max_count, max_bytes, meta, dedup)
+	local count, why, current = db:store(h, user, from, xml, ts, expire, max_count, max_bytes, meta, dedup, evict)
 	if not self.open then return count, why, current end
 	if count then
 		local n = self.n + 1

@@ -30,9 +30,10 @@ Host.__index = Host
 -- unless offline_postgres sets it).
 M.REOPEN_EVERY = 5
 M.BATCH_MAX = 256
--- Every store asks for the recipient's limit (0.12's admin check reads
--- storage): remembered per recipient (-1 for "infinity") until the config is
--- reloaded, for up to LIMITS_KEPT recipients, then afresh. Kept in C, off the
+-- Every store asks for the recipient's limits (0.12's admin check reads
+-- storage): remembered per recipient (-1 for "infinity"; the byte limit, when
+-- a byte rule is defined, in a second cache) until the config is reloaded, for
+-- up to LIMITS_KEPT recipients, then afresh. Kept in C, off the
 -- Lua heap: a Lua table of one entry per recipient made Prosody's collector
 -- touch every key on every cycle, which at 10,000 recipients cost more than
 -- the store (doc/performance.md).
@@ -42,6 +43,7 @@ M.LIMITS_KEPT = 50000
 --   host, settings (offline_store.options.read), core (offline_store.core)
 --   open(settings) -> db | nil, err       opens the host's store
 --   limit(bare) -> n | nil                the limit rules (offline_store.limits.compile)
+--   limit_bytes(bare) -> n | nil, or false  the byte rule's (false: no byte limit)
 --   log(level, fmt, ...), send(stanza)    module:log, module:send
 --   later(seconds, fn)                    module:add_timer
 --   now() -> seconds                      util.time.now
@@ -53,6 +55,7 @@ function M.new(cfg)
 	for k, v in pairs(cfg) do self[k] = v end
 	self.ev = cfg.ev or events.new(events.NONE)
 	self.limits_seen = cfg.core.cache(M.LIMITS_KEPT)
+	self.bytes_seen = cfg.core.cache(M.LIMITS_KEPT)
 	self.reopen_at = 0
 	self.handed_over = false
 	return self
@@ -156,20 +159,28 @@ end
 
 --- Limits.
 
-function Host:limit_for(username)
-	local limits_seen = self.limits_seen
-	local v = limits_seen:get(username)
+-- One limit of username's, from its cache or asked of the rule (nil: infinity).
+local function remembered(self, seen, rule, username)
+	local v = seen:get(username)
 	if v == nil then
-		v = self.limit(username .. "@" .. self.host) or -1
-		limits_seen:set(username, v)
+		v = rule(username .. "@" .. self.host) or -1
+		seen:set(username, v)
 	end
 	if v >= 0 then return v end
 end
 
+-- The recipient's max count and max bytes (nil: no limit).
+function Host:limit_for(username)
+	local limit_bytes = self.limit_bytes
+	return remembered(self, self.limits_seen, self.limit, username),
+		limit_bytes and remembered(self, self.bytes_seen, limit_bytes, username) or nil
+end
+
 -- New rules (a config reload): every remembered limit is asked again.
-function Host:set_limit(limit)
-	self.limit = limit
+function Host:set_limit(limit, limit_bytes)
+	self.limit, self.limit_bytes = limit, limit_bytes
 	self.limits_seen:clear()
+	self.bytes_seen:clear()
 end
 
 --- Storing.
@@ -185,11 +196,14 @@ function Host:from_recipient(origin, username)
 end
 
 -- One store: through the batch, or (a re-queue) at once on the idle db.
-function Host:put(requeued, stanza, username, from, xml, ts, expire, limit, dedup)
+function Host:put(requeued, stanza, username, from, xml, ts, expire, limit, limit_bytes, dedup)
 	local batch, err = self:usable_batch()
 	if not batch then return nil, err, 0 end
-	if requeued then return batch:idle():store(self.host, username, from, xml, ts, expire, limit, nil, nil, dedup) end
-	return batch:store(stanza, self.host, username, from, xml, ts, expire, limit, nil, nil, dedup)
+	local evict = self.settings.over_limit == "drop_oldest"
+	if requeued then
+		return batch:idle():store(self.host, username, from, xml, ts, expire, limit, limit_bytes, nil, dedup, evict)
+	end
+	return batch:store(stanza, self.host, username, from, xml, ts, expire, limit, limit_bytes, nil, dedup, evict)
 end
 
 -- XEP-0359: a message with an origin-id is stored once per sender bare JID
@@ -222,12 +236,14 @@ function Host:store_message(origin, stanza, username)
 	local requeued = self:from_recipient(origin, username)
 	local ts, expire = times(stanza, self:now_us(),
 		requeued and { [host] = true, [username .. "@" .. host] = true } or nil)
-	local from, limit = stanza.attr.from or "", self:limit_for(username)
+	local from = stanza.attr.from or ""
+	local limit, limit_bytes = self:limit_for(username)
 	local dedup = dedup_of(stanza, from)
 	local started = m.timed and self.now()
-	local count, why, current = self:put(requeued, stanza, username, from, stanza, ts, expire, limit, dedup)
+	local count, why, current = self:put(requeued, stanza, username, from, stanza, ts, expire, limit, limit_bytes, dedup)
 	if count == false and why == "too deep" then
-		count, why, current = self:put(requeued, stanza, username, from, policy.stored_xml(stanza), ts, expire, limit, dedup)
+		count, why, current = self:put(requeued, stanza, username, from, policy.stored_xml(stanza), ts, expire, limit,
+			limit_bytes, dedup)
 	end
 	if started then m.write:sample(self.now() - started) end
 	if count == false and why == "duplicate" then
@@ -237,6 +253,10 @@ function Host:store_message(origin, stanza, username)
 		return true
 	end
 	if count then
+		if current and current > 0 then -- (drop_oldest made room)
+			m.evicted:add(current)
+			self.log("debug", "Removed the %d oldest offline messages of %s@%s to make room", current, username, host)
+		end
 		-- (a batched store is counted, and logged, when its batch commits)
 		if requeued or self.b.unbatched then
 			m.stored:add(1)
@@ -246,9 +266,15 @@ function Host:store_message(origin, stanza, username)
 		return true
 	end
 	if count == false then
+		self.ev:rejected(stanza, username, "limit")
+		if self.settings.over_limit == "drop" and not requeued then
+			m.dropped:with_labels("over_limit"):add(1)
+			self.notice:line("rejected", "warn", "Offline queue of %s@%s is full (%d messages); a message was dropped",
+				username, host, current)
+			return true
+		end
 		m.rejected:add(1)
 		self.notice:line("rejected", "warn", "Offline queue of %s@%s is full (%d messages); a message was rejected", username, host, current)
-		self.ev:rejected(stanza, username, "limit")
 		if requeued then return nil end
 		self:tell_sender(stanza, policy.limit_error(stanza))
 		return true

@@ -12,6 +12,8 @@ local _ENV = nil
 local M = {}
 
 M.DEFAULT_RULE_NAME = "max_user_offline_messages"
+-- The byte limit's rule (offline_access_max_user_bytes): no built-in default.
+M.DEFAULT_BYTES_RULE_NAME = "max_user_offline_bytes"
 -- Applies when the operator defines no rule of that name, and to recipients
 -- that no clause of a defined rule matches.
 M.DEFAULT_RULE = { { acl = "admin", value = 5000 }, { acl = "all", value = 100 } }
@@ -89,13 +91,18 @@ local function check_rule(rule, where, acls)
 end
 
 -- Builds the limit function for one host.
---   rule_name: the value of offline_access_max_user_messages
+--   rule_name: the value of offline_access_max_user_messages (or, bytes, of
+--   offline_access_max_user_bytes)
 --   access, acl: the operator's `access` and `acl` options (may be nil)
 --   is_admin(bare): the server's admin check
--- Returns limit(bare) -> max count (integer) or nil for "infinity"; or nil, error.
-function M.compile(rule_name, access, acl, is_admin)
+--   bytes: the byte limit's rule, which has no built-in default
+-- Returns limit(bare) -> max count (or bytes; integer) or nil for "infinity", no
+-- clause matching a byte rule included; false for a byte rule that `access` does
+-- not define (no byte limit); or nil, error.
+function M.compile(rule_name, access, acl, is_admin, bytes)
+	local option = bytes and "offline_access_max_user_bytes" or "offline_access_max_user_messages"
 	if type(rule_name) ~= "string" or rule_name == "" then
-		return nil, ("offline_access_max_user_messages must name an access rule (got %s)"):format(describe(rule_name))
+		return nil, ("%s must name an access rule (got %s)"):format(option, describe(rule_name))
 	end
 	if access ~= nil and type(access) ~= "table" then
 		return nil, ("access must be a table of rule name = { clauses } (got %s)"):format(describe(access))
@@ -107,8 +114,10 @@ function M.compile(rule_name, access, acl, is_admin)
 	if defined ~= nil then
 		rule, err = check_rule(defined, "access." .. rule_name, acls)
 		if not rule then return nil, err end
+	elseif bytes then
+		return false
 	end
-	local default = check_rule(M.DEFAULT_RULE, "default", acls)
+	local default = bytes and {} or check_rule(M.DEFAULT_RULE, "default", acls)
 
 	local function matches(name, bare, host)
 		if name == "all" then return true end
@@ -138,14 +147,16 @@ function M.compile(rule_name, access, acl, is_admin)
 end
 
 -- Says which limits a host runs with, for the info line at load: the rule's name and
--- clauses, or the built-in default. `defined` is false when `access` has no such rule.
-function M.describe(rule_name, access)
+-- clauses, or the built-in default (bytes: none). `defined` is false when `access`
+-- has no such rule.
+function M.describe(rule_name, access, bytes)
 	local rule = type(access) == "table" and access[rule_name] or nil
+	if bytes and not rule then return ("no byte limit (no rule %s)"):format(rule_name), false end
 	local clauses = {}
 	for i, clause in ipairs(rule or M.DEFAULT_RULE) do
 		clauses[i] = ("%s %s"):format(tostring(clause.acl), tostring(clause.value))
 	end
-	local text = ("rule %s: %s%s"):format(rule_name, concat(clauses, ", "),
+	local text = ("%srule %s: %s%s"):format(bytes and "bytes " or "", rule_name, concat(clauses, ", "),
 		rule and "" or " (built-in default)")
 	return text, rule ~= nil
 end

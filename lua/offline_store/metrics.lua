@@ -15,8 +15,11 @@ local M = {}
 local function buckets() return { 0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3 } end
 
 -- metric(type, name, unit, description, labels, extra) -> a metric family
--- (module:metric without the module). Returns { write, pop, stored, delivered, rejected:
--- metrics; dropped, failed: families by "reason" and "operation"; timed }.
+-- (module:metric without the module). Returns { write, pop, stored, delivered, rejected,
+-- evicted: metrics; dropped, failed: families by "reason" and "operation"; timed }.
+-- Over a recipient's limit (offline_over_limit): bounce and a drop_oldest that cannot
+-- make room count in rejected, drop in dropped ("over_limit"), the messages drop_oldest
+-- removes in evicted.
 function M.new(metric)
 	local m = {}
 	m.write = metric("histogram", "write_messages", "seconds",
@@ -28,6 +31,8 @@ function M.new(metric)
 	m.delivered = metric("counter", "delivered", "", "Offline messages delivered", {}):with_labels()
 	m.rejected = metric("counter", "rejected_by_limit", "",
 		"Messages rejected because the recipient's queue was full", {}):with_labels()
+	m.evicted = metric("counter", "evicted_by_limit", "",
+		"Older messages removed to make room for newer ones (offline_over_limit = drop_oldest)", {}):with_labels()
 	m.dropped = metric("counter", "dropped_by_policy", "",
 		"Messages deliberately not stored", { "reason" })
 	m.failed = metric("counter", "failed", "", "Offline store calls that failed", { "operation" })

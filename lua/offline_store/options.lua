@@ -21,6 +21,7 @@ local M = {}
 M.KNOWN = {
 	offline_backend = true, offline_store_groupchat_messages = true,
 	offline_access_max_user_messages = true, offline_expiry_sweep = true,
+	offline_access_max_user_bytes = true, offline_over_limit = true,
 	offline_sqlite_file = true, offline_sqlite_synchronous = true, offline_sqlite_busy_timeout = true,
 	offline_postgres = true, offline_library_path = true,
 	offline_delivery_page = true, offline_delivery_lease = true, offline_node = true,
@@ -28,6 +29,8 @@ M.KNOWN = {
 }
 
 local SWEEPS = { hourly = true, daily = true, weekly = true }
+-- offline_over_limit: what becomes of a message over the recipient's limits.
+local OVER_LIMIT = { bounce = true, drop = true, drop_oldest = true }
 
 -- Facade fields, by the Prosody option they come from.
 local FIELD_OPTION = { file = "offline_sqlite_file", synchronous = "offline_sqlite_synchronous",
@@ -40,7 +43,8 @@ end
 
 -- Reads one host's settings. get(name) returns an option's value or nil;
 -- data_path resolves a relative sqlite file. Returns a settings table
--- { groupchat, rule_name, rule_named, sweep, store = { backend, ... } }, or nil
+-- { groupchat, rule_name, rule_named, bytes_rule_name, bytes_rule_named, over_limit,
+-- sweep, store = { backend, ... } }, or nil
 -- and an error that names the option.
 function M.read(get, data_path)
 	local function opt(name, default)
@@ -57,6 +61,11 @@ function M.read(get, data_path)
 	if not ok then return nil, err end
 	s.rule_named = get("offline_access_max_user_messages") ~= nil
 	s.rule_name = opt("offline_access_max_user_messages", limits.DEFAULT_RULE_NAME)
+	s.bytes_rule_named = get("offline_access_max_user_bytes") ~= nil
+	s.bytes_rule_name = opt("offline_access_max_user_bytes", limits.DEFAULT_BYTES_RULE_NAME)
+	s.over_limit = opt("offline_over_limit", "bounce")
+	ok, err = want("offline_over_limit", OVER_LIMIT[s.over_limit], s.over_limit, '"bounce", "drop" or "drop_oldest"')
+	if not ok then return nil, err end
 	s.sweep = opt("offline_expiry_sweep", "daily")
 	ok, err = want("offline_expiry_sweep", s.sweep == false or SWEEPS[s.sweep], s.sweep,
 		'"hourly", "daily", "weekly" or false')
@@ -211,7 +220,13 @@ function M.report(s, what, host_options, global_options, access, log)
 		log("warn", "offline_access_max_user_messages names the rule %q, which the access option does not define;"
 			.. " the built-in default applies", s.rule_name)
 	end
-	log("info", "%s: %s; limits %s; expiry sweep %s", what, M.where(s.store), rule, s.sweep or "off")
+	local bytes_rule, bytes_defined = limits.describe(s.bytes_rule_name, access, true)
+	if s.bytes_rule_named and not bytes_defined then
+		log("warn", "offline_access_max_user_bytes names the rule %q, which the access option does not define;"
+			.. " there is no byte limit", s.bytes_rule_name)
+	end
+	log("info", "%s: %s; limits %s; expiry sweep %s; %s; over the limit: %s", what, M.where(s.store), rule,
+		s.sweep or "off", bytes_rule, s.over_limit)
 end
 
 -- The delivery page of settings `s`: a page above half of mod_smacks' queue

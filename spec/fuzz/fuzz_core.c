@@ -16,7 +16,9 @@
 /*
  * Input encoding. Every read past the end yields 0 bytes, so any input decodes. Repeated:
  *   op = byte % 18, then its arguments:
- *   0-2 store  host user from xml ts expire max_count max_bytes meta dedup
+ *   0-2 store  host user from xml ts expire max_count max_bytes meta dedup evict
+ *          (evict: byte % 4 == 3; never in a batch with a fault, whose rollback the memory
+ *          backend could not follow)
  *   3   pop    host user now max abort      4  count host user
  *   5   list   host user after max abort    6  remove host user n id*n
  *   7   remove_user host user   8 remove_host host   9 delete_expired now
@@ -467,14 +469,38 @@ static void on_user(void *ud, os_str user, int64_t count, int64_t bytes) {
 
 static size_t want_buf[MAX_OPS];
 
-/* 1 when sqlite's store failed under an injected fault (then nothing else ran). */
-static int op_store(reader *r) {
+/* Eviction as backend.h says: the oldest rows of the user's queue that have no lease
+ * owner, in id order, until the new message of xml_n bytes fits; their indexes into
+ * out, and how many; -1 when they do not make room. */
+static long model_evict(int h, int u, const os_limit *lim, size_t xml_n, size_t *out) {
+	int64_t count, bytes;
+	size_t i;
+	long n = 0;
+	model_count(h, u, &count, &bytes);
+	if (os_never_fits(lim, xml_n))
+		return -1;
+	for (i = 0; i < nmsg && os_over_limit(lim, count, bytes, xml_n); i++) {
+		if (!of_key(&msgs[i], h, u) || msgs[i].owner)
+			continue;
+		count--;
+		bytes -= (int64_t)msgs[i].xml.n;
+		out[n++] = i;
+	}
+	return os_over_limit(lim, count, bytes, xml_n) ? -1 : n;
+}
+
+static size_t evict_buf[MAX_OPS];
+
+/* 1 when sqlite's store failed under an injected fault (then nothing else ran).
+ * may_evict: 0 in a batch that a fault may roll back. */
+static int op_store(reader *r, int may_evict) {
 	int h = pick_host(r), u = pick_user(r, h), b;
 	mmsg m;
 	os_key k = key_of(h, u);
 	os_item it;
 	os_limit lim;
 	int64_t count, bytes;
+	long nevict = 0, e;
 	int want;
 	memset(&m, 0, sizeof m);
 	m.host = h;
@@ -487,20 +513,28 @@ static int op_store(reader *r) {
 	lim.max_bytes = pick_limit(r, 16);
 	m.meta = pick_meta(r);
 	m.dedup = pick_dedup(r);
+	lim.evict_oldest = (u8(r) % 4 == 3) && may_evict;
 	model_count(h, u, &count, &bytes);
 	want = model_dup(h, u, m.dedup) ? OS_DUP
 	       : (lim.max_count != OS_NONE && count + 1 > lim.max_count) ||
 	                 (lim.max_bytes != OS_NONE && bytes + (int64_t)m.xml.n > lim.max_bytes)
 	           ? OS_LIMIT
 	           : OS_OK;
+	if (want == OS_LIMIT && lim.evict_oldest &&
+	    (nevict = model_evict(h, u, &lim, m.xml.n, evict_buf)) >= 0)
+		want = OS_OK;
+	if (nevict < 0)
+		nevict = 0;
 	if (trace) {
 		tr_key("store", h, u);
 		fputs(", ", stderr), tr_str(m.from), fputs(", ", stderr), tr_str(m.xml);
 		fputs(", ", stderr), tr_int(m.ts), fputs(", ", stderr), tr_opt(m.expire);
 		fputs(", ", stderr), tr_opt(lim.max_count), fputs(", ", stderr), tr_opt(lim.max_bytes);
 		fputs(", ", stderr), tr_str(m.meta), fputs(", ", stderr), tr_str(m.dedup);
+		if (lim.evict_oldest)
+			fputs(", true", stderr);
 		if (want == OS_OK)
-			fprintf(stderr, ") -- ids[%zu]\n", nmsg);
+			fprintf(stderr, ") -- ids[%zu], %ld evicted\n", nmsg, nevict);
 		else
 			fputs(want == OS_DUP ? ") -- duplicate\n" : ") -- limit\n", stderr);
 	}
@@ -513,14 +547,15 @@ static int op_store(reader *r) {
 	it.xml = m.xml;
 	it.meta = m.meta;
 	for (b = NB - 1; b >= 0; b--) {
-		int64_t got_count = -1, id = 0;
+		int64_t got_count = -1, id = 0, evicted = -1;
 		int rc;
 		fault_arm(b);
-		rc = stores[b].be->store(&stores[b], &k, &it, &lim, &got_count, &id);
+		rc = stores[b].be->store(&stores[b], &k, &it, &lim, &got_count, &id, &evicted);
 		if (fault_failed(b, rc))
 			return 1;
 		check_rc(b, rc, want);
-		check_i64(b, "store count", got_count, want == OS_OK ? count + 1 : count);
+		check_i64(b, "store count", got_count, want == OS_OK ? count + 1 - nevict : count);
+		check_i64(b, "store evicted", evicted, want == OS_OK ? nevict : 0);
 		if (want == OS_OK) {
 			if (id <= last_id[b])
 				fail(b, "id %lld is not above the previous id %lld", (long long)id,
@@ -529,6 +564,8 @@ static int op_store(reader *r) {
 		}
 	}
 	if (want == OS_OK) {
+		for (e = 0; e < nevict; e++)
+			msgs[evict_buf[e]].alive = 0;
 		m.alive = 1;
 		msgs[nmsg++] = m;
 	}
@@ -579,7 +616,7 @@ static void op_batch(reader *r) {
 	for (i = 0; i < n && nmsg < MAX_OPS && r->n > 0; i++) {
 		if (i == fault_at)
 			fault_set(which, "the batch's next store");
-		failed = op_store(r);
+		failed = op_store(r, fault_at == SIZE_MAX);
 		flt.pending = 0;
 		if (failed != !stores[1].in_batch)
 			fail(1, failed ? "a store failed in a batch and left the batch open"
@@ -1062,7 +1099,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 		unsigned op = u8(&r) % 18;
 		opno++;
 		switch (op) {
-		case 0: case 1: case 2: opname = "store"; op_store(&r); break;
+		case 0: case 1: case 2: opname = "store"; op_store(&r, 1); break;
 		case 3: opname = "pop"; do_take(&r, 0); break;
 		case 4: opname = "count"; op_count(&r); break;
 		case 5: opname = "list"; op_list(&r); break;

@@ -4,7 +4,8 @@
 -- writes one line per outcome to OUTFILE, ending with "done". Modes:
 --   store   n stores of "<tag>:<i>" to host/user (users=a,b,c rotates), limit max / max_bytes,
 --           every expire_every-th message expiring at ts + 1, dedup key "<dedup>:<i>" when dedup
---           is given; lines "ok ID XML", "limit COUNT", "dup COUNT"
+--           is given; evict=1: over the limit, drop the oldest to make room (a line "evicted N"
+--           after each "ok" that evicted); lines "ok ID XML", "limit COUNT", "dup COUNT"
 --   lease   as owner <tag>: lease up to 7 rows, confirm them, again, until the queue is empty;
 --           one line "leased ID,ID,..." per lease that returned rows
 --   pop     pops host/user until the file `stop` exists, then once more; "pop ID XML", "expired N"
@@ -60,8 +61,10 @@ if mode == "store" then
 		local expire = every > 0 and i % every == 0 and ts + 1 or nil
 		local xml = (opt.tag or "w") .. ":" .. i
 		local c, id, cur = db:store(host, u, "sender@example.org", xml, ts, expire, num("max"), num("max_bytes"),
-			nil, opt.dedup and (opt.dedup .. ":" .. i))
-		if c then say("ok", id, xml, u)
+			nil, opt.dedup and (opt.dedup .. ":" .. i), opt.evict == "1")
+		if c then
+			say("ok", id, xml, u)
+			if cur and cur > 0 then say("evicted", cur) end
 		elseif c == false then say(id == "duplicate" and "dup" or "limit", cur)
 		else fail(id, cur) end
 	end
