@@ -232,3 +232,60 @@ end
 
 function TestMigrate:test_import_killed_midway_internal_storage() import_killed(self, "internal") end
 function TestMigrate:test_import_killed_midway_sql_storage() import_killed(self, "sql") end
+
+-- `prosodyctl mod_offline import HOST` with the server stopped: what Prosody's own module
+-- queued is here afterwards, in order, once; the start that follows finds nothing more.
+function TestMigrate:test_prosodyctl_import()
+	self.srv = offline.start(options("internal", true))
+	local srv = self.srv
+	queue(srv, { "bob", "carol" }, 2, "p")
+	srv:stop()
+	srv:reconfigure(options("internal", false))
+	lu.assertStrContains(ctl(srv, "mod_offline", "import", "localhost"),
+		"Imported 4 offline messages of 2 users from Prosody's own offline store")
+	for _, user in ipairs { "bob", "carol" } do
+		lu.assertEquals(bundled_count(srv, "internal", user), 0, user)
+		lu.assertEquals(ours_count(srv, user), 2, user)
+	end
+	local from = #srv:log()
+	srv:restart()
+	lu.assertStrContains(wait_log(srv, from, "Imported 0 offline messages"), "Imported 0 offline messages of 0 users")
+	local got = collect_offline(srv, "bob", 3, nil, 2)
+	lu.assertEquals(ids(got), { "p1", "p2" })
+	lu.assertEquals(#collect_offline(srv, "bob", 0.8), 0, "delivered once")
+end
+
+-- SIGKILL in the middle of the shell's export, after the third message went into Prosody's
+-- own store (the second user's first) and before anything was removed here for that user:
+-- the export run again after the restart leaves every message in Prosody's own store
+-- exactly once and none here.
+local function export_killed(self, storage)
+	local users = { "bob", "carol", "dave" }
+	self.srv = offline.start(options(storage, false, { plugin_paths = { FAULTS },
+		modules_enabled = { "kill_at_bundled_delete" }, host = "kill_at_bundled_append = 3" }))
+	local srv = self.srv
+	queue(srv, users, 2, "x")
+	pcall(ctl, srv, "shell", "offline", "export", "localhost") -- (the server dies under it)
+	lu.assertTrue(wait_dead(srv, 10), "killed during the export")
+	local victim = srv:log():match("fault: SIGKILL after append 3 to the bundled queue of (%a+)")
+	lu.assertNotNil(victim, "killed at the third append")
+	lu.assertEquals(bundled_count(srv, storage, victim), 1, "one of its messages went")
+	lu.assertEquals(ours_count(srv, victim), 2, "and both are still here")
+
+	srv:reconfigure(options(storage, false))
+	srv:restart()
+	lu.assertStrContains(ctl(srv, "shell", "offline", "export", "localhost"), "Exported")
+	for _, user in ipairs(users) do
+		lu.assertEquals(ours_count(srv, user), 0, user)
+		lu.assertEquals(bundled_count(srv, storage, user), 2, user .. ": each message once")
+	end
+	srv:stop()
+	srv:reconfigure(options(storage, true))
+	srv:restart()
+	for _, user in ipairs(users) do
+		lu.assertEquals(ids(collect_offline(srv, user, 3, nil, 2)), { "x1", "x2" }, user)
+	end
+end
+
+function TestMigrate:test_export_killed_midway_internal_storage() export_killed(self, "internal") end
+function TestMigrate:test_export_killed_midway_sql_storage() export_killed(self, "sql") end

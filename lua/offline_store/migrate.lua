@@ -85,30 +85,63 @@ local function bundled_items(archive, user)
 	return items
 end
 
+-- A user's queue here, oldest first, every page of it.
+local function all_rows(db, host, user)
+	local rows, after = {}, 0
+	repeat
+		local page, err, code = db:list(host, user, after, LIST_PAGE)
+		if not page then return nil, ("listing failed: %s (code %s)"):format(tostring(err), tostring(code)) end
+		for _, row in ipairs(page) do rows[#rows + 1] = row end
+		if #page > 0 then after = page[#page].id end
+	until #page < LIST_PAGE
+	return rows
+end
+
+-- The ids of `user`'s messages here (a set), or nil, error.
+local function ids_here(db, host, user)
+	local rows, err = all_rows(db, host, user)
+	if not rows then return nil, err end
+	local set = {}
+	for _, row in ipairs(rows) do set[row.id] = true end
+	return set
+end
+
 -- Stores one user's bundled messages here and deletes them there. Returns the number
--- stored and the number found here already (stored by an import that a crash
--- interrupted before its delete), or nil, error (then nothing was deleted there, and nothing stays here that
--- this run stored).
+-- stored and the number found here already (stored by an import that a crash interrupted
+-- before its delete, or copied there by an export that a crash interrupted before it
+-- removed them here), or nil, error (then nothing was deleted there, and nothing stays
+-- here that this run stored).
 local function import_user(db, archive, host, user)
 	local items, err = bundled_items(archive, user)
 	if not items then return nil, "reading the bundled queue failed: " .. tostring(err) end
 	if #items == 0 then return 0, 0 end
+	local here = {} -- the ids here of the items an export copied there (read before db:begin)
+	for _, item in ipairs(items) do
+		item.exported = type(item.with) == "string" and tonumber(item.with:match(EXPORT_PATTERN))
+		if item.exported and not here.read then
+			local lerr
+			here, lerr = ids_here(db, host, user)
+			if not here then return nil, lerr end
+			here.read = true
+		end
+	end
 	local began, berr = db:begin()
 	if began == nil then return nil, tostring(berr) end
 	local ids = {} -- what this run stored, to take back if the delete fails
-	local function undo() if #ids > 0 and not began then db:remove(host, user, ids) end end
 	for _, item in ipairs(items) do
-		local stanza = item.stanza
-		local ts = floor((tonumber(item.when) or 0) * 1000000)
-		local _, expire = policy.times(stanza, ts)
-		local n, id, code = db:store(host, user, stanza.attr.from or "", policy.stored_xml(stanza), ts, expire,
-			nil, nil, nil, IMPORT_KEY .. tostring(item.key))
-		if n then
-			ids[#ids + 1] = id
-		elseif n == nil then -- (inside a transaction: it is rolled back)
-			undo()
-			return nil, ("storing failed: %s (code %s)"):format(tostring(id), tostring(code))
-		end -- false, "duplicate": an import before a crash stored it; it is deleted there now
+		if not here[item.exported] then -- (else its original is still here)
+			local stanza = item.stanza
+			local ts = floor((tonumber(item.when) or 0) * 1000000)
+			local _, expire = policy.times(stanza, ts)
+			local n, id, code = db:store(host, user, stanza.attr.from or "", policy.stored_xml(stanza), ts, expire,
+				nil, nil, nil, IMPORT_KEY .. tostring(item.key))
+			if n then
+				ids[#ids + 1] = id
+			elseif n == nil then -- (inside a transaction: it is rolled back)
+				if #ids > 0 and not began then db:remove(host, user, ids) end
+				return nil, ("storing failed: %s (code %s)"):format(tostring(id), tostring(code))
+			end -- false, "duplicate": an import before a crash stored it; it is deleted there now
+		end
 	end
 	if began then
 		local ok, cerr, code = db:commit()
@@ -154,21 +187,9 @@ function M.import(db, archive, host)
 		return import_user(db, archive, host, user)
 	end)
 	local ok, msg = summary("Imported", "from Prosody's own offline store", moved, with, failures,
-		found > 0 and ("; %d more were here already (an import interrupted before it deleted them there)")
+		found > 0 and ("; %d more were here already (an import or export interrupted before it deleted them at its source)")
 			:format(found) or nil)
 	return ok, msg, moved, with, #users
-end
-
--- A user's queue here, oldest first, every page of it.
-local function all_rows(db, host, user)
-	local rows, after = {}, 0
-	repeat
-		local page, err, code = db:list(host, user, after, LIST_PAGE)
-		if not page then return nil, ("listing failed: %s (code %s)"):format(tostring(err), tostring(code)) end
-		for _, row in ipairs(page) do rows[#rows + 1] = row end
-		if #page > 0 then after = page[#page].id end
-	until #page < LIST_PAGE
-	return rows
 end
 
 -- Appends one user's deliverable messages to the bundled store and removes them here.
