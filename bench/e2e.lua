@@ -255,7 +255,7 @@ local read_file = require "support.util".read
 local CLK_TCK = tonumber(assert(io.popen("getconf CLK_TCK")):read("l")) or 100
 
 -- utime + stime of pid, in seconds (and each); with `reaped`, plus those of its children
--- that have exited and been waited for (cutime + cstime). 0 for a process that is gone.
+-- that have exited and been waited for (cutime + cstime). nil for a process that is gone.
 local function proc_cpu(pid, reaped)
 	local stat = read_file("/proc/" .. pid .. "/stat")
 	if not stat then return nil end
