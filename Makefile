@@ -73,7 +73,7 @@ P13_ENV      = PROSODY_BIN=$(CURDIR)/$(P13)/bin/prosody PROSODYCTL_BIN=$(CURDIR)
 # The system's Prosody version ("0.12.3"), empty when there is none.
 SYSTEM_PROSODY = prosodyctl about 2>/dev/null | sed -n 's/^Prosody \([0-9][0-9.]*\).*/\1/p' | head -n 1
 
-.PHONY: all nopostgres deps lint test test-prosody prosody13 deps-prosody13 test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick deps-bench-e2e bench-xml bench-batch bench-hash bench-drain
+.PHONY: all nopostgres deps lint test test-prosody prosody13 deps-prosody13 test-asan valgrind bench bench-postgres demo install clean fuzz bench-e2e bench-e2e-quick bench-e2e-postgres deps-bench-e2e bench-xml bench-batch bench-hash bench-drain
 
 all: $(CORE)
 
@@ -96,9 +96,10 @@ $(NOPG_CORE): $(BASE_SRC) $(HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) $(SQLITE_CFLAGS) $(LIBFLAG) -o $@ $(BASE_SRC) $(SQLITE_LIBS)
 
-# Installs what is missing, non-interactively; does nothing when all is there.
-deps:
-	@missing=""; for p in $(DEBS); do \
+# $(call install_missing,packages): installs those of the Debian packages that are missing,
+# non-interactively; does nothing when all are there.
+define install_missing
+missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -107,6 +108,10 @@ deps:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+endef
+
+deps:
+	@$(call install_missing,$(DEBS))
 	@$(MAKE) --no-print-directory deps-prosody13
 
 # What the unpacked Prosody 13 depends on (Debian 12's own Lua libraries), when it is there, and
@@ -280,10 +285,16 @@ bench-e2e: deps deps-bench-e2e $(CORE)
 bench-e2e-quick: deps deps-bench-e2e $(CORE)
 	$(LUA) bench/e2e.lua --quick $(BENCH_E2E_ARGS)
 
-# The bundled mod_offline on storage = "sql" needs Debian's LuaDBI SQLite3 driver.
+# Issue 23's load (N=10000 to R=200) on a throwaway PostgreSQL with fsync on: ours on PostgreSQL,
+# on one node and on two sharing the database, against ours on sqlite and the bundled mod_offline
+# on mod_storage_sql/PostgreSQL; 5 rounds, medians of per-round ratios (doc/performance.md).
+# Two checkouts: BENCH_E2E_ARGS="--variants ours,pg,sqlpg,pg@/path/to/other --baseline pg".
+BENCH_E2E_POSTGRES_ARGS = --variants ours,pg,sqlpg --nodes 2 -N 10000 -R 200 --runs 5
+bench-e2e-postgres: deps deps-bench-e2e $(CORE)
+	$(LUA) bench/e2e.lua $(BENCH_E2E_POSTGRES_ARGS) $(BENCH_E2E_ARGS)
+
+# The bundled mod_offline on storage = "sql" needs Debian's LuaDBI drivers: SQLite3 (variant sql)
+# and PostgreSQL (variant sqlpg; only the bench needs it, not `make test`).
+BENCH_E2E_DEBS = lua-dbi-sqlite3 lua-dbi-postgresql
 deps-bench-e2e:
-	@dpkg-query -W -f='$${Status}' lua-dbi-sqlite3 2>/dev/null | grep -q 'ok installed' || { \
-	  echo "installing: lua-dbi-sqlite3"; \
-	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends lua-dbi-sqlite3 >/dev/null; }
+	@$(call install_missing,$(BENCH_E2E_DEBS))
