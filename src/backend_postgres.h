@@ -1,11 +1,14 @@
 /* The postgres backend's internals, shared by its three files:
  * backend_postgres.c (the operations, and how they stay exact under
- * concurrency), backend_postgres_conn.c (the connection: errors, transactions,
+ * concurrency), backend_postgres_lease.c (take, and the lease updates),
+ * backend_postgres_conn.c (the connection: errors, transactions,
  * reconnection, transactions in doubt) and backend_postgres_schema.c (the SQL,
  * the schema and its migrations, open and free). */
 #ifndef OFFLINE_STORE_BACKEND_POSTGRES_H
 #define OFFLINE_STORE_BACKEND_POSTGRES_H
 
+#include <limits.h>
+#include <stdio.h>
 #include <time.h>
 
 #include <libpq-fe.h>
@@ -35,8 +38,89 @@ static inline int result_ok(const PGresult *r) {
 	return st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK;
 }
 
+/* Statement parameters, every one binary. */
+#define MAX_PARAMS 10
+
+typedef struct {
+	int n, too_big;
+	const char *val[MAX_PARAMS];
+	int len[MAX_PARAMS], fmt[MAX_PARAMS];
+	char num[MAX_PARAMS][8];
+} params;
+
+static inline void put_be64(char *b, int64_t v) {
+	uint64_t u = (uint64_t)v;
+	int i;
+	for (i = 7; i >= 0; i--, u >>= 8)
+		b[i] = (char)(u & 0xff);
+}
+
+static inline int64_t get_be64(const char *b) {
+	uint64_t u = 0;
+	int i;
+	for (i = 0; i < 8; i++)
+		u = (u << 8) | (unsigned char)b[i];
+	return u <= INT64_MAX ? (int64_t)u : -(int64_t)(~u) - 1;
+}
+
+static inline void p_bytes(params *p, const char *b, size_t n) {
+	if (n > INT_MAX)
+		p->too_big = 1, n = 0;
+	p->val[p->n] = b ? b : "";
+	p->len[p->n] = (int)n;
+	p->fmt[p->n++] = 1;
+}
+
+static inline void p_i64(params *p, int64_t v) {
+	put_be64(p->num[p->n], v);
+	p_bytes(p, p->num[p->n], 8);
+}
+
+static inline void p_null(params *p) {
+	p->val[p->n] = NULL;
+	p->len[p->n] = 0;
+	p->fmt[p->n++] = 1;
+}
+
+static inline void p_key(params *p, const os_key *k) {
+	p->n = p->too_big = 0;
+	p_bytes(p, k->host.p, k->host.n);
+	p_bytes(p, k->user.p, k->user.n);
+}
+
+
+static inline PGresult *run(pg *g, int which, const params *p) {
+	char name[32];
+	snprintf(name, sizeof name, "offline_store_%d", which);
+	return PQexecPrepared(g->conn, name, p->n, p->val, p->len, p->fmt, 1);
+}
+
+static inline int64_t col_i64(const PGresult *r, int row, int col) {
+	if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != 8)
+		return 0;
+	return get_be64(PQgetvalue(r, row, col));
+}
+
+static inline os_str col_str(const PGresult *r, int row, int col) {
+	os_str v;
+	v.p = PQgetvalue(r, row, col);
+	v.n = (size_t)PQgetlength(r, row, col);
+	return v;
+}
+
 /* backend_postgres.c */
 OS_HIDDEN extern const os_backend postgres_backend;
+OS_HIDDEN void pg_read_item(const PGresult *r, int row, os_item *it);
+/* An int8[] in binary, for `= ANY($n::int8[])` (malloc'd, *size bytes); NULL when out of memory. */
+OS_HIDDEN char *pg_id_array(const int64_t *ids, size_t n, size_t *size);
+OS_HIDDEN int pg_ids_param(os_store *s, pg *g, params *p, const int64_t *ids, size_t n, char **a);
+
+/* backend_postgres_lease.c */
+OS_HIDDEN int pg_take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
+                      int64_t max, os_emit_item emit, void *ud, int64_t *expired, int64_t *held);
+OS_HIDDEN int pg_release(os_store *s, const os_key *k, os_str owner, int64_t *touched);
+OS_HIDDEN int pg_release_all(os_store *s, const os_str *prefix, int64_t *touched);
+OS_HIDDEN int pg_renew(os_store *s, os_str prefix, int64_t until, int64_t *touched);
 
 /* backend_postgres_conn.c */
 OS_HIDDEN void pg_tidy(char *dst, size_t size, const char *src);
