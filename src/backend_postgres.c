@@ -187,16 +187,23 @@ fail:
 }
 
 /* The store statement again, in one transaction with the eviction that makes
- * room for it (see 7. above). store_p: its parameters. */
-static int store_evicting(os_store *s, pg *g, const os_key *k, const params *store_p,
+ * room for it (see 7. above): its own, or the open batch's (s->in_batch).
+ * store_p: its parameters, for statement `which`. */
+static int store_evicting(os_store *s, pg *g, const os_key *k, int which, const params *store_p,
                           const os_limit *lim, size_t xml_n, int64_t *count, int64_t *id,
                           int64_t *evicted) {
 	PGresult *r = NULL;
 	params p;
 	int64_t xid, *ids = NULL, n = 0;
-	int rc;
-	if (begin_locked(s, g, k, &p, &r) != OS_OK)
+	int rc, in_tx = s->in_batch;
+	if (in_tx) {
+		p_key(&p, k);
+		r = run(g, ST_QUEUE_LOCK, &p);
+		if (!result_ok(r))
+			goto fail;
+	} else if (begin_locked(s, g, k, &p, &r) != OS_OK) {
 		return OS_FAIL;
+	}
 	xid = PQntuples(r) == 1 ? col_i64(r, 0, 1) : 0; /* (no row: emptied meanwhile) */
 	PQclear(r);
 	r = NULL;
@@ -204,6 +211,9 @@ static int store_evicting(os_store *s, pg *g, const os_key *k, const params *sto
 		rc = OS_FAIL;
 		goto done;
 	}
+	/* (a batch keeps what it stored before if this store refuses after all) */
+	if (n > 0 && in_tx && !pg_command(g, "SAVEPOINT offline_store_evict"))
+		goto fail;
 	if (n > 0) {
 		char *a;
 		if ((rc = pg_ids_param(s, g, &p, ids, (size_t)n, &a)) != OS_OK)
@@ -214,20 +224,24 @@ static int store_evicting(os_store *s, pg *g, const os_key *k, const params *sto
 			goto fail;
 		PQclear(r);
 	}
-	r = run(g, ST_STORE, store_p);
+	r = run(g, which, store_p);
 	if (!result_ok(r))
 		goto fail;
 	if (PQntuples(r) != 1 || PQgetisnull(r, 0, 1)) { /* no room after all, or a duplicate */
 		rc = PQntuples(r) == 1 && PQgetvalue(r, 0, 2)[0] ? OS_DUP : OS_LIMIT;
-		pg_command(g, "ROLLBACK");
+		if (!in_tx)
+			pg_command(g, "ROLLBACK");
+		else if (n > 0 && !pg_command(g, "ROLLBACK TO SAVEPOINT offline_store_evict"))
+			goto fail;
 		goto done;
 	}
 	*count = col_i64(r, 0, 0);
 	*id = col_i64(r, 0, 1);
 	PQclear(r);
 	r = NULL;
-	/* In doubt and the server cannot tell: reported as failed. */
-	if ((rc = pg_commit_xid(s, g, xid, OS_FAIL)) == OS_OK)
+	/* In doubt and the server cannot tell: reported as failed. (A batch's
+	 * commit: backend_postgres_batch.c.) */
+	if ((rc = in_tx ? OS_OK : pg_commit_xid(s, g, xid, OS_FAIL)) == OS_OK)
 		*evicted = n;
 	goto done;
 fail:
@@ -238,15 +252,19 @@ done:
 	return rc;
 }
 
-static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
-                    int64_t *count, int64_t *id, int64_t *evicted) {
-	pg *g = s->impl;
+static int dedup_violation(const PGresult *r) {
+	const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE),
+	           *constraint = PQresultErrorField(r, PG_DIAG_CONSTRAINT_NAME);
+	return state && strcmp(state, "23505") == 0 && constraint &&
+	       strcmp(constraint, "offline_message_dedup") == 0;
+}
+
+int pg_store_once(os_store *s, pg *g, const os_key *k, const os_item *m, const os_limit *lim,
+                  int64_t fixed_id, int64_t *count, int64_t *id, int64_t *evicted) {
 	PGresult *r = NULL;
 	params p;
-	int rc;
+	int rc, which = fixed_id > 0 ? ST_STORE_ID : ST_STORE;
 	*evicted = 0;
-	if (pg_recover(s, g) != OS_OK)
-		return OS_FAIL;
 	p_key(&p, k);
 	p_i64(&p, m->ts);
 	if (m->expire == OS_NONE)
@@ -271,14 +289,15 @@ static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 		p_bytes(&p, m->dedup.p, m->dedup.n);
 	else
 		p_null(&p);
+	if (fixed_id > 0)
+		p_i64(&p, fixed_id);
 	if (p.too_big)
 		return os_fail(s, 0, "a string is too large to store");
-	r = run(g, ST_STORE, &p);
+	r = run(g, which, &p);
 	if (!result_ok(r)) {
-		const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE),
-		           *constraint = PQresultErrorField(r, PG_DIAG_CONSTRAINT_NAME);
-		if (!(state && strcmp(state, "23505") == 0 && constraint &&
-		      strcmp(constraint, "offline_message_dedup") == 0)) {
+		/* In a batch the error ended the transaction: failed (the batch stores
+		 * again, and then finds the key: backend_postgres_batch.c). */
+		if (!dedup_violation(r) || s->in_batch) {
 			rc = pgfail(s, g, r);
 			goto done;
 		}
@@ -294,7 +313,7 @@ static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 	if (rc == OS_LIMIT && lim->evict_oldest && !os_never_fits(lim, m->xml.n)) {
 		PQclear(r);
 		r = NULL;
-		rc = store_evicting(s, g, k, &p, lim, m->xml.n, count, id, evicted);
+		rc = store_evicting(s, g, k, which, &p, lim, m->xml.n, count, id, evicted);
 		if (rc != OS_LIMIT)
 			goto done;
 		p_key(&p, k); /* (for the count below) */
@@ -311,6 +330,17 @@ static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 done:
 	PQclear(r);
 	return rc;
+}
+
+static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
+                    int64_t *count, int64_t *id, int64_t *evicted) {
+	pg *g = s->impl;
+	if (s->in_batch)
+		return pg_batch_store(s, k, m, lim, count, id, evicted);
+	*evicted = 0;
+	if (pg_recover(s, g) != OS_OK)
+		return OS_FAIL;
+	return pg_store_once(s, g, k, m, lim, 0, count, id, evicted);
 }
 
 /* An int8[] in binary, for `= ANY($n::int8[])`: ndim, has-nulls, element type
@@ -511,7 +541,10 @@ done:
 
 
 static void pg_close(os_store *s) {
-	pg_free(s->impl);
+	pg *g = s->impl;
+	if (g)
+		os_buf_free(&g->log);
+	pg_free(g);
 	s->impl = NULL;
 }
 
@@ -531,5 +564,6 @@ const os_backend postgres_backend = {
 	.delete_older_than = pg_delete_older_than,
 	.users = pg_users,
 	.close = pg_close,
-	/* no group commit: .batch_begin and .batch_end stay NULL */
+	.batch_begin = pg_batch_begin,
+	.batch_end = pg_batch_end,
 };

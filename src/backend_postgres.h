@@ -1,6 +1,7 @@
-/* The postgres backend's internals, shared by its three files:
+/* The postgres backend's internals, shared by its files:
  * backend_postgres.c (the operations, and how they stay exact under
  * concurrency), backend_postgres_lease.c (take, and the lease updates),
+ * backend_postgres_batch.c (group commit),
  * backend_postgres_conn.c (the connection: errors, transactions,
  * reconnection, transactions in doubt) and backend_postgres_schema.c (the SQL,
  * the schema and its migrations, open and free). */
@@ -14,10 +15,11 @@
 #include <libpq-fe.h>
 
 #include "backend.h"
+#include "buffer.h"
 
 /* The prepared statements (their SQL: backend_postgres_schema.c). */
 enum {
-	ST_QUEUE_GET, ST_QUEUE_LOCK, ST_STORE, ST_SCAN, ST_DEL_UPTO, ST_DEL_IDS, ST_LIST,
+	ST_QUEUE_GET, ST_QUEUE_LOCK, ST_STORE, ST_STORE_ID, ST_SCAN, ST_DEL_UPTO, ST_DEL_IDS, ST_LIST,
 	ST_HOST_DEL, ST_EXPIRED_DEL, ST_OLDER_DEL, ST_USERS, ST_POP_DEL,
 	ST_LEASE_SET, ST_LEASE_DEL, ST_HELD, ST_RELEASE, ST_RELEASE_ALL, ST_RENEW, ST_OLDEST,
 	ST__COUNT
@@ -31,6 +33,8 @@ typedef struct {
 	int backoff_ms;  /* 0, or the wait before the next reconnection attempt */
 	struct timespec retry_at;
 	char down[160];  /* why the last reconnection failed */
+	int64_t batch_xid; /* the open batch's transaction (backend_postgres_batch.c) */
+	os_buf log;        /* the open batch's stores, to store again after a deadlock */
 } pg;
 
 static inline int result_ok(const PGresult *r) {
@@ -39,7 +43,7 @@ static inline int result_ok(const PGresult *r) {
 }
 
 /* Statement parameters, every one binary. */
-#define MAX_PARAMS 10
+#define MAX_PARAMS 11
 
 typedef struct {
 	int n, too_big;
@@ -114,6 +118,15 @@ OS_HIDDEN void pg_read_item(const PGresult *r, int row, os_item *it);
 /* An int8[] in binary, for `= ANY($n::int8[])` (malloc'd, *size bytes); NULL when out of memory. */
 OS_HIDDEN char *pg_id_array(const int64_t *ids, size_t n, size_t *size);
 OS_HIDDEN int pg_ids_param(os_store *s, pg *g, params *p, const int64_t *ids, size_t n, char **a);
+/* One store in the open transaction (a batch's) or its own; fixed_id > 0: with that id. */
+OS_HIDDEN int pg_store_once(os_store *s, pg *g, const os_key *k, const os_item *m, const os_limit *lim,
+                            int64_t fixed_id, int64_t *count, int64_t *id, int64_t *evicted);
+
+/* backend_postgres_batch.c */
+OS_HIDDEN int pg_batch_begin(os_store *s);
+OS_HIDDEN int pg_batch_end(os_store *s, int commit);
+OS_HIDDEN int pg_batch_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
+                             int64_t *count, int64_t *id, int64_t *evicted);
 
 /* backend_postgres_lease.c */
 OS_HIDDEN int pg_take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
