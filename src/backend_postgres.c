@@ -4,7 +4,9 @@
  * transaction as every insert and delete, and every statement is prepared
  * once per connection (again after a reconnect).
  *
- * Concurrency: exact across processes, at READ COMMITTED, without retries.
+ * Concurrency: exact across processes, at READ COMMITTED, without retries
+ * (but for group commit's batches, which may deadlock and store again:
+ * backend_postgres_batch.c).
  *
  * 1. The queue row of a user is that user's lock. Every transaction that
  *    inserts or deletes a user's messages first locks that row: store() by
@@ -41,7 +43,8 @@
  *    count: the queue row is dropped only when the locked (current) count
  *    equals what was deleted, otherwise decremented. Locks are taken in
  *    (host, username) order and message rows are only deleted by holders of
- *    their user's lock, so no two transactions can deadlock.
+ *    their user's lock, so no two of these transactions can deadlock (a
+ *    batch can: backend_postgres_batch.c).
  *
  * 5. Duplicates: a unique index on (host, username, dedup) where dedup is not
  *    null. store() first looks the key up (in its snapshot) and stores
