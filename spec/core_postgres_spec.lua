@@ -405,6 +405,40 @@ function TestPostgresBatch:test_opposite_orders_deadlock_and_both_commit()
 	lu.assertEquals(deadlocks(server()), before + 1, "PostgreSQL saw the deadlock")
 end
 
+-- The batch that waited first is the one PostgreSQL aborts. Stored again, its first message
+-- no longer fits (the other batch filled the queue meanwhile): it cannot keep what it said,
+-- so the whole batch fails (40P01) and nothing of it stays; the other commits.
+function TestPostgresBatch:test_a_batch_that_comes_out_otherwise_fails_whole()
+	local db, dir, srv = self.db, self.dir, server()
+	assert(db:begin())
+	lu.assertEquals(db:store(H, "u1", FROM, "a:1", T0), 1)
+	assert(support.exec(worker("store", self.conninfo, dir, "b", 0,
+		{ n = 2, batch = 2, max = 1, users = "u2,u1", tag = "b", ready = dir .. "/ready", go = dir .. "/go" }) .. " &"))
+	local deadline = socket.gettime() + 20
+	while not support.read(dir .. "/ready") do
+		assert(socket.gettime() < deadline, "the worker did not start")
+		socket.sleep(0.01)
+	end
+	support.write(dir .. "/go", "")
+	-- the worker's store to u1 waits for this batch's lock
+	while tonumber(srv:psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")) == 0 do
+		assert(socket.gettime() < deadline, "the worker never waited")
+		socket.sleep(0.01)
+	end
+	lu.assertEquals(db:store(H, "u2", FROM, "a:2", T0), 1)
+	lu.assertTrue(db:commit())
+	local out
+	repeat
+		out = support.read(dir .. "/b") or ""
+		assert(socket.gettime() < deadline, "the worker did not finish: " .. out)
+		if not out:find("done") then socket.sleep(0.01) end
+	until out:find("done")
+	lu.assertStrContains(out, "lost 1", "the worker's batch failed as a whole")
+	lu.assertNotStrContains(out, "ok ")
+	lu.assertEquals(xmls(assert_counter(db, "u1")), { "a:1" })
+	lu.assertEquals(xmls(assert_counter(db, "u2")), { "a:2" })
+end
+
 -- Four nodes store in batches of 10 to three users, two in one order and two in the other,
 -- with a limit of 40 each: deadlocks are settled, every limit is exact, every id handed
 -- out for a committed batch is a row, and no other row exists.

@@ -98,8 +98,9 @@ static int retryable(const os_store *s, const pg *g) {
 	       (s->errcode == pg_sqlstate_code("40P01") || s->errcode == pg_sqlstate_code("23505"));
 }
 
-/* Rolls back and stores the batch's stores again, each with its id. */
-static int replay(os_store *s, pg *g) {
+/* Rolls back and stores the batch's stores again, each with its id; *changed
+ * when one came out otherwise (no use trying again). */
+static int replay(os_store *s, pg *g, int *changed) {
 	size_t at = 0;
 	if (PQtransactionStatus(g->conn) != PQTRANS_IDLE)
 		pg_command(g, "ROLLBACK");
@@ -117,7 +118,7 @@ static int replay(os_store *s, pg *g) {
 		if (rc == OS_FAIL)
 			return OS_FAIL;
 		if (rc != OS_OK || id != e.id)
-			return os_fail(s, pg_sqlstate_code("40P01"), "a deadlock rolled back a batch of offline "
+			return *changed = 1, os_fail(s, pg_sqlstate_code("40P01"), "a deadlock rolled back a batch of offline "
 			               "messages, and one of them could not be stored again as it was (SQLSTATE 40P01)");
 	}
 	return OS_OK;
@@ -137,13 +138,13 @@ int pg_batch_begin(os_store *s) {
 int pg_batch_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
                    int64_t *count, int64_t *id, int64_t *evicted) {
 	pg *g = s->impl;
-	int rc, tries = 0;
+	int rc, tries = 0, changed = 0;
 	while ((rc = pg_store_once(s, g, k, m, lim, 0, count, id, evicted)) == OS_FAIL) {
 		/* (the transaction is over: every earlier store of the batch is undone) */
 		do {
-			if (!retryable(s, g) || ++tries > RETRIES)
+			if (changed || !retryable(s, g) || ++tries > RETRIES)
 				return give_up(s, g);
-		} while (replay(s, g) != OS_OK);
+		} while (replay(s, g, &changed) != OS_OK);
 	}
 	if (rc == OS_OK && !log_store(g, k, m, lim, *id)) {
 		os_fail(s, 0, "out of memory");
