@@ -1,7 +1,9 @@
 /* The postgres backend's group commit: the stores of a batch run in one
  * transaction (each still one statement, one round trip, as in 2. of
  * backend_postgres.c), committed by one COMMIT, so a batch of N stores costs
- * N + 2 round trips and one WAL flush instead of N of each.
+ * N + 2 round trips and one WAL flush instead of N of each. (Stores are not
+ * pipelined: the caller needs each one's answer, the limit's decision, before
+ * it handles the next message.)
  *
  * Deadlocks. A batch holds the queue row of every user it stored to until it
  * commits, and takes them in the order the messages came, so two batches (two
