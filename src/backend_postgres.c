@@ -28,7 +28,8 @@
  *    grow across every connection, but two writers may commit them out of
  *    order. Not so for one user: writer B can draw its id only after it got
  *    the row lock, that is after writer A committed, so within a user the
- *    id order is the commit order. A pop locks the row and only then takes
+ *    id order is the commit order (but for a batch stored again after a
+ *    deadlock: backend_postgres_batch.c). A pop locks the row and only then takes
  *    its snapshot (a new statement), so it sees every message committed for
  *    the user and no writer can add one until it commits; `DELETE .. WHERE
  *    id <= last_read` therefore deletes exactly the rows it read. (This is

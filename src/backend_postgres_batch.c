@@ -13,7 +13,11 @@
  * (the log below), so it rolls back, begins again and stores them again with
  * the ids they had (ST_STORE_ID): nobody has been told about them (the plugin
  * says nothing before the commit), and the ids the caller was given stay
- * true. Then it runs the store that met the deadlock again. A store that comes
+ * true. Then it runs the store that met the deadlock again. (Such an id is
+ * older than those the other batch drew and committed meanwhile for the same
+ * user: the exception to "id order is commit order" in 3. of
+ * backend_postgres.c. Nothing deletes by id range without reading under the
+ * user's lock first, so a pop in between misses it only until the next one.) A store that comes
  * out differently the second time (the other node filled the queue meanwhile)
  * cannot be stored again as promised: the batch fails as a whole, as any
  * failed store of a batch does. The same goes for a store that met another
