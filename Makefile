@@ -22,7 +22,7 @@ ifeq ($(POSTGRES),yes)
 PQ_CFLAGS ?= $(shell pkg-config --cflags libpq 2>/dev/null || echo -I$$(pg_config --includedir 2>/dev/null || echo /usr/include/postgresql))
 PQ_LIBS   ?= $(shell pkg-config --libs libpq 2>/dev/null || echo -lpq)
 PQ_DEFS    = -DOS_WITH_POSTGRES
-PQ_SRC     = src/backend_postgres.c src/backend_postgres_conn.c src/backend_postgres_schema.c
+PQ_SRC     = src/backend_postgres.c src/backend_postgres_lease.c src/backend_postgres_batch.c src/backend_postgres_conn.c src/backend_postgres_schema.c
 else ifeq ($(POSTGRES),no)
 PQ_CFLAGS  =
 PQ_LIBS    =

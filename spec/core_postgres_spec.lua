@@ -45,7 +45,7 @@ local function run_workers(dir, names, cmd)
 	assert(ok, out)
 	local res = {}
 	for _, name in ipairs(names) do
-		local r = { ok = {}, limit = 0, dup = 0, leased = {}, fail = {}, pop = {}, expired = 0, touched = 0, evicted = 0,
+		local r = { ok = {}, limit = 0, dup = 0, lost = 0, leased = {}, fail = {}, pop = {}, expired = 0, touched = 0, evicted = 0,
 			done = false }
 		for line in (support.read(dir .. "/" .. name) or ""):gmatch("[^\n]+") do
 			local kind, a, b, c = line:match("^(%S+) ?(%S*) ?(%S*) ?(.*)$")
@@ -60,6 +60,7 @@ local function run_workers(dir, names, cmd)
 			elseif kind == "expired" then r.expired = r.expired + tonumber(a)
 			elseif kind == "touched" then r.touched = r.touched + tonumber(a)
 			elseif kind == "evicted" then r.evicted = r.evicted + tonumber(a)
+			elseif kind == "lost" then r.lost = r.lost + tonumber(a)
 			elseif kind == "fail" then r.fail[#r.fail + 1] = line
 			elseif kind == "done" then r.done = true end
 		end
@@ -336,6 +337,180 @@ function TestPostgresConcurrency:test_first_open_races()
 end
 
 ---------------------------------------------------------------------------------------------------
+-- Group commit: batches on several connections (backend_postgres_batch.c).
+TestPostgresBatch = {}
+
+function TestPostgresBatch:setUp()
+	self.db, self.conninfo, self.schema = fresh()
+	self.dir = support.tmpdir()
+end
+
+function TestPostgresBatch:tearDown()
+	if self.db then self.db:close() end
+	if self.dir then support.rmrf(self.dir) end
+end
+
+local function xmls(items)
+	local r = {}
+	for i, it in ipairs(items) do r[i] = it.xml end
+	return r
+end
+
+local function deadlocks(srv)
+	return tonumber(srv:psql("SELECT pg_stat_force_next_flush(); SELECT sum(deadlocks) FROM pg_stat_database"):match("(%d+)%s*$"))
+end
+
+-- Two batches take two users' queue rows in opposite orders: PostgreSQL aborts one of them
+-- (40P01); that one stores its batch again with the same ids, and both commit everything.
+function TestPostgresBatch:test_opposite_orders_deadlock_and_both_commit()
+	local db, dir = self.db, self.dir
+	local before = deadlocks(server())
+	assert(db:begin())
+	local c1, id1 = db:store(H, "u1", FROM, "a:1", T0)
+	lu.assertEquals(c1, 1)
+	assert(support.exec(worker("store", self.conninfo, dir, "b", 0,
+		{ n = 2, batch = 2, users = "u2,u1", tag = "b", ready = dir .. "/ready", go = dir .. "/go" }) .. " &"))
+	local deadline = socket.gettime() + 20
+	while not support.read(dir .. "/ready") do
+		assert(socket.gettime() < deadline, "the worker did not start")
+		socket.sleep(0.01)
+	end
+	support.write(dir .. "/go", "")
+	-- blocks on the worker's lock of u2 while the worker waits for ours of u1
+	local c2, id2 = db:store(H, "u2", FROM, "a:2", T0)
+	-- (2 when this batch was the one aborted: stored again after the other's commit)
+	lu.assertTrue(c2 == 1 or c2 == 2, "u2: " .. tostring(c2) .. " " .. tostring(id2))
+	lu.assertTrue(db:commit())
+	local out
+	repeat
+		out = support.read(dir .. "/b") or ""
+		assert(socket.gettime() < deadline, "the worker did not finish: " .. out)
+		if not out:find("done") then socket.sleep(0.01) end
+	until out:find("done")
+	lu.assertNotStrContains(out, "fail")
+	lu.assertNotStrContains(out, "lost")
+	local ids = { [id1] = "a:1", [id2] = "a:2" }
+	for id, xml in out:gmatch("ok (%d+) (%S+)") do ids[tonumber(id)] = xml end
+	for _, u in ipairs({ "u1", "u2" }) do
+		local items = assert_counter(db, u)
+		lu.assertEquals(#items, 2, u)
+		for _, it in ipairs(items) do
+			lu.assertEquals(ids[it.id], it.xml, "the ids handed out are the rows' ids (after storing again too)")
+		end
+	end
+	db:close() -- (a session's statistics are written at its end at the latest)
+	self.db = assert(core.open_postgres(self.conninfo))
+	local deadline2 = socket.gettime() + 10
+	while deadlocks(server()) == before and socket.gettime() < deadline2 do socket.sleep(0.05) end
+	lu.assertEquals(deadlocks(server()), before + 1, "PostgreSQL saw the deadlock")
+end
+
+-- The batch that waited first is the one PostgreSQL aborts. Stored again, its first message
+-- no longer fits (the other batch filled the queue meanwhile): it cannot keep what it said,
+-- so the whole batch fails (40P01) and nothing of it stays; the other commits.
+function TestPostgresBatch:test_a_batch_that_comes_out_otherwise_fails_whole()
+	local db, dir, srv = self.db, self.dir, server()
+	assert(db:begin())
+	lu.assertEquals(db:store(H, "u1", FROM, "a:1", T0), 1)
+	assert(support.exec(worker("store", self.conninfo, dir, "b", 0,
+		{ n = 2, batch = 2, max = 1, users = "u2,u1", tag = "b", ready = dir .. "/ready", go = dir .. "/go" }) .. " &"))
+	local deadline = socket.gettime() + 20
+	while not support.read(dir .. "/ready") do
+		assert(socket.gettime() < deadline, "the worker did not start")
+		socket.sleep(0.01)
+	end
+	support.write(dir .. "/go", "")
+	-- the worker's store to u1 waits for this batch's lock
+	while tonumber(srv:psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")) == 0 do
+		assert(socket.gettime() < deadline, "the worker never waited")
+		socket.sleep(0.01)
+	end
+	lu.assertEquals(db:store(H, "u2", FROM, "a:2", T0), 1)
+	lu.assertTrue(db:commit())
+	local out
+	repeat
+		out = support.read(dir .. "/b") or ""
+		assert(socket.gettime() < deadline, "the worker did not finish: " .. out)
+		if not out:find("done") then socket.sleep(0.01) end
+	until out:find("done")
+	lu.assertStrContains(out, "lost 1", "the worker's batch failed as a whole")
+	lu.assertNotStrContains(out, "ok ")
+	lu.assertEquals(xmls(assert_counter(db, "u1")), { "a:1" })
+	lu.assertEquals(xmls(assert_counter(db, "u2")), { "a:2" })
+end
+
+-- Four nodes store in batches of 10 to three users, two in one order and two in the other,
+-- with a limit of 40 each: deadlocks are settled, every limit is exact, every id handed
+-- out for a committed batch is a row, and no other row exists.
+function TestPostgresBatch:test_concurrent_batches_keep_limits_exact()
+	local start_at, names, cmds = socket.gettime() + 1.5, {}, {}
+	for i = 1, 4 do
+		names[i] = "batch" .. i
+		cmds[i] = worker("store", self.conninfo, self.dir, names[i], start_at,
+			{ n = 90, max = 40, batch = 10, tag = "p" .. i, users = i % 2 == 0 and "a,b,c" or "c,b,a" }) .. " &"
+	end
+	local res = run_workers(self.dir, names, concat(cmds, " ") .. " wait")
+	local ids, lost = {}, 0
+	for _, name in ipairs(names) do
+		lost = lost + res[name].lost
+		for _, it in ipairs(res[name].ok) do
+			lu.assertNil(ids[it.id], "an id was handed out twice")
+			ids[it.id] = it.xml
+		end
+	end
+	local rows = 0
+	for _, u in ipairs({ "a", "b", "c" }) do
+		local items = assert_counter(self.db, u)
+		lu.assertTrue(#items <= 40, u .. " over its limit")
+		if lost == 0 then lu.assertEquals(#items, 40, u) end
+		for _, it in ipairs(items) do lu.assertEquals(ids[it.id], it.xml, "a row nobody was told of") end
+		rows = rows + #items
+	end
+	local told = 0
+	for _ in pairs(ids) do told = told + 1 end
+	lu.assertEquals(told, rows, "a committed store whose row is missing")
+end
+
+-- Inside a batch: the limit counts the batch's own stores, drop_oldest evicts the batch's own
+-- rows and committed ones, a rollback leaves the counters as they were; another node sees
+-- nothing before the commit.
+function TestPostgresBatch:test_batch_limits_eviction_and_isolation()
+	local db = self.db
+	local other = assert(core.open_postgres(self.conninfo))
+	lu.assertEquals(db:store(H, "bob", FROM, "old", T0), 1)
+	assert(db:begin())
+	lu.assertEquals(db:store(H, "bob", FROM, "in1", T0, nil, 3), 2)
+	lu.assertEquals(db:store(H, "bob", FROM, "in2", T0, nil, 3), 3)
+	lu.assertEquals({ db:store(H, "bob", FROM, "no", T0, nil, 3) }, { false, "limit", 3 })
+	local c, _, evicted = db:store(H, "bob", FROM, "in3", T0, nil, 3, nil, nil, nil, true)
+	lu.assertEquals({ c, evicted }, { 3, 1 })
+	lu.assertEquals({ other:count(H, "bob") }, { 1, 3 }, "not visible before the commit")
+	lu.assertTrue(db:commit())
+	lu.assertEquals(xmls(assert_counter(other, "bob")), { "in1", "in2", "in3" })
+	assert(db:begin())
+	lu.assertEquals(db:store(H, "bob", FROM, "gone", T0, nil, nil, nil, nil, nil, true), 4)
+	lu.assertEquals(db:store(H, "carol", FROM, "gone", T0), 1)
+	lu.assertTrue(db:rollback())
+	lu.assertEquals(xmls(assert_counter(other, "bob")), { "in1", "in2", "in3" })
+	lu.assertEquals({ other:count(H, "carol") }, { 0, 0 })
+	other:close()
+end
+
+-- A store that fails inside a batch rolls the whole batch back.
+function TestPostgresBatch:test_failed_store_ends_the_batch()
+	local db = self.db
+	server():psql(format("ALTER TABLE %s.offline_message ADD CONSTRAINT short CHECK (octet_length(stanza) < 10)",
+		self.schema))
+	assert(db:begin())
+	lu.assertEquals(db:store(H, "bob", FROM, "m1", T0), 1)
+	local c, err = db:store(H, "bob", FROM, "far too long", T0)
+	lu.assertNil(c)
+	lu.assertStrContains(err, "23514")
+	lu.assertTrue(db:commit(), "nothing left to commit")
+	lu.assertEquals({ db:count(H, "bob") }, { 0, 0 }, "the batch's earlier store is gone too")
+end
+
+---------------------------------------------------------------------------------------------------
 TestPostgresConnection = {}
 
 function TestPostgresConnection:setUp()
@@ -584,6 +759,31 @@ function TestPostgresInDoubt:test_remove_user_committed_but_answer_lost_counts_t
 	lu.assertNil(n)
 	lu.assertStrContains(err, "rolled back")
 	lu.assertEquals(self:stored(), 1)
+end
+
+-- A batch's COMMIT in doubt is resolved by its transaction id before anyone is told.
+function TestPostgresInDoubt:test_batch_committed_but_answer_lost_succeeds()
+	assert(self.db:begin())
+	for i = 1, 3 do lu.assertEquals(self.db:store(H, "bob", FROM, "b" .. i, T0), i) end
+	local fired = self:arm("after")
+	local ok, err = self.db:commit()
+	fired()
+	lu.assertTrue(ok, tostring(err))
+	lu.assertEquals(self:stored(), 3)
+end
+
+function TestPostgresInDoubt:test_batch_whose_commit_never_arrived_fails()
+	self:fill(1)
+	assert(self.db:begin())
+	for i = 2, 3 do lu.assertEquals(self.db:store(H, "bob", FROM, "b" .. i, T0), i) end
+	local fired = self:arm("before")
+	local ok, err, code = self.db:commit()
+	fired()
+	lu.assertNil(ok)
+	lu.assertEquals(code, 0)
+	lu.assertStrContains(err, "rolled back")
+	lu.assertEquals(self:stored(), 1, "the batch's stores are not there")
+	lu.assertEquals(#assert_counter(self.db, "bob"), 1)
 end
 
 ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 -- Two real Prosody nodes on one PostgreSQL (offline_backend = "postgres"): a message stored
 -- through node A is delivered at login on node B, limits hold across both (also when both
 -- store at once), a PostgreSQL outage gives the sender the storage-failure error and the
--- nodes reconnect by themselves, and a bad offline_postgres stops the module at load.
+-- nodes reconnect by themselves, and a bad offline_postgres stops the module at load. Messages
+-- read at once are stored in one transaction (group commit).
 -- A database away when Prosody starts: the module comes up, answers with the storage-failure
 -- error, and opens the store by itself once the database is there.
 -- Node A uses a connection string, node B a Prosody-style sql table, on the same database.
@@ -44,6 +45,7 @@ function TestTwoNodes:nodes()
 	local pg = postgres.require_server(lu)
 	if TestTwoNodes.a then return TestTwoNodes.a, TestTwoNodes.b, pg end
 	local db = pg:fresh_database()
+	TestTwoNodes.db = db
 	BAD[1][2] = format('offline_backend = "postgres"\noffline_postgres = %q',
 		format("host=127.0.0.1 port=%d dbname=%s user=%s password=wrong sslmode=disable",
 			pg.port, db, postgres.PASSWORD_ROLE))
@@ -99,6 +101,21 @@ function TestTwoNodes:test_limit_holds_across_nodes()
 	lu.assertEquals(ids(collect_offline(a, "carol")), { "a1", "a2", "b1" })
 	alice:close()
 	dave:close()
+end
+
+-- Group commit: the messages Prosody reads at once share one transaction (one xmin), and
+-- the answer that follows them comes after its commit.
+function TestTwoNodes:test_messages_read_at_once_share_a_transaction()
+	local a, b, pg = self:nodes()
+	local alice = online(a, "alice")
+	local burst = {}
+	for i = 1, 5 do burst[i] = tostring(chat("boss@localhost", "g" .. i, "burst")) end
+	alice:send(table.concat(burst))
+	lu.assertEquals(#messages(alice:ping()), 0)
+	lu.assertEquals(pg:psql("SELECT count(*) || ' ' || count(DISTINCT xmin::text) FROM offline_message "
+		.. "WHERE username = 'boss'::bytea", TestTwoNodes.db), "5 1", "five messages, one transaction")
+	lu.assertEquals(ids(collect_offline(b, "boss")), { "g1", "g2", "g3", "g4", "g5" })
+	alice:close()
 end
 
 -- Both nodes store at the same moment: still exactly 3.

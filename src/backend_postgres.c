@@ -4,7 +4,9 @@
  * transaction as every insert and delete, and every statement is prepared
  * once per connection (again after a reconnect).
  *
- * Concurrency: exact across processes, at READ COMMITTED, without retries.
+ * Concurrency: exact across processes, at READ COMMITTED, without retries
+ * (but for group commit's batches, which may deadlock and store again:
+ * backend_postgres_batch.c).
  *
  * 1. The queue row of a user is that user's lock. Every transaction that
  *    inserts or deletes a user's messages first locks that row: store() by
@@ -26,7 +28,8 @@
  *    grow across every connection, but two writers may commit them out of
  *    order. Not so for one user: writer B can draw its id only after it got
  *    the row lock, that is after writer A committed, so within a user the
- *    id order is the commit order. A pop locks the row and only then takes
+ *    id order is the commit order (but for a batch stored again after a
+ *    deadlock: backend_postgres_batch.c). A pop locks the row and only then takes
  *    its snapshot (a new statement), so it sees every message committed for
  *    the user and no writer can add one until it commits; `DELETE .. WHERE
  *    id <= last_read` therefore deletes exactly the rows it read. (This is
@@ -41,7 +44,8 @@
  *    count: the queue row is dropped only when the locked (current) count
  *    equals what was deleted, otherwise decremented. Locks are taken in
  *    (host, username) order and message rows are only deleted by holders of
- *    their user's lock, so no two transactions can deadlock.
+ *    their user's lock, so no two of these transactions can deadlock (a
+ *    batch can: backend_postgres_batch.c).
  *
  * 5. Duplicates: a unique index on (host, username, dedup) where dedup is not
  *    null. store() first looks the key up (in its snapshot) and stores
@@ -77,76 +81,8 @@
 
 #include "backend_postgres.h"
 
-#define MAX_PARAMS 10
 
-typedef struct {
-	int n, too_big;
-	const char *val[MAX_PARAMS];
-	int len[MAX_PARAMS], fmt[MAX_PARAMS];
-	char num[MAX_PARAMS][8];
-} params;
-
-static void put_be64(char *b, int64_t v) {
-	uint64_t u = (uint64_t)v;
-	int i;
-	for (i = 7; i >= 0; i--, u >>= 8)
-		b[i] = (char)(u & 0xff);
-}
-
-static int64_t get_be64(const char *b) {
-	uint64_t u = 0;
-	int i;
-	for (i = 0; i < 8; i++)
-		u = (u << 8) | (unsigned char)b[i];
-	return u <= INT64_MAX ? (int64_t)u : -(int64_t)(~u) - 1;
-}
-
-static void p_bytes(params *p, const char *b, size_t n) {
-	if (n > INT_MAX)
-		p->too_big = 1, n = 0;
-	p->val[p->n] = b ? b : "";
-	p->len[p->n] = (int)n;
-	p->fmt[p->n++] = 1;
-}
-
-static void p_i64(params *p, int64_t v) {
-	put_be64(p->num[p->n], v);
-	p_bytes(p, p->num[p->n], 8);
-}
-
-static void p_null(params *p) {
-	p->val[p->n] = NULL;
-	p->len[p->n] = 0;
-	p->fmt[p->n++] = 1;
-}
-
-static void p_key(params *p, const os_key *k) {
-	p->n = p->too_big = 0;
-	p_bytes(p, k->host.p, k->host.n);
-	p_bytes(p, k->user.p, k->user.n);
-}
-
-
-static PGresult *run(pg *g, int which, const params *p) {
-	char name[32];
-	snprintf(name, sizeof name, "offline_store_%d", which);
-	return PQexecPrepared(g->conn, name, p->n, p->val, p->len, p->fmt, 1);
-}
-
-static int64_t col_i64(const PGresult *r, int row, int col) {
-	if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != 8)
-		return 0;
-	return get_be64(PQgetvalue(r, row, col));
-}
-
-static os_str col_str(const PGresult *r, int row, int col) {
-	os_str v;
-	v.p = PQgetvalue(r, row, col);
-	v.n = (size_t)PQgetlength(r, row, col);
-	return v;
-}
-
-static void read_item(const PGresult *r, int row, os_item *it) {
+void pg_read_item(const PGresult *r, int row, os_item *it) {
 	it->id = col_i64(r, row, 0);
 	it->ts = col_i64(r, row, 1);
 	it->expire = PQgetisnull(r, row, 2) ? OS_NONE : col_i64(r, row, 2);
@@ -166,15 +102,11 @@ static void read_item(const PGresult *r, int row, os_item *it) {
 	}
 }
 
-
-
-static char *id_array(const int64_t *ids, size_t n, size_t *size);
-
 /* Sets $3 of p (after the key) to the int8[] of ids, in *a (the caller frees
  * it after the statement); out of memory: rolls back, OS_FAIL. */
-static int ids_param(os_store *s, pg *g, params *p, const int64_t *ids, size_t n, char **a) {
+int pg_ids_param(os_store *s, pg *g, params *p, const int64_t *ids, size_t n, char **a) {
 	size_t size;
-	if (!(*a = id_array(ids, n, &size))) {
+	if (!(*a = pg_id_array(ids, n, &size))) {
 		os_fail(s, 0, "out of memory");
 		pg_command(g, "ROLLBACK");
 		return OS_FAIL;
@@ -259,16 +191,23 @@ fail:
 }
 
 /* The store statement again, in one transaction with the eviction that makes
- * room for it (see 7. above). store_p: its parameters. */
-static int store_evicting(os_store *s, pg *g, const os_key *k, const params *store_p,
+ * room for it (see 7. above): its own, or the open batch's (s->in_batch).
+ * store_p: its parameters, for statement `which`. */
+static int store_evicting(os_store *s, pg *g, const os_key *k, int which, const params *store_p,
                           const os_limit *lim, size_t xml_n, int64_t *count, int64_t *id,
                           int64_t *evicted) {
 	PGresult *r = NULL;
 	params p;
 	int64_t xid, *ids = NULL, n = 0;
-	int rc;
-	if (begin_locked(s, g, k, &p, &r) != OS_OK)
+	int rc, in_tx = s->in_batch;
+	if (in_tx) {
+		p_key(&p, k);
+		r = run(g, ST_QUEUE_LOCK, &p);
+		if (!result_ok(r))
+			goto fail;
+	} else if (begin_locked(s, g, k, &p, &r) != OS_OK) {
 		return OS_FAIL;
+	}
 	xid = PQntuples(r) == 1 ? col_i64(r, 0, 1) : 0; /* (no row: emptied meanwhile) */
 	PQclear(r);
 	r = NULL;
@@ -276,9 +215,12 @@ static int store_evicting(os_store *s, pg *g, const os_key *k, const params *sto
 		rc = OS_FAIL;
 		goto done;
 	}
+	/* (a batch keeps what it stored before if this store refuses after all) */
+	if (n > 0 && in_tx && !pg_command(g, "SAVEPOINT offline_store_evict"))
+		goto fail;
 	if (n > 0) {
 		char *a;
-		if ((rc = ids_param(s, g, &p, ids, (size_t)n, &a)) != OS_OK)
+		if ((rc = pg_ids_param(s, g, &p, ids, (size_t)n, &a)) != OS_OK)
 			goto done;
 		r = run(g, ST_DEL_IDS, &p);
 		free(a);
@@ -286,20 +228,24 @@ static int store_evicting(os_store *s, pg *g, const os_key *k, const params *sto
 			goto fail;
 		PQclear(r);
 	}
-	r = run(g, ST_STORE, store_p);
+	r = run(g, which, store_p);
 	if (!result_ok(r))
 		goto fail;
 	if (PQntuples(r) != 1 || PQgetisnull(r, 0, 1)) { /* no room after all, or a duplicate */
 		rc = PQntuples(r) == 1 && PQgetvalue(r, 0, 2)[0] ? OS_DUP : OS_LIMIT;
-		pg_command(g, "ROLLBACK");
+		if (!in_tx)
+			pg_command(g, "ROLLBACK");
+		else if (n > 0 && !pg_command(g, "ROLLBACK TO SAVEPOINT offline_store_evict"))
+			goto fail;
 		goto done;
 	}
 	*count = col_i64(r, 0, 0);
 	*id = col_i64(r, 0, 1);
 	PQclear(r);
 	r = NULL;
-	/* In doubt and the server cannot tell: reported as failed. */
-	if ((rc = pg_commit_xid(s, g, xid, OS_FAIL)) == OS_OK)
+	/* In doubt and the server cannot tell: reported as failed. (A batch's
+	 * commit: backend_postgres_batch.c.) */
+	if ((rc = in_tx ? OS_OK : pg_commit_xid(s, g, xid, OS_FAIL)) == OS_OK)
 		*evicted = n;
 	goto done;
 fail:
@@ -310,15 +256,19 @@ done:
 	return rc;
 }
 
-static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
-                    int64_t *count, int64_t *id, int64_t *evicted) {
-	pg *g = s->impl;
+static int dedup_violation(const PGresult *r) {
+	const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE),
+	           *constraint = PQresultErrorField(r, PG_DIAG_CONSTRAINT_NAME);
+	return state && strcmp(state, "23505") == 0 && constraint &&
+	       strcmp(constraint, "offline_message_dedup") == 0;
+}
+
+int pg_store_once(os_store *s, pg *g, const os_key *k, const os_item *m, const os_limit *lim,
+                  int64_t fixed_id, int64_t *count, int64_t *id, int64_t *evicted) {
 	PGresult *r = NULL;
 	params p;
-	int rc;
+	int rc, which = fixed_id > 0 ? ST_STORE_ID : ST_STORE;
 	*evicted = 0;
-	if (pg_recover(s, g) != OS_OK)
-		return OS_FAIL;
 	p_key(&p, k);
 	p_i64(&p, m->ts);
 	if (m->expire == OS_NONE)
@@ -343,14 +293,15 @@ static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 		p_bytes(&p, m->dedup.p, m->dedup.n);
 	else
 		p_null(&p);
+	if (fixed_id > 0)
+		p_i64(&p, fixed_id);
 	if (p.too_big)
 		return os_fail(s, 0, "a string is too large to store");
-	r = run(g, ST_STORE, &p);
+	r = run(g, which, &p);
 	if (!result_ok(r)) {
-		const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE),
-		           *constraint = PQresultErrorField(r, PG_DIAG_CONSTRAINT_NAME);
-		if (!(state && strcmp(state, "23505") == 0 && constraint &&
-		      strcmp(constraint, "offline_message_dedup") == 0)) {
+		/* In a batch the error ended the transaction: failed (the batch stores
+		 * again, and then finds the key: backend_postgres_batch.c). */
+		if (!dedup_violation(r) || s->in_batch) {
 			rc = pgfail(s, g, r);
 			goto done;
 		}
@@ -366,7 +317,7 @@ static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_lim
 	if (rc == OS_LIMIT && lim->evict_oldest && !os_never_fits(lim, m->xml.n)) {
 		PQclear(r);
 		r = NULL;
-		rc = store_evicting(s, g, k, &p, lim, m->xml.n, count, id, evicted);
+		rc = store_evicting(s, g, k, which, &p, lim, m->xml.n, count, id, evicted);
 		if (rc != OS_LIMIT)
 			goto done;
 		p_key(&p, k); /* (for the count below) */
@@ -385,10 +336,21 @@ done:
 	return rc;
 }
 
+static int pg_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
+                    int64_t *count, int64_t *id, int64_t *evicted) {
+	pg *g = s->impl;
+	if (s->in_batch)
+		return pg_batch_store(s, k, m, lim, count, id, evicted);
+	*evicted = 0;
+	if (pg_recover(s, g) != OS_OK)
+		return OS_FAIL;
+	return pg_store_once(s, g, k, m, lim, 0, count, id, evicted);
+}
+
 /* An int8[] in binary, for `= ANY($n::int8[])`: ndim, has-nulls, element type
  * (int8 = 20), length, lower bound, then (length, value) per element. NULL when
  * out of memory; *size its bytes. */
-static char *id_array(const int64_t *ids, size_t n, size_t *size) {
+char *pg_id_array(const int64_t *ids, size_t n, size_t *size) {
 	size_t i;
 	char *a;
 	*size = 20 + 12 * n;
@@ -407,219 +369,6 @@ static char *id_array(const int64_t *ids, size_t n, size_t *size) {
 	return a;
 }
 
-/* pop (owner.p NULL: deletes what it takes) and lease (marks it for owner
- * until `until`), as backend.h says, under the user's lock (see 3. and 6.). */
-/* Rows a page may pass over beyond its max before it ends short (it then
- * returns fewer than max; the next call goes on from there). */
-#define SCAN_SLACK 1024
-
-static int pg_take(os_store *s, const os_key *k, os_str owner, int64_t now, int64_t until,
-                int64_t max, os_emit_item emit, void *ud, int64_t *expired, int64_t *held) {
-	pg *g = s->impl;
-	PGresult *r = NULL;
-	params p;
-	int64_t returned = 0, last = 0, xid, *ids = NULL;
-	int rc = OS_OK, i, n, stopped = 0;
-	*expired = 0;
-	*held = OS_NONE;
-	if (pg_recover(s, g) != OS_OK)
-		return OS_FAIL;
-	p_key(&p, k);
-	/* Cheap read first, outside any transaction: the broadcast fires on every login. */
-	r = run(g, ST_QUEUE_GET, &p);
-	if (!result_ok(r)) {
-		rc = pgfail(s, g, r);
-		goto done;
-	}
-	if (PQntuples(r) == 0 || col_i64(r, 0, 0) == 0)
-		goto done;
-	PQclear(r);
-	r = NULL;
-	if (pg_begin(s, g) != OS_OK) {
-		rc = OS_FAIL;
-		goto done;
-	}
-	r = run(g, ST_QUEUE_LOCK, &p);
-	if (!result_ok(r))
-		goto fail;
-	if (PQntuples(r) == 0) { /* emptied meanwhile by another node */
-		rc = pg_commit(s, g);
-		goto done;
-	}
-	xid = col_i64(r, 0, 1);
-	PQclear(r);
-	/* A new statement, so a snapshot taken after the lock (see 3. above). A page
-	 * reads its rows and SCAN_SLACK more for the ones it passes over (expired,
-	 * set aside, its own in flight), not the whole queue: a backlog of N drained
-	 * in pages would otherwise fetch about N * N / page rows. */
-	p.n = 2;
-	if (max == OS_NONE || max > INT64_MAX - SCAN_SLACK)
-		p_null(&p);
-	else
-		p_i64(&p, max + SCAN_SLACK);
-	r = run(g, ST_SCAN, &p);
-	if (!result_ok(r))
-		goto fail;
-	n = PQntuples(r);
-	g->live = r;
-	for (i = 0; i < n && (max == OS_NONE || returned < max); i++) {
-		os_item it;
-		int what;
-		read_item(r, i, &it);
-		if ((what = os_take_what(&it, owner, now)) == OS_TAKE_STOP) {
-			stopped = 1;
-			break;
-		}
-		if (what == OS_TAKE_SKIP)
-			continue;
-		last = it.id;
-		if (what == OS_TAKE_EXPIRED) {
-			(*expired)++;
-			continue;
-		}
-		it.lease_owner.p = NULL, it.lease_owner.n = 0, it.lease_until = 0;
-		returned++;
-		emit(ud, &it);
-	}
-	g->live = NULL;
-	/* (the ids lease took, read again: emit may raise, and nothing must leak) */
-	if (owner.p && returned > 0) {
-		int j, taken = 0;
-		if (!(ids = malloc((size_t)returned * sizeof *ids))) {
-			os_fail(s, 0, "out of memory");
-			pg_command(g, "ROLLBACK");
-			rc = OS_FAIL;
-			goto done;
-		}
-		for (j = 0; j < i; j++) {
-			os_item it;
-			read_item(r, j, &it);
-			if (os_take_what(&it, owner, now) == OS_TAKE_ROW)
-				ids[taken++] = it.id;
-		}
-	}
-	PQclear(r);
-	r = NULL;
-	if (stopped && returned == 0) {
-		p.n = 2;
-		p_i64(&p, now);
-		if (owner.p)
-			p_bytes(&p, owner.p, owner.n);
-		else
-			p_null(&p);
-		r = run(g, ST_HELD, &p);
-		if (!result_ok(r))
-			goto fail;
-		if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
-			*held = col_i64(r, 0, 0);
-		PQclear(r);
-		r = NULL;
-	}
-	if (last > 0 && (!owner.p || *expired > 0)) {
-		p.n = 2;
-		p_i64(&p, last);
-		p_i64(&p, now);
-		p.n = owner.p ? 4 : 3;
-		r = run(g, owner.p ? ST_LEASE_DEL : ST_POP_DEL, &p);
-		if (!result_ok(r))
-			goto fail;
-		PQclear(r);
-		r = NULL;
-	}
-	if (owner.p && returned > 0) {
-		char *a;
-		if ((rc = ids_param(s, g, &p, ids, (size_t)returned, &a)) != OS_OK)
-			goto done;
-		p_bytes(&p, owner.p, owner.n);
-		p_i64(&p, until);
-		r = run(g, ST_LEASE_SET, &p);
-		free(a);
-		if (!result_ok(r))
-			goto fail;
-	}
-	/* In doubt and the server cannot tell: the messages go out, since a
-	 * message delivered twice is better than one lost. */
-	rc = pg_commit_xid(s, g, xid, OS_OK);
-	goto done;
-fail:
-	rc = pg_abort_tx(s, g, r);
-done:
-	free(ids);
-	PQclear(r);
-	return rc;
-}
-
-/* Runs one of the lease updates (its own transaction); *touched is how many rows it changed. */
-static int relet(os_store *s, int which, params *p, int64_t *touched) {
-	pg *g = s->impl;
-	PGresult *r;
-	int rc = OS_OK;
-	*touched = 0;
-	if (pg_recover(s, g) != OS_OK)
-		return OS_FAIL;
-	if (p->too_big)
-		return os_fail(s, 0, "a string is too large");
-	r = run(g, which, p);
-	if (!result_ok(r))
-		rc = pgfail(s, g, r);
-	else
-		*touched = strtoll(PQcmdTuples(r), NULL, 10);
-	PQclear(r);
-	return rc;
-}
-
-static int pg_release(os_store *s, const os_key *k, os_str owner, int64_t *touched) {
-	params p;
-	p_key(&p, k);
-	p_bytes(&p, owner.p, owner.n);
-	return relet(s, ST_RELEASE, &p, touched);
-}
-
-/* Two processes started with the same node name (a misconfiguration) must not
- * release each other's live leases. The first to release a prefix's leases
- * takes a session-level advisory lock named by the prefix and holds it as long
- * as its connection lives; a second process finds it taken, releases nothing
- * and fails with SQLSTATE 55P03 (lock_not_available). A reconnection drops the
- * lock (taken again at the next release_all). Named (class "OFLS", hash of the
- * schema and the prefix: advisory locks are per database): two names whose
- * hashes collide share it (a false alarm, never a wrong release). */
-static int hold_prefix(os_store *s, pg *g, os_str prefix) {
-	const char *val[1];
-	int len[1], fmt[1] = { 1 }, rc;
-	PGresult *r;
-	if (pg_recover(s, g) != OS_OK)
-		return OS_FAIL;
-	val[0] = prefix.p, len[0] = (int)prefix.n;
-	r = PQexecParams(g->conn, "SELECT pg_try_advisory_lock(1330007123, hashtext(current_schema() || md5($1::bytea)))",
-	                 1, NULL, val, len, fmt, 1);
-	if (!result_ok(r) || PQntuples(r) != 1 || PQgetlength(r, 0, 0) != 1)
-		rc = pgfail(s, g, r);
-	else if (PQgetvalue(r, 0, 0)[0])
-		rc = OS_OK;
-	else
-		rc = os_fail(s, pg_sqlstate_code("55P03"), "the leases of \"%.*s\" are held by another live process: "
-		             "none released (SQLSTATE 55P03)", (int)(prefix.n > 80 ? 80 : prefix.n), prefix.p);
-	PQclear(r);
-	return rc;
-}
-
-static int pg_release_all(os_store *s, const os_str *prefix, int64_t *touched) {
-	params p;
-	*touched = 0;
-	if (prefix && prefix->n > 0 && hold_prefix(s, s->impl, *prefix) != OS_OK)
-		return OS_FAIL;
-	p.n = p.too_big = 0;
-	p_bytes(&p, prefix ? prefix->p : "", prefix ? prefix->n : 0);
-	return relet(s, ST_RELEASE_ALL, &p, touched);
-}
-
-static int pg_renew(os_store *s, os_str prefix, int64_t until, int64_t *touched) {
-	params p;
-	p.n = p.too_big = 0;
-	p_bytes(&p, prefix.p, prefix.n);
-	p_i64(&p, until);
-	return relet(s, ST_RENEW, &p, touched);
-}
 
 static int pg_count(os_store *s, const os_key *k, int64_t *count, int64_t *bytes) {
 	pg *g = s->impl;
@@ -664,7 +413,7 @@ static int pg_list(os_store *s, const os_key *k, int64_t after_id, int64_t max,
 	g->live = r;
 	for (i = 0; i < n; i++) {
 		os_item it;
-		read_item(r, i, &it);
+		pg_read_item(r, i, &it);
 		emit(ud, &it);
 	}
 	g->live = NULL;
@@ -719,7 +468,7 @@ static int pg_remove(os_store *s, const os_key *k, const int64_t *ids, size_t n,
 		return OS_OK;
 	if (n > (INT_MAX - 20) / 12)
 		return os_fail(s, 0, "too many ids");
-	if (!(a = id_array(ids, n, &size)))
+	if (!(a = pg_id_array(ids, n, &size)))
 		return os_fail(s, 0, "out of memory");
 	rc = locked_delete(s, k, ST_DEL_IDS, a, (int)size, touched);
 	free(a);
@@ -796,7 +545,10 @@ done:
 
 
 static void pg_close(os_store *s) {
-	pg_free(s->impl);
+	pg *g = s->impl;
+	if (g)
+		os_buf_free(&g->log);
+	pg_free(g);
 	s->impl = NULL;
 }
 
@@ -816,5 +568,6 @@ const os_backend postgres_backend = {
 	.delete_older_than = pg_delete_older_than,
 	.users = pg_users,
 	.close = pg_close,
-	/* no group commit: .batch_begin and .batch_end stay NULL */
+	.batch_begin = pg_batch_begin,
+	.batch_end = pg_batch_end,
 };

@@ -41,6 +41,28 @@
 	" WHERE q.host = g.host AND q.username = g.username AND g.had > g.c) " \
 	"SELECT coalesce(sum(c), 0)::int8 FROM g"
 
+/* The store statement (see 2. and 5. in backend_postgres.c); id_col, overriding
+ * and id_val insert a given id instead of the sequence's. */
+#define STORE(id_col, overriding, id_val) \
+	"WITH dup AS (SELECT EXISTS (SELECT 1 FROM offline_message WHERE host = $1::bytea" \
+	" AND username = $2::bytea AND dedup = $10::bytea) AS found), " \
+	"counter AS (" \
+	" INSERT INTO offline_queue AS c (host, username, count, bytes)" \
+	" SELECT $1::bytea, $2::bytea, 1, octet_length($6::bytea) FROM dup" \
+	" WHERE NOT dup.found AND ($8::int8 IS NULL OR 1 <= $8::int8)" \
+	"  AND ($9::int8 IS NULL OR octet_length($6::bytea) <= $9::int8)" \
+	" ON CONFLICT (host, username) DO UPDATE" \
+	" SET count = c.count + 1, bytes = c.bytes + excluded.bytes" \
+	" WHERE ($8::int8 IS NULL OR c.count + 1 <= $8::int8)" \
+	"  AND ($9::int8 IS NULL OR c.bytes + excluded.bytes <= $9::int8)" \
+	" RETURNING c.count), " \
+	"msg AS (" \
+	" INSERT INTO offline_message (" id_col "host, username, ts, expire, sender, stanza, meta, dedup)" \
+	overriding " SELECT" id_val " $1::bytea, $2::bytea, $3::int8, $4::int8, $5::bytea, $6::bytea, $7::bytea," \
+	" $10::bytea FROM counter RETURNING id) " \
+	"SELECT counter.count, msg.id, dup.found FROM dup LEFT JOIN counter ON true" \
+	" LEFT JOIN msg ON true"
+
 #define ITEM_COLUMNS \
 	"SELECT id, ts, expire, sender, stanza, meta, lease_owner, lease_until FROM offline_message "
 #define NOT_SET_ASIDE "meta IS DISTINCT FROM '" OS_SET_ASIDE "'::bytea"
@@ -60,25 +82,9 @@ static const struct {
 	/* $3 ts, $4 expire, $5 sender, $6 stanza, $7 meta, $8 max count, $9 max bytes,
 	 * $10 dedup key; one row: count and id when stored, else NULLs and whether
 	 * the key was found (see 5. in backend_postgres.c) */
-	[ST_STORE] = {
-		"WITH dup AS (SELECT EXISTS (SELECT 1 FROM offline_message WHERE host = $1::bytea"
-		" AND username = $2::bytea AND dedup = $10::bytea) AS found), "
-		"counter AS ("
-		" INSERT INTO offline_queue AS c (host, username, count, bytes)"
-		" SELECT $1::bytea, $2::bytea, 1, octet_length($6::bytea) FROM dup"
-		" WHERE NOT dup.found AND ($8::int8 IS NULL OR 1 <= $8::int8)"
-		"  AND ($9::int8 IS NULL OR octet_length($6::bytea) <= $9::int8)"
-		" ON CONFLICT (host, username) DO UPDATE"
-		" SET count = c.count + 1, bytes = c.bytes + excluded.bytes"
-		" WHERE ($8::int8 IS NULL OR c.count + 1 <= $8::int8)"
-		"  AND ($9::int8 IS NULL OR c.bytes + excluded.bytes <= $9::int8)"
-		" RETURNING c.count), "
-		"msg AS ("
-		" INSERT INTO offline_message (host, username, ts, expire, sender, stanza, meta, dedup)"
-		" SELECT $1::bytea, $2::bytea, $3::int8, $4::int8, $5::bytea, $6::bytea, $7::bytea,"
-		" $10::bytea FROM counter RETURNING id) "
-		"SELECT counter.count, msg.id, dup.found FROM dup LEFT JOIN counter ON true"
-		" LEFT JOIN msg ON true", 10},
+	[ST_STORE] = {STORE("", "", ""), 10},
+	/* the same with $11 the id (a batch stored again after a deadlock keeps its ids) */
+	[ST_STORE_ID] = {STORE("id, ", " OVERRIDING SYSTEM VALUE", " $11::int8,"), 11},
 	/* $3: how many rows at most (NULL: all); see SCAN_SLACK */
 	[ST_SCAN] = {ITEM_COLUMNS "WHERE host = $1::bytea AND username = $2::bytea ORDER BY id LIMIT $3::int8", 3},
 	/* $3 the last id read */

@@ -5,7 +5,10 @@
 --   store   n stores of "<tag>:<i>" to host/user (users=a,b,c rotates), limit max / max_bytes,
 --           every expire_every-th message expiring at ts + 1, dedup key "<dedup>:<i>" when dedup
 --           is given; evict=1: over the limit, drop the oldest to make room (a line "evicted N"
---           after each "ok" that evicted); lines "ok ID XML", "limit COUNT", "dup COUNT"
+--           after each "ok" that evicted); lines "ok ID XML", "limit COUNT", "dup COUNT";
+--           batch=N: N stores per batch (db:begin .. db:commit), their "ok" lines written once it
+--           committed, else "lost N"; ready=FILE go=FILE: after the first store, creates FILE
+--           `ready` and waits for `go` to exist
 --   lease   as owner <tag>: lease up to 7 rows, confirm them, again, until the queue is empty;
 --           one line "leased ID,ID,..." per lease that returned rows
 --   pop     pops host/user until the file `stop` exists, then once more; "pop ID XML", "expired N"
@@ -54,20 +57,45 @@ wait_start()
 if mode == "store" then
 	local users = {}
 	for u in (opt.users or user):gmatch("[^,]+") do users[#users + 1] = u end
-	local every = num("expire_every", 0)
+	local every, per = num("expire_every", 0), num("batch", 0)
+	local held, open = {}, false
+	local DEADLOCK = tonumber("40P01", 36) -- (a batch stored again came out otherwise: lost, not a failure)
+	local function settle(ok, e, c)
+		if ok then
+			for _, line in ipairs(held) do say(table.unpack(line)) end
+		else
+			if e and c ~= DEADLOCK then fail(e, c) end
+			say("lost", #held)
+		end
+		held, open = {}, false
+	end
 	for i = 1, num("n", 100) do
 		local u = users[(i - 1) % #users + 1]
 		local ts = T0 + i
 		local expire = every > 0 and i % every == 0 and ts + 1 or nil
 		local xml = (opt.tag or "w") .. ":" .. i
+		if per > 0 and not open then open = assert(db:begin()) end
 		local c, id, cur = db:store(host, u, "sender@example.org", xml, ts, expire, num("max"), num("max_bytes"),
 			nil, opt.dedup and (opt.dedup .. ":" .. i), opt.evict == "1")
 		if c then
-			say("ok", id, xml, u)
+			local line = { "ok", id, xml, u }
+			if open then held[#held + 1] = line else say(table.unpack(line)) end
 			if cur and cur > 0 then say("evicted", cur) end
 		elseif c == false then say(id == "duplicate" and "dup" or "limit", cur)
-		else fail(id, cur) end
+		else
+			if open then settle(false) end
+			if cur ~= DEADLOCK then fail(id, cur) end
+		end
+		if i == 1 and opt.ready then
+			assert(io.open(opt.ready, "w")):close()
+			repeat
+				local f = io.open(opt.go or "/nonexistent")
+				if f then f:close() else socket.sleep(0.002) end
+			until f
+		end
+		if open and (#held >= per or i == num("n", 100)) then settle(db:commit()) end
 	end
+	if open then settle(db:commit()) end
 elseif mode == "pop" then
 	local last
 	repeat
