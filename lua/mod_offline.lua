@@ -10,7 +10,6 @@ local time_now = require "util.time".now
 local configmanager = require "core.configmanager"
 local usermanager = require "core.usermanager"
 
-local pairs = pairs
 local host = module.host
 local function log(...) module:log(...) end
 
@@ -20,26 +19,13 @@ if not package.searchpath("offline_store.policy", package.path) then
 	package.path = dir .. "/?.lua;" .. dir .. "/?/init.lua;" .. package.path
 end
 
--- Why the module is not running on a host, for the shell; and the shell's
--- `offline` commands, there even when the load fails below, so that they say why.
+-- Why the module is not running on a host, and the shell's `offline` commands: there
+-- even when the load fails below, so that they say why.
 local problems = module:shared("/*/offline/problems")
 problems[host] = nil
-if host ~= "*" then
-	local shell = require "offline_store.shell"
-	local env = module:shared("/*/admin_shell/env")
-	env.offline = shell.new(module:shared("/*/offline/stores"), problems, prosody.hosts, usermanager.user_exists)
-	-- 13's shell takes the commands as process-wide "shell-command" items; 0.12's `help` is wrapped.
-	local function register()
-		shell.register(env.offline, function(item)
-			prosody.events.fire_event("item-added/shell-command", { source = module, item = item })
-		end, module:shared("/*/admin_shell/commands"), module:shared("/*/offline/shell"))
-	end
-	register()
-	module:hook_global("module-loaded", function(event) if event.module == "admin_shell" then register() end end)
-end
+if host ~= "*" then require "offline_store.shell".install(module, prosody, usermanager.user_exists) end
 
---- A host: a bad option or a missing library stops the module with a message
---- that names it, rather than letting it run misconfigured.
+-- A bad option or a missing library stops the module with a message that names it.
 local function refuse(msg)
 	module:log("error", "%s; mod_offline is not loaded on %s", msg, host)
 	problems[host] = msg
@@ -47,8 +33,7 @@ local function refuse(msg)
 end
 
 local core_loaded, core = pcall(require "offline_store.loader".load, dir,
-	module:get_option_path("offline_library_path", nil, "config"), prosody.paths.installer,
-	log)
+	module:get_option_path("offline_library_path", nil, "config"), prosody.paths.installer, log)
 if not core_loaded then
 	if host ~= "*" then refuse(core) end
 	error(core, 0)
@@ -57,7 +42,6 @@ local policy = require "offline_store.policy"
 local limits = require "offline_store.limits"
 local options = require "offline_store.options"
 
--- Options, read for any host so prosodyctl can use them too.
 local function read_options(h)
 	return options.read(function(name) return configmanager.get(h, name) end, prosody.paths.data)
 end
@@ -76,8 +60,7 @@ end
 local settings, settings_err = read_options(host)
 if not settings then refuse(settings_err) end
 
--- Admins (the `admin` ACL of the limit rules): roles on 13 (module:may), is_admin on 0.12.
--- Asked only when a recipient's limit is not remembered (offline_store.host).
+-- The `admin` ACL of the limit rules: roles on 13, is_admin on 0.12.
 local is_admin
 if module.may and require "core.features".available:contains("permissions") then
 	module:default_permission("prosody:admin", ":unlimited-offline")
@@ -85,44 +68,30 @@ if module.may and require "core.features".available:contains("permissions") then
 else
 	is_admin = function(bare) return usermanager.is_admin(bare, host) == true end
 end
-
--- The limit functions of settings `s` under the current `access` and `acl`: count, and
--- bytes (false: no byte rule); or nil, error.
 local function compile_limits(s)
-	local access, acl = module:get_option("access"), module:get_option("acl")
-	local limit, err = limits.compile(s.rule_name, access, acl, is_admin)
-	if not limit then return nil, err end
-	local limit_bytes, berr = limits.compile(s.bytes_rule_name, access, acl, is_admin, true)
-	if limit_bytes == nil then return nil, berr end
-	return limit, limit_bytes
+	return limits.for_settings(s, module:get_option("access"), module:get_option("acl"), is_admin)
 end
 local limit, limit_bytes = compile_limits(settings)
 if not limit then refuse(limit_bytes) end
 
--- The store is opened here, before any hook exists: one that cannot be opened
--- stops the module before it handles anything (Prosody then bounces messages
--- to offline users itself), whereas a failure in module.load would leave the
--- hooks running without a store. PostgreSQL away at start is the exception:
--- the module comes up, answers stores with the storage-failure error and
--- opens the store on use once the database is back (Host:usable_batch).
+-- The store is opened before any hook exists: one that cannot be opened stops the module
+-- (Prosody then bounces messages to offline users itself). PostgreSQL away at start is
+-- the exception: stores get the storage-failure error until it opens (Host:usable_batch).
 local opened, open_err = options.open_store(host, settings)
 if not opened and settings.store.backend ~= "postgres" then refuse(open_err) end
 
--- What an operator should hear about at load and after a reload.
 local function report(s, what)
 	local config = configmanager.getconfig()
 	options.report(s, what, config[host], config["*"], module:get_option("access"), log)
 end
 report(settings, "Offline messages (this mod_offline, not the bundled one)")
 
--- Metrics (no-ops unless the global `statistics` option is set), and rejections and
--- failures at a level an operator sees, one line a minute per kind.
 local m = require "offline_store.metrics".new(function(...) return module:metric(...) end)
 local group = module:shared("/*/offline/group_commit")
 require "offline_store.group".install(group, require "util.filters", prosody)
 
--- The events other modules and site plugins hook (offline_store.events); XEP-0357 pushes
--- (mod_cloud_notify) for stored messages only; Prosody 13's disabled accounts (nil on 0.12).
+-- The events for other modules (offline_store.events), XEP-0357 pushes for stored messages
+-- only (offline_store.push), Prosody 13's disabled accounts (offline_store.disabled).
 local events = require "offline_store.events"
 require "offline_store.push".setup(module, events, prosody.hosts[host].events)
 
@@ -144,8 +113,7 @@ function module.save() return h:save() end
 function module.restore(data) h:restore(data) end
 function module.unload() h:unload() end
 
--- Nothing handled before shutdown stays uncommitted.
-module:hook_global("server-stopping", function() h:flush() end)
+module:hook_global("server-stopping", function() h:flush() end) -- (nothing left uncommitted)
 
 module:add_feature("msgoffline")
 
@@ -154,11 +122,9 @@ module:add_feature("msgoffline")
 local drainer -- (Delivery, below)
 
 module:hook("message/offline/handle", function(event)
-	local stanza = event.stanza
-	if not stanza then return nil end
-	local username = event.username or policy.recipient(event)
+	local stanza, origin = event.stanza, event.origin
+	local username = stanza and (event.username or policy.recipient(event))
 	if not username then return nil end
-	local origin = event.origin
 	-- a row leased to the recipient's own session, re-fired by some module: the lease keeps it
 	if origin and origin.offline_drain and h:from_recipient(origin, username) and drainer:failure(origin, stanza) then
 		return true
@@ -168,22 +134,13 @@ end, -1)
 
 -- Groupchat to a bare JID reaches us here, not through message/offline/handle.
 module:hook("message/bare/groupchat", function(event)
-	local stanza = event.stanza
-	local to = stanza.attr.to
+	local to = event.stanza.attr.to
 	local bare = to and jid_bare(to)
-	local user = bare and prosody.bare_sessions[bare]
-	if user and user.top_resources and #user.top_resources > 0 then
-		if not h.settings.groupchat then return nil end -- online: the usual bounce
-		local sent
-		for _, session in pairs(user.top_resources) do sent = session.send(stanza) or sent end
-		if sent then return true end
-	end
-	return h:offer(event.origin, stanza, policy.recipient(event))
+	return h:groupchat(event, bare and prosody.bare_sessions[bare])
 end, -1)
 
---- Delivery: the user's queue goes to a session that comes online a page at a time
---- (offline_store.drain): with XEP-0198 each page is leased and its rows deleted when
---- the client acks them; without it, popped and written.
+--- Delivery, a page at a time (offline_store.drain): with XEP-0198 each page is leased
+--- and its rows deleted when the client acks them; without it, popped and written.
 
 local function page_size(s)
 	return options.page_size(s, module:get_option_number("smacks_max_queue_size", 500), log)
@@ -230,28 +187,16 @@ module:hook("c2s-ondrain", function(event)
 	if session and session.offline_drain then drainer:ondrain(session) end
 end)
 
---- XEP-0013 Flexible Offline Message Retrieval (offline_store.flexible): the count, the
---- headers, view, remove, fetch and purge, and no flood at the initial presence of a
---- session that asked for them; its own hooks, while offline_flexible_retrieval is on.
-require "offline_store.flexible".setup(module, {
-	host = host, db = drainer.db, now_us = function() return h:now_us() end, later = drainer.later,
-	log = drainer.log, deliver = drainer.deliver, set_aside_meta = core.SET_ASIDE,
-	sessions = function(username)
-		local user = prosody.bare_sessions[username .. "@" .. host]
-		return user and user.sessions
-	end,
-	on = function() return h.settings.flexible end,
-	from_recipient = function(origin, username) return h:from_recipient(origin, username) end,
-	recipient = policy.recipient,
-})
+-- XEP-0013 Flexible Offline Message Retrieval: its own hooks (offline_store.flexible).
+require "offline_store.flexible".setup(module, h:flexible_cfg(drainer, prosody.bare_sessions))
 
 -- Leases left by a crash are released at start (from the loop: see Host:adopt_unparsable);
 -- a live node renews its own.
 module:add_timer(0, function() h:release_at_start(prosody.full_sessions, drainer) end)
 module:add_timer(settings.lease / 3, function() return h:renew() end)
 
--- What Prosody's bundled mod_offline queued moves in at the loop's first turn (see
--- Host:adopt_unparsable), or at the first login if that comes first.
+-- What Prosody's bundled mod_offline queued moves in at the loop's first turn, or at the
+-- first login if that comes first.
 module:add_timer(0, function() h:import_bundled() end)
 module:hook("message/offline/broadcast", function() h:import_bundled() end, 1)
 
@@ -269,16 +214,15 @@ local function schedule_sweep(when)
 end
 schedule_sweep(settings.sweep)
 
---- A config reload applies the options, `access` and `acl` at once; one bad
---- value keeps every running setting, and says which. A store setting takes
---- effect when the store is opened again.
+--- A config reload applies the options, `access` and `acl` at once; one bad value keeps
+--- every running setting, and says which. A store setting takes effect when the store
+--- is opened again.
 module:hook_global("config-reloaded", function()
 	local s, err = read_options(host)
 	local new_limit, new_limit_bytes
 	if s then new_limit, new_limit_bytes = compile_limits(s) end
 	if not new_limit then
-		err = err or new_limit_bytes
-		module:log("error", "Config reload: %s; mod_offline on %s keeps its running settings", err, host)
+		module:log("error", "Config reload: %s; mod_offline on %s keeps its running settings", err or new_limit_bytes, host)
 		return
 	end
 	options.keep_running(settings, s, host, log)

@@ -90,6 +90,41 @@ function TestCommand:test_shell_runs_the_same_commands_on_the_live_stores()
 	lu.assertIs(shell.items(sh)[1].handler, sh.count)
 end
 
+-- shell.install, as a host's mod_offline calls it: the `offline` table in the admin shell's
+-- environment, the commands given as process-wide "shell-command" items and, while the
+-- console's `help` is 0.12's function, `help offline`; again when mod_admin_shell loads.
+function TestCommand:test_shell_install()
+	local shared, hooks, fired = {}, {}, {}
+	local module = {
+		shared = function(_, path) shared[path] = shared[path] or {}; return shared[path] end,
+		hook_global = function(_, name, fn) hooks[name] = fn end,
+	}
+	local server = { hosts = { [H] = {} }, events = { fire_event = function(name, data) fired[#fired + 1] = { name, data } end } }
+	local help_lines = {}
+	local function help(session) session.print("the usual help") end
+	module:shared("/*/admin_shell/commands").help = help
+	module:shared("/*/offline/stores")[H] = self.db
+	local sh = shell.install(module, server, function() return true end)
+	lu.assertIs(module:shared("/*/admin_shell/env").offline, sh)
+	lu.assertEquals({ sh:count("bob@" .. H) }, { true, ("bob@%s has 2 offline messages (%d bytes)"):format(H, 20) })
+	module:shared("/*/offline/problems")["down.example"] = "bad option"
+	server.hosts["down.example"] = {}
+	lu.assertEquals({ sh:count("bob@down.example") }, { nil, "mod_offline is not loaded on down.example: bad option" })
+	lu.assertEquals(#fired, #shell.COMMANDS)
+	lu.assertEquals(fired[1][1], "item-added/shell-command")
+	lu.assertIs(fired[1][2].source, module)
+	lu.assertIs(fired[1][2].item.handler, sh.count)
+	local wrapped = module:shared("/*/admin_shell/commands").help
+	lu.assertNotIs(wrapped, help, "0.12's help: wrapped")
+	wrapped({ print = function(line) help_lines[#help_lines + 1] = line end }, "help offline")
+	lu.assertEquals(#help_lines, #shell.COMMANDS)
+	hooks["module-loaded"]({ module = "saslauth" })
+	lu.assertEquals(#fired, #shell.COMMANDS)
+	hooks["module-loaded"]({ module = "admin_shell" })
+	lu.assertEquals(#fired, 2 * #shell.COMMANDS, "given again to a new mod_admin_shell")
+	lu.assertIs(module:shared("/*/admin_shell/commands").help, wrapped, "wrapped once")
+end
+
 TestLoader = {}
 
 function TestLoader:setUp()

@@ -198,6 +198,56 @@ function TestHost:test_requeue_from_the_recipient_is_committed_at_once()
 	lu.assertEquals(count(self.seen, "stored"), 1)
 end
 
+-- message/bare/groupchat: online, to the sessions (or, groupchat off, left to Prosody's
+-- bounce); offline, or no session took it, offered for storage (when groupchat is on).
+function TestHost:test_groupchat_goes_to_the_sessions_or_is_offered()
+	local h = self:loaded()
+	local function groupchat(id)
+		return { stanza = st.message({ to = "bob@" .. H, from = "room@muc." .. H .. "/a", type = "groupchat", id = id })
+			:tag("body"):text("hi"):up() }
+	end
+	local got = {}
+	local session = { send = function(stanza) got[#got + 1] = stanza.attr.id; return true end }
+	local online = { top_resources = { session } }
+	lu.assertNil(h:groupchat(groupchat("g1"), online), "groupchat off: the usual bounce")
+	lu.assertEquals(got, {})
+	self.settings.groupchat = true
+	lu.assertTrue(h:groupchat(groupchat("g2"), online))
+	lu.assertEquals(got, { "g2" }, "sent to the online session")
+	session.send = function() return false end
+	lu.assertTrue(h:groupchat(groupchat("g3"), online))
+	lu.assertTrue(h:groupchat(groupchat("g4"), nil))
+	lu.assertTrue(h:groupchat(groupchat("g5"), { top_resources = {} }))
+	h:flush()
+	lu.assertEquals(h.db:count(H, "bob"), 3, "no session took it, or none online: stored")
+	self.settings.groupchat = false
+	lu.assertTrue(h:groupchat(groupchat("g6"), nil))
+	lu.assertEquals(count(self.seen, "dropped_by_policy", "groupchat"), 1, "offline, groupchat off: not stored")
+	h:flush()
+	lu.assertEquals(h.db:count(H, "bob"), 3)
+end
+
+-- What offline_store.flexible gets: the drainer's store and delivery, the user's sessions,
+-- the option as it is now.
+function TestHost:test_flexible_cfg()
+	local h = self:loaded()
+	local drainer = { db = function() end, later = function() end, log = function() end, deliver = function() end }
+	local sessions = { a = {} }
+	local cfg = h:flexible_cfg(drainer, { ["bob@" .. H] = { sessions = sessions } })
+	lu.assertEquals(cfg.host, H)
+	lu.assertIs(cfg.db, drainer.db)
+	lu.assertIs(cfg.deliver, drainer.deliver)
+	lu.assertEquals(cfg.set_aside_meta, core.SET_ASIDE)
+	lu.assertIs(cfg.sessions("bob"), sessions)
+	lu.assertNil(cfg.sessions("carol"))
+	lu.assertFalse(not not cfg.on())
+	h.settings = { flexible = true }
+	lu.assertTrue(cfg.on(), "asked again: a config reload")
+	lu.assertTrue(cfg.from_recipient({ username = "bob", host = H }, "bob"))
+	lu.assertEquals(cfg.recipient({ stanza = st.message({ to = "carol@" .. H }) }), "carol")
+	lu.assertEquals(cfg.now_us(), self.t * 1000000)
+end
+
 function TestHost:test_store_away_at_load_reopens_on_use_at_most_every_few_seconds()
 	self.refuse_open = true
 	local h = self.h

@@ -95,3 +95,22 @@ function TestLimits:test_byte_rule_without_default()
 		{ "no byte limit (no rule max_user_offline_bytes)", false })
 	lu.assertEquals({ limits.describe("quota", access, true) }, { "bytes rule quota: admin infinity, vip 50000", true })
 end
+
+-- Both limits of a host's settings at once, as the plugin compiles them at load and reload.
+function TestLimits:test_for_settings()
+	local s = { rule_name = "max_user_offline_messages", bytes_rule_name = "max_user_offline_bytes" }
+	local limit, limit_bytes = limits.for_settings(s, nil, nil, is_admin)
+	lu.assertEquals(limit("bob@example.org"), 100)
+	lu.assertFalse(limit_bytes, "no byte rule")
+	local access = { max_user_offline_bytes = { { acl = "all", value = 1000 } } }
+	limit, limit_bytes = limits.for_settings(s, access, nil, is_admin)
+	lu.assertEquals(limit("root@example.org"), 5000)
+	lu.assertEquals(limit_bytes("bob@example.org"), 1000)
+	local ok, err = limits.for_settings({ rule_name = "r", bytes_rule_name = "b" }, { r = { { acl = "vip", value = 1 } } },
+		nil, is_admin)
+	lu.assertNil(ok)
+	lu.assertStrContains(err, "access.r[1].acl names an undefined ACL")
+	ok, err = limits.for_settings({ rule_name = "r", bytes_rule_name = "b" }, { b = { { acl = "all", value = -1 } } }, nil, is_admin)
+	lu.assertNil(ok)
+	lu.assertStrContains(err, "access.b[1].value must be a whole number")
+end

@@ -309,6 +309,20 @@ function Host:offer(origin, stanza, username)
 	return true
 end
 
+-- Groupchat to a bare JID (message/bare/groupchat); user: the recipient's bare session,
+-- if any. Online, it goes to their sessions (the groupchat option off: to Prosody's usual
+-- bounce); offline, or when no session took it, it is offered for storage.
+function Host:groupchat(event, user)
+	local stanza = event.stanza
+	if user and user.top_resources and #user.top_resources > 0 then
+		if not self.settings.groupchat then return nil end
+		local sent
+		for _, session in pairs(user.top_resources) do sent = session.send(stanza) or sent end
+		if sent then return true end
+	end
+	return self:offer(event.origin, stanza, policy.recipient(event))
+end
+
 --- Rows that cannot be delivered.
 
 -- A row that cannot be turned back into a stanza (damaged, or written by
@@ -399,6 +413,23 @@ function Host:drainer(page)
 		on_acked = function(session, n) self.ev:acked(session, n) end,
 		failed = function(operation) m.failed:with_labels(operation):add(1) end,
 		timed = m.timed and function(us) m.pop:sample(us / 1000000) end or nil,
+	}
+end
+
+-- The cfg of offline_store.flexible.setup: XEP-0013 on the store and delivery of
+-- `drainer` (this host's offline_store.drain); bare_sessions: prosody.bare_sessions.
+function Host:flexible_cfg(drainer, bare_sessions)
+	local host = self.host
+	return {
+		host = host, db = drainer.db, now_us = function() return self:now_us() end, later = drainer.later,
+		log = drainer.log, deliver = drainer.deliver, set_aside_meta = self.core.SET_ASIDE,
+		sessions = function(username)
+			local user = bare_sessions[username .. "@" .. host]
+			return user and user.sessions
+		end,
+		on = function() return self.settings.flexible end,
+		from_recipient = function(origin, username) return self:from_recipient(origin, username) end,
+		recipient = policy.recipient,
 	}
 end
 

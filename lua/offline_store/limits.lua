@@ -146,6 +146,16 @@ function M.compile(rule_name, access, acl, is_admin, bytes)
 	end
 end
 
+-- The limit functions of settings `s` (offline_store.options.read) under `access` and
+-- `acl`: limit, and limit_bytes (false: no byte rule); or nil, error.
+function M.for_settings(s, access, acl, is_admin)
+	local limit, err = M.compile(s.rule_name, access, acl, is_admin)
+	if not limit then return nil, err end
+	local limit_bytes, berr = M.compile(s.bytes_rule_name, access, acl, is_admin, true)
+	if limit_bytes == nil then return nil, berr end
+	return limit, limit_bytes
+end
+
 -- Says which limits a host runs with, for the info line at load: the rule's name and
 -- clauses, or the built-in default (bytes: none). `defined` is false when `access`
 -- has no such rule.

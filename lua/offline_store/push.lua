@@ -12,7 +12,8 @@
 --
 --   push.setup(module, events, host_events)   module: mod_offline's; events: offline_store.events;
 --   host_events: prosody.hosts[host].events
--- Costs one look-up per offline message while mod_cloud_notify is not loaded on the host.
+-- Costs nothing per offline message while mod_cloud_notify is not loaded on the host: the
+-- wrappers and hooks are in place only while it is.
 
 local pairs, ipairs, setmetatable, require = pairs, ipairs, setmetatable, require
 
@@ -30,17 +31,13 @@ function M.setup(module, events, host_events)
 
 	local function wrapper(handlers, name, data)
 		local stanza = data.stanza
-		if not stanza or deciding[stanza] or not modulemanager.is_loaded(host, "cloud_notify") then
-			return handlers(name, data)
-		end
+		if not stanza or deciding[stanza] then return handlers(name, data) end
 		waiting[stanza] = { name = name, origin = data.origin, username = data.username, marks = stanza._push_notify }
 		deciding[stanza] = true
 		local ret = handlers(name, data)
 		deciding[stanza] = nil
 		return ret
 	end
-	module:wrap_event("message/offline/handle", wrapper)
-	module:wrap_event("message/bare/groupchat", wrapper)
 
 	local function veto(event)
 		local stanza = event.original_stanza
@@ -88,10 +85,15 @@ function M.setup(module, events, host_events)
 		{ events.STORED, stored, 0 },
 		{ "resource-unbind", unbind, 1 }, -- (before mod_offline's releases the lease)
 	}
+	-- (util.events makes a closure for each wrapper at each firing of its event)
+	local wrapped = { "message/offline/handle", "message/bare/groupchat" }
 	local attached = false
 	local function attach(on)
 		if on == attached then return end
 		attached = on
+		for _, name in ipairs(wrapped) do
+			if on then module:wrap_event(name, wrapper) else module:unhook_object_event(host_events.wrappers, name, wrapper) end
+		end
 		for _, h in ipairs(hooks) do
 			if on then module:hook(h[1], h[2], h[3]) else module:unhook(h[1], h[2]) end
 		end

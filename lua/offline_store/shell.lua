@@ -1,7 +1,8 @@
 -- offline_store.shell: the live shell's `offline` commands (`prosodyctl shell offline
 -- count user@host`, or `offline:count("user@host")` in the console), their help, and
 -- `help offline` in 0.12's console, whose help sections are fixed. Prosody 13's shell
--- takes them as "shell-command" items (M.items) and shows their help itself.
+-- takes them as "shell-command" items (M.items) and shows their help itself. M.install
+-- puts all of it in place from a host's mod_offline.
 
 local admin = require "offline_store.admin"
 local command = require "offline_store.command"
@@ -87,6 +88,23 @@ end
 function M.register(offline, add_item, commands, state)
 	for _, item in ipairs(M.items(offline)) do add_item(item) end
 	if not getmetatable(offline) then M.add_help(commands, state) end
+end
+
+-- From a host's mod_offline (`module`): the `offline` table in the admin shell's
+-- environment, over the stores and problems every host's module shares, and its commands
+-- given to the console now and whenever mod_admin_shell is loaded again. server: the
+-- `prosody` global (hosts, events); user_exists(user, host): the account check.
+function M.install(module, server, user_exists)
+	local env = module:shared("/*/admin_shell/env")
+	env.offline = M.new(module:shared("/*/offline/stores"), module:shared("/*/offline/problems"), server.hosts, user_exists)
+	local function register()
+		M.register(env.offline, function(item)
+			server.events.fire_event("item-added/shell-command", { source = module, item = item })
+		end, module:shared("/*/admin_shell/commands"), module:shared("/*/offline/shell"))
+	end
+	register()
+	module:hook_global("module-loaded", function(event) if event.module == "admin_shell" then register() end end)
+	return env.offline
 end
 
 -- Adds `help offline` and a line in the section list to the console's `help`
