@@ -816,5 +816,6 @@ const os_backend postgres_backend = {
 	.delete_older_than = pg_delete_older_than,
 	.users = pg_users,
 	.close = pg_close,
+	.abandon = pg_abandon,
 	/* no group commit: .batch_begin and .batch_end stay NULL */
 };
