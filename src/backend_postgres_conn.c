@@ -5,8 +5,22 @@
  * SQLSTATE as a base-36 number (Lua: tonumber("40P01", 36)); code 0 means
  * the connection is down (lost, unreachable, or refused at open). A lost
  * connection fails the call in flight (its transaction is rolled back by the
- * server, nothing is half-written); the next call reconnects first, at most
- * once per backoff interval, so a dead server does not stall every call.
+ * server, nothing is half-written).
+ *
+ * Connecting never waits on the network (Prosody has one thread): open starts
+ * the connection (PQconnectStartParams) and a lost one is started again
+ * (PQresetStart) by the next call, at most once per backoff interval (250 ms
+ * doubling to 8 s after each failed attempt). Every call that finds an attempt
+ * under way moves it on by polling its socket; the calls wait for one attempt
+ * CONNECT_INLINE_MS in all (open: OPEN_INLINE_MS), so that a server that is
+ * there is connected to at once, and otherwise fail at once ("PostgreSQL is
+ * unreachable ..."). An attempt not done within connect_timeout has failed.
+ * What still blocks: libpq's host name lookup (getaddrinfo; hence the advice
+ * to give an address), and a statement on an established connection, which
+ * waits for its answer (statement_timeout and lock_timeout bound a server
+ * that answers: backend_postgres_schema.c's pg_setup sets them), and the
+ * resolution of a lost COMMIT below. A new session is set up (timeouts,
+ * schema once per store, statements prepared) on its first call.
  *
  * In doubt: a connection lost after COMMIT was sent and before its answer
  * came leaves the outcome unknown. pop, remove and remove_user learn their
