@@ -159,13 +159,20 @@ $(FAULT): spec/support/fault.c
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) -O2 -fPIC -shared -o $@ $< -ldl
 
+# Test-only: a Lua module whose allocator refuses large blocks on demand (spec/core_postgres_spec.lua,
+# spec/core_sqlite_spec.lua: an emit that raises "not enough memory" in the middle of a pop).
+ALLOC_FAULT = build/alloc_fault.so
+$(ALLOC_FAULT): spec/support/alloc_fault.c
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) -O2 -fPIC -shared -I$(LUA_INCDIR) -o $@ $<
+
 # luacheck over the Lua (.luacheckrc): a stray global, an unused value, a misspelt name.
 lint:
 	luacheck -q lua spec bench
 
 # The lint, every spec against the normal build (the server specs against each Prosody PROSODY
 # names), then the core specs against the sanitizer build.
-test: deps $(CORE) $(NOPG_CORE) $(FAULT)
+test: deps $(CORE) $(NOPG_CORE) $(FAULT) $(ALLOC_FAULT)
 	$(MAKE) --no-print-directory lint
 	$(if $(UNIT_SPECS),$(LUA) spec/run.lua $(UNIT_SPECS))
 	@$(MAKE) --no-print-directory test-prosody
@@ -197,7 +204,7 @@ test-prosody: $(CORE) $(FAULT)
 
 # The core specs under AddressSanitizer + UBSan (the Lua interpreter is not
 # instrumented, so the runtime is preloaded; leak checks cover the core).
-test-asan: $(ASAN_CORE) $(NOPG_CORE)
+test-asan: $(ASAN_CORE) $(NOPG_CORE) $(ALLOC_FAULT)
 	OFFLINE_STORE_CPATH=$(CURDIR)/build/asan/?.so \
 	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
@@ -207,7 +214,7 @@ test-asan: $(ASAN_CORE) $(NOPG_CORE)
 demo: deps $(CORE)
 	$(LUA) spec/demo.lua
 
-valgrind: $(CORE)
+valgrind: $(CORE) $(ALLOC_FAULT)
 	valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
 	  $(LUA) spec/run.lua spec/core_*_spec.lua
 

@@ -1,6 +1,7 @@
 -- The postgres backend beyond the shared contract: exactness with several processes on one
 -- user (limit, pop against stores, bulk deletes against both), a server restarted under the
--- store, unreachable servers and wrong credentials, schema versions, the facade's config.
+-- store, unreachable servers (calls that do not wait for them) and wrong credentials, a pop
+-- abandoned by an emit that raised, schema versions, the facade's config.
 -- Runs against a throwaway PostgreSQL (spec/support/postgres.lua); fails if it cannot start,
 -- skips (visibly) only with OFFLINE_STORE_SKIP_POSTGRES=1.
 
@@ -19,6 +20,13 @@ local LUA = os.getenv("LUA") or "lua5.4"
 local ROOT = select(2, support.sh("pwd")):gsub("%s+$", "")
 
 local function server() return postgres.require_server(lu) end
+
+-- fail_over(bytes | nil): the Lua allocator refuses blocks over `bytes` (spec/support/alloc_fault.c).
+local function alloc_fault()
+	local open = package.loadlib(ROOT .. "/build/alloc_fault.so", "luaopen_alloc_fault")
+	assert(open, "build/alloc_fault.so is missing: make build/alloc_fault.so")
+	return open()
+end
 
 local function fresh()
 	local conninfo, schema = server():fresh_conninfo()
@@ -637,6 +645,80 @@ function TestPostgresConnection:test_server_down_then_back()
 	assert_counter(db, "bob")
 end
 
+-- PostgreSQL behind a network gone silent (spec/support/pg_proxy.lua drops the connections,
+-- then accepts new ones and never answers): no call waits for it. Each call fails within a
+-- few ms with code 0 (the reconnection attempt goes on in the background of the calls,
+-- gives up after connect_timeout, then the backoff), pops leave the queue alone, a store
+-- opened meanwhile opens without waiting; once the network is back, calls succeed again on
+-- the same handles. (The bound is what "does not wait" means, not a performance figure.)
+function TestPostgresConnection:test_calls_while_unreachable_do_not_wait()
+	local proxy = self.srv:proxy()
+	local conninfo = proxy:conninfo(self.conninfo)
+	local db = assert(core.open_postgres(conninfo))
+	local ok, err = pcall(function()
+		lu.assertEquals(db:store(H, "bob", FROM, "before", T0), 1)
+		proxy:blackhole(true)
+		local started = socket.gettime()
+		local late = assert(core.open_postgres(conninfo), "opened while unreachable")
+		lu.assertTrue(socket.gettime() - started < 0.5, "open waited for the network")
+		local seen = {}
+		for i = 1, 20 do
+			for _, call in ipairs {
+				function() return db:store(H, "bob", FROM, "during" .. i, T0) end,
+				function() return db:pop(H, "bob", T0) end,
+				function() return late:count(H, "bob") end,
+			} do
+				local t = socket.gettime()
+				local r, msg, code = call()
+				local took = socket.gettime() - t
+				lu.assertNil(r, "succeeded while unreachable")
+				lu.assertEquals(code, 0, msg)
+				lu.assertStrContains(msg, "PostgreSQL is unreachable")
+				lu.assertTrue(took < 0.1, format("call %d took %.3f s: %s", i, took, msg))
+				seen[msg:match("^PostgreSQL is unreachable %((%a+)")] = true
+			end
+			socket.sleep(0.15) -- 20 rounds: past connect_timeout (2 s), so an attempt gives up
+		end
+		lu.assertTrue(proxy:held() >= 1, "reconnection attempts were really held unanswered")
+		lu.assertTrue(seen.connecting, "calls found an attempt under way")
+		lu.assertTrue(seen.next or seen.reconnecting, "an attempt gave up (then the backoff)")
+		proxy:blackhole(false)
+		lu.assertEquals(store_until_ok(db, "bob", "after", socket.gettime() + 30), 2)
+		local items = assert(db:pop(H, "bob", T0))
+		lu.assertEquals({ items[1].xml, items[2].xml }, { "before", "after" }, "the pops took nothing")
+		lu.assertEquals(store_until_ok(late, "bob", "late", socket.gettime() + 30), 1, "the late store works")
+		late:close()
+	end)
+	db:close()
+	proxy:stop()
+	assert(ok, err)
+end
+
+-- A pop whose emit raises in the middle (out of memory, from the allocator of
+-- build/alloc_fault.so) rolls back at once: the user's row lock is free, so another
+-- connection's store to that user goes through at once (its lock_timeout of 2 s makes this
+-- fail instead of hang were the lock still held), and the queue is intact.
+function TestPostgresConnection:test_pop_abandoned_by_an_emit_releases_its_locks()
+	local db = self.db
+	local fail_over = alloc_fault()
+	lu.assertEquals(db:store(H, "bob", FROM, "small", T0), 1)
+	lu.assertEquals(db:store(H, "bob", FROM, string.rep("x", 100000), T0), 2)
+	fail_over(65536)
+	local ok, err = pcall(db.pop, db, H, "bob", T0)
+	fail_over(nil)
+	lu.assertFalse(ok, "the emit raised")
+	lu.assertStrContains(tostring(err), "not enough memory")
+	local other = assert(core.open_postgres((self.conninfo:gsub("options='", "options='-clock_timeout=2000 "))))
+	local started = socket.gettime()
+	local count, msg = other:store(H, "bob", FROM, "meanwhile", T0)
+	local took = socket.gettime() - started
+	other:close()
+	lu.assertEquals(count, 3, "the other connection stored: " .. tostring(msg))
+	lu.assertTrue(took < 1, "it did not wait for the lock")
+	local items = assert(db:pop(H, "bob", T0))
+	lu.assertEquals(#items, 3, "nothing was taken by the abandoned pop")
+end
+
 -- A server error that is not about the connection: the SQLSTATE, as tonumber(state, 36).
 function TestPostgresConnection:test_server_errors_carry_the_sqlstate()
 	local db = self.db
@@ -661,27 +743,16 @@ TestPostgresInDoubt = {}
 
 function TestPostgresInDoubt:setUp()
 	self.srv = server()
-	self.dir = support.tmpdir()
-	assert(support.exec(format("%s %s %d %s >%s 2>&1 & echo $! >%s", LUA, q(ROOT .. "/spec/support/pg_proxy.lua"),
-		self.srv.port, q(self.dir), q(self.dir .. "/proxy.log"), q(self.dir .. "/pid"))))
-	local deadline = socket.gettime() + 10
-	while not support.read(self.dir .. "/port") do
-		assert(socket.gettime() < deadline, "the proxy did not start: " .. (support.read(self.dir .. "/proxy.log") or ""))
-		socket.sleep(0.02)
-	end
+	self.proxy = self.srv:proxy()
+	self.dir = self.proxy.dir
 	local conninfo, schema = self.srv:fresh_conninfo()
 	self.schema = schema
-	self.db = assert(core.open_postgres((conninfo:gsub("port=%d+", "port=" .. support.read(self.dir .. "/port")))))
+	self.db = assert(core.open_postgres(self.proxy:conninfo(conninfo)))
 end
 
 function TestPostgresInDoubt:tearDown()
 	if self.db then self.db:close() end
-	if self.dir then
-		support.write(self.dir .. "/stop", "")
-		local pid = support.read(self.dir .. "/pid")
-		if pid and pid:match("^%d+") then support.exec("kill " .. pid:match("^%d+") .. " 2>/dev/null") end
-		support.rmrf(self.dir)
-	end
+	if self.proxy then self.proxy:stop() end
 end
 
 -- Arms the proxy for the next COMMIT; returns a function that asserts it fired.

@@ -6,6 +6,7 @@ if not _RUNNER then package.path = "spec/?.lua;lua/?.lua;lua/?/init.lua;" .. pac
 local lu = require "luaunit"
 local support = require "support.util"
 local core = require "offline_store.core"
+local ROOT = select(2, support.sh("pwd")):gsub("%s+$", "")
 
 local H, U, FROM, T0 = "example.org", "bob", "alice@example.org", 1700000000000000
 local SQLITE_BUSY, SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_NOTADB = 5, 8, 14, 26
@@ -66,6 +67,29 @@ function TestSqlite:test_counters_cached_by_one_connection_follow_another()
 	lu.assertEquals({ a:count(H, U) }, { 1, #"after b's purge" })
 	a:close()
 	b:close()
+end
+
+-- A pop whose emit raises in the middle (out of memory, from build/alloc_fault.so's
+-- allocator) gives up the file's write lock at once: another connection with no busy timeout
+-- writes at once, and the queue is intact.
+function TestSqlite:test_pop_abandoned_by_an_emit_releases_the_write_lock()
+	local open = package.loadlib(ROOT .. "/build/alloc_fault.so", "luaopen_alloc_fault")
+	assert(open, "build/alloc_fault.so is missing: make build/alloc_fault.so")
+	local fail_over = open()
+	local db = assert(core.open_sqlite(self.file))
+	local other = assert(core.open_sqlite(self.file, false, 0))
+	lu.assertEquals(db:store(H, U, FROM, "small", T0), 1)
+	lu.assertEquals(db:store(H, U, FROM, string.rep("x", 100000), T0), 2)
+	fail_over(65536)
+	local ok, err = pcall(db.pop, db, H, U, T0)
+	fail_over(nil)
+	lu.assertFalse(ok, "the emit raised")
+	lu.assertStrContains(tostring(err), "not enough memory")
+	local count, msg = other:store(H, U, FROM, "meanwhile", T0)
+	lu.assertEquals(count, 3, "the other connection wrote at once: " .. tostring(msg))
+	other:close()
+	lu.assertEquals(#assert(db:pop(H, U, T0)), 3, "nothing was taken by the abandoned pop")
+	db:close()
 end
 
 function TestSqlite:test_missing_directory()

@@ -6,6 +6,7 @@
 -- A database away when Prosody starts: the module comes up, answers with the storage-failure
 -- error, and opens the store by itself once the database is there.
 -- Node A uses a connection string, node B a Prosody-style sql table, on the same database.
+-- A network gone silent between Prosody and PostgreSQL: the server keeps answering at once.
 
 local lu = require "luaunit"
 local offline = require "support.offline"
@@ -220,6 +221,81 @@ function TestAwayAtStart:test_module_answers_with_the_failure_error_then_recover
 	lu.assertStrContains(final, "tried again on use")
 	lu.assertStrContains(final, "Offline store open after all")
 	lu.assertNotStrContains(final, "attempt to index a nil value")
+	alice:close()
+end
+
+---------------------------------------------------------------------------------------------------
+-- PostgreSQL behind a network gone silent (spec/support/pg_proxy.lua drops the connections, then
+-- accepts new ones and never answers) while a client pings the server every 100 ms and sends
+-- messages to an offline user: the server never waits for the database (no ping answer takes
+-- 0.5 s), every message gets its answer (the storage-failure error; none is silently lost), and
+-- once the network is back a message is stored and delivered at login, without a restart.
+TestSilentNetwork = {}
+
+function TestSilentNetwork:setUp()
+	local pg = postgres.require_server(lu)
+	self.proxy = pg:proxy()
+	self.srv = offline.start { host = host_config(format("%q", format(
+		"host=127.0.0.1 port=%d dbname=%s user=postgres sslmode=disable", self.proxy.port, pg:fresh_database()))) }
+end
+
+function TestSilentNetwork:tearDown()
+	if self.srv then self.srv:cleanup() end
+	if self.proxy then self.proxy:stop() end
+end
+
+-- Pings every 100 ms for `seconds`, sending a message to bob every third round; returns the
+-- slowest ping answer (s), the ids sent and the errors that came back (id -> error_of).
+local function ping_and_send(alice, seconds, prefix)
+	local worst, sent, bounced, n = 0, {}, {}, 0
+	local stop = socket.gettime() + seconds
+	while socket.gettime() < stop do
+		n = n + 1
+		if n % 3 == 1 then
+			sent[#sent + 1] = prefix .. n
+			alice:send(chat("bob@localhost", prefix .. n, "while the network is silent"))
+		end
+		local t = socket.gettime()
+		local before = alice:ping(5)
+		local took = socket.gettime() - t
+		if took > worst then worst = took end
+		for _, m in ipairs(messages(before)) do bounced[m.attr.id] = error_of(m) end
+		socket.sleep(math.max(0, 0.1 - took))
+	end
+	for _, m in ipairs(messages(alice:ping(5))) do bounced[m.attr.id] = error_of(m) end
+	return worst, sent, bounced
+end
+
+function TestSilentNetwork:test_the_server_never_waits_for_the_database()
+	local srv, proxy = self.srv, self.proxy
+	local alice = online(srv, "alice")
+	alice:send(chat("bob@localhost", "first", "before"))
+	lu.assertEquals(#messages(alice:ping()), 0, "stored")
+	proxy:blackhole(true)
+	local worst, sent, bounced = ping_and_send(alice, 4, "down")
+	lu.assertTrue(proxy:held() >= 1, "a reconnection attempt was held unanswered")
+	proxy:blackhole(false)
+	lu.assertTrue(worst < 0.5, format("a ping answer took %.3f s", worst))
+	for _, id in ipairs(sent) do lu.assertEquals(bounced[id], FAILURE, id .. " got the storage-failure error") end
+	-- the attempt held by the blackhole gives up after connect_timeout, then a new one connects
+	local deadline, stored, n = socket.gettime() + 30, nil, 0
+	while not stored and socket.gettime() < deadline do
+		n = n + 1
+		alice:send(chat("bob@localhost", "back" .. n, "after the network is back"))
+		local t = socket.gettime()
+		local got = messages(alice:ping(5))
+		lu.assertTrue(socket.gettime() - t < 0.5, "a ping answer waited for the database")
+		if #got == 0 then
+			stored = "back" .. n
+		else
+			lu.assertEquals(ids(got), { "back" .. n })
+			lu.assertEquals(error_of(got[1]), FAILURE)
+			socket.sleep(0.2)
+		end
+	end
+	lu.assertNotNil(stored, "stored again without a restart")
+	lu.assertEquals(ids(collect_offline(srv, "bob", nil, nil, 2)), { "first", stored })
+	lu.assertStrContains(srv:log(), "PostgreSQL is unreachable")
 	alice:close()
 end
 

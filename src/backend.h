@@ -126,7 +126,7 @@ static inline int os_take_what(const os_item *it, os_str owner, int64_t now) {
 /* Emit callbacks hand one row (or user) to core.c, which copies it into a Lua
  * table. They may raise a Lua error (out of memory): lua_error longjmps out of
  * the callback and out of the backend, to core.c's call_emitting, which clears
- * os_store.busy and raises again. They may also run Lua code (finalizers);
+ * os_store.busy, runs the backend's abandon step (4. below) and raises again. They may also run Lua code (finalizers);
  * busy keeps that code from entering the same store meanwhile.
  *
  * The cleanup rule, the same in every backend, for a call that an emit can
@@ -144,6 +144,12 @@ static inline int os_take_what(const os_item *it, os_str owner, int64_t now) {
  *     stepping, rolls back, forgets deferred rows) and pg_recover (frees
  *     `live`, rolls back; also reconnects); the memory backend has nothing to
  *     undo. close does the same.
+ *  4. The abandon step runs at once when an emit raised (core.c, before the
+ *     error goes on): it undoes what the recover step would, without
+ *     reconnecting, so that nothing the call holds (postgres's row locks,
+ *     sqlite's write lock on the file) makes other connections wait until
+ *     this store's next call: sq_abandon and pg_abandon; memory has none. The
+ *     recover step stays, for what the abandon step could not undo.
  * Failures that do not raise return OS_FAIL through os_fail: a function that
  * owns something (a PGresult, malloc'd memory) leaves through its one exit
  * (`goto done`) that frees it; one that owns nothing returns at once (sqlite's
@@ -205,6 +211,8 @@ typedef struct {
 	int (*delete_older_than)(os_store *, int64_t cutoff, int64_t *touched);
 	int (*users)(os_store *, os_str host, os_emit_user, void *ud);
 	void (*close)(os_store *);
+	/* Step 4. of the cleanup rule above; NULL where there is nothing to undo. */
+	void (*abandon)(os_store *);
 	/* Group commit; NULL where the backend has none (every store is then its
 	 * own transaction). batch_begin opens a transaction that the following
 	 * stores join instead of committing each; batch_end commits it (commit = 1)

@@ -570,4 +570,5 @@ const os_backend postgres_backend = {
 	.close = pg_close,
 	.batch_begin = pg_batch_begin,
 	.batch_end = pg_batch_end,
+	.abandon = pg_abandon,
 };

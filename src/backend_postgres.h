@@ -27,14 +27,22 @@ enum {
 
 typedef struct {
 	PGconn *conn;
-	PGresult *live;  /* a result being emitted; freed by the next call if an emit raised */
-	int prepared;    /* the statements exist on this session */
+	PGresult *live;  /* a result being emitted; freed at once if an emit raised */
+	int ready;       /* this session is set up: timeouts, schema checked, statements prepared */
+	int schema_ok;   /* the schema was checked (once per store) */
 	int pid;         /* the server process of the connection (its last good one) */
 	int backoff_ms;  /* 0, or the wait before the next reconnection attempt */
 	struct timespec retry_at;
 	char down[160];  /* why the last reconnection failed */
 	int64_t batch_xid; /* the open batch's transaction (backend_postgres_batch.c) */
 	os_buf log;        /* the open batch's stores, to store again after a deadlock */
+	/* A connection attempt under way (backend_postgres_conn.c): */
+	int connecting;  /* PQconnectStart or PQresetStart was called; not connected yet */
+	int resetting;   /* it is a reconnection (PQresetPoll), else the first (PQconnectPoll) */
+	int polling;     /* what libpq's poll function last returned (PostgresPollingStatusType) */
+	int inline_left_ms;  /* how long calls may still wait for it, in all */
+	int attempt_ms;  /* how long an attempt may take (connect_timeout) */
+	int64_t started_ms, give_up_ms; /* when it began, and when it counts as failed */
 } pg;
 
 static inline int result_ok(const PGresult *r) {
@@ -147,9 +155,11 @@ OS_HIDDEN int pg_commit(os_store *s, pg *g);
 OS_HIDDEN int pg_commit_xid(os_store *s, pg *g, int64_t xid, int unknown);
 OS_HIDDEN void pg_quiet(void *arg, const char *message);
 OS_HIDDEN int pg_recover(os_store *s, pg *g);
+OS_HIDDEN void pg_abandon(os_store *s);
+OS_HIDDEN int pg_first_connect(os_store *s, pg *g);
 
 /* backend_postgres_schema.c */
-OS_HIDDEN int pg_prepare_all(os_store *s, pg *g);
+OS_HIDDEN int pg_setup(os_store *s, pg *g);
 OS_HIDDEN void pg_free(pg *g);
 
 #endif

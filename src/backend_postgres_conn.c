@@ -5,8 +5,22 @@
  * SQLSTATE as a base-36 number (Lua: tonumber("40P01", 36)); code 0 means
  * the connection is down (lost, unreachable, or refused at open). A lost
  * connection fails the call in flight (its transaction is rolled back by the
- * server, nothing is half-written); the next call reconnects first, at most
- * once per backoff interval, so a dead server does not stall every call.
+ * server, nothing is half-written).
+ *
+ * Connecting never waits on the network (Prosody has one thread): open starts
+ * the connection (PQconnectStartParams) and a lost one is started again
+ * (PQresetStart) by the next call, at most once per backoff interval (250 ms
+ * doubling to 8 s after each failed attempt). Every call that finds an attempt
+ * under way moves it on by polling its socket; the calls wait for one attempt
+ * CONNECT_INLINE_MS in all (open: OPEN_INLINE_MS), so that a server that is
+ * there is connected to at once, and otherwise fail at once ("PostgreSQL is
+ * unreachable ..."). An attempt not done within connect_timeout has failed.
+ * What still blocks: libpq's host name lookup (getaddrinfo; hence the advice
+ * to give an address), and a statement on an established connection, which
+ * waits for its answer (statement_timeout and lock_timeout bound a server
+ * that answers: backend_postgres_schema.c's pg_setup sets them), and the
+ * resolution of a lost COMMIT below. A new session is set up (timeouts,
+ * schema once per store, statements prepared) on its first call.
  *
  * In doubt: a connection lost after COMMIT was sent and before its answer
  * came leaves the outcome unknown. pop, remove and remove_user learn their
@@ -17,6 +31,7 @@
  * it reports failure although the message may be stored. */
 #define _POSIX_C_SOURCE 200809L
 
+#include <errno.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +44,9 @@
 #define BACKOFF_MAX_MS 8000
 #define IN_DOUBT_WAIT_MS 3000 /* the longest a lost COMMIT's outcome is waited for */
 #define IN_DOUBT_POLL_MS 20
+#define IN_DOUBT_CONNECT_MS 1000 /* what resolving waits for the new connection */
+#define OPEN_INLINE_MS 200    /* what open waits for the first connection */
+#define CONNECT_INLINE_MS 50  /* what the calls wait for one reconnection, in all */
 
 /* Copies libpq's text with every run of whitespace as one space. */
 void pg_tidy(char *dst, size_t size, const char *src) {
@@ -107,6 +125,12 @@ void pg_quiet(void *arg, const char *message) {
 	(void)message;
 }
 
+static int64_t now_ms(void) {
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
 static int64_t ms_until(const struct timespec *t) {
 	struct timespec now;
 	clock_gettime(CLOCK_MONOTONIC, &now);
@@ -129,16 +153,59 @@ static void notice_hangup(pg *g) {
 	}
 }
 
-/* Reconnects a lost connection, at most once per backoff interval (so a
- * dead server does not stall every call); blocks for up to connect_timeout. */
-static int reconnect(os_store *s, pg *g) {
-	g->prepared = 0;
-	if (g->backoff_ms > 0 && ms_until(&g->retry_at) > 0)
-		return os_fail(s, 0, "PostgreSQL is unreachable (next reconnection attempt in %lld ms): %s",
-		               (long long)ms_until(&g->retry_at), g->down);
-	PQreset(g->conn);
-	if (PQstatus(g->conn) != CONNECTION_OK) {
-		pg_tidy(g->down, sizeof g->down, PQerrorMessage(g->conn));
+/* An attempt was started (PQconnectStartParams or PQresetStart): calls may
+ * wait for it budget_ms in all; it gives up after connect_timeout. */
+static void attempt_begun(pg *g, int resetting, int budget_ms) {
+	g->connecting = 1;
+	g->resetting = resetting;
+	g->ready = 0;
+	g->polling = PGRES_POLLING_WRITING; /* what libpq says to assume at first */
+	g->inline_left_ms = budget_ms;
+	g->started_ms = now_ms();
+	g->give_up_ms = g->started_ms + g->attempt_ms;
+}
+
+/* Drives the attempt under way: polls its socket for what libpq waits for,
+ * for what is left of inline_left_ms (which it uses up; 0: only looks), and
+ * hands each readiness to libpq. 1: connected; 0: still under way; -1: failed. */
+static int drive(pg *g) {
+	for (;;) {
+		struct pollfd fd;
+		int64_t t0;
+		int n;
+		if (g->polling == PGRES_POLLING_OK)
+			return 1;
+		if (g->polling == PGRES_POLLING_FAILED)
+			return -1;
+		fd.fd = PQsocket(g->conn);
+		fd.events = g->polling == PGRES_POLLING_READING ? POLLIN : POLLOUT;
+		fd.revents = 0;
+		t0 = now_ms();
+		n = fd.fd < 0 ? 1 : poll(&fd, 1, g->inline_left_ms > 0 ? g->inline_left_ms : 0);
+		g->inline_left_ms -= (int)(now_ms() - t0);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n == 0)
+			return 0;
+		g->polling = g->resetting ? PQresetPoll(g->conn) : PQconnectPoll(g->conn);
+	}
+}
+
+/* Where an attempt stands: OS_OK once connected and set up; else OS_FAIL with
+ * code 0, having started the backoff if the attempt failed or ran out of time. */
+static int attempt(os_store *s, pg *g, const char *failed) {
+	int st = drive(g);
+	if (st == 0 && now_ms() >= g->give_up_ms) {
+		snprintf(g->down, sizeof g->down, "no answer within %d ms", g->attempt_ms);
+		st = -2;
+	}
+	if (st == 0)
+		return os_fail(s, 0, "PostgreSQL is unreachable (connecting for %lld ms): %s",
+		               (long long)(now_ms() - g->started_ms), g->down[0] ? g->down : "no answer yet");
+	g->connecting = 0;
+	if (st < 0) {
+		if (st == -1)
+			pg_tidy(g->down, sizeof g->down, PQerrorMessage(g->conn));
 		g->backoff_ms = g->backoff_ms ? g->backoff_ms * 2 : BACKOFF_MIN_MS;
 		if (g->backoff_ms > BACKOFF_MAX_MS)
 			g->backoff_ms = BACKOFF_MAX_MS;
@@ -147,30 +214,79 @@ static int reconnect(os_store *s, pg *g) {
 		g->retry_at.tv_nsec += (long)(g->backoff_ms % 1000) * 1000000L;
 		if (g->retry_at.tv_nsec >= 1000000000L)
 			g->retry_at.tv_sec++, g->retry_at.tv_nsec -= 1000000000L;
-		return os_fail(s, 0, "PostgreSQL is unreachable (reconnecting failed): %s", g->down);
+		return os_fail(s, 0, "%s: %s", failed, g->down);
 	}
 	g->backoff_ms = 0;
+	g->down[0] = '\0';
 	g->pid = PQbackendPID(g->conn);
-	return OS_OK;
+	return pg_setup(s, g);
+}
+
+/* The first connection, from open: waited for up to OPEN_INLINE_MS. A refusal
+ * fails the open; an attempt still under way then is left to the calls. */
+int pg_first_connect(os_store *s, pg *g) {
+	PQconninfoOption *opts = PQconninfo(g->conn), *o;
+	g->attempt_ms = 0;
+	for (o = opts; o && o->keyword; o++)
+		if (strcmp(o->keyword, "connect_timeout") == 0 && o->val)
+			g->attempt_ms = atoi(o->val) * 1000;
+	PQconninfoFree(opts);
+	if (g->attempt_ms < 2000) /* libpq's own floor; 0 (wait forever) included */
+		g->attempt_ms = 2000;
+	attempt_begun(g, 0, OPEN_INLINE_MS);
+	if (attempt(s, g, "cannot connect to PostgreSQL") == OS_OK || g->connecting)
+		return OS_OK;
+	return OS_FAIL;
+}
+
+/* Connects a connection that is down without waiting on the network: starts
+ * an attempt (at most once per backoff interval, so a dead server does not
+ * cost every call) or goes on with the one under way; the calls that find it
+ * under way wait for it budget_ms in all. */
+static int reconnect(os_store *s, pg *g, int budget_ms) {
+	if (!g->connecting) {
+		if (g->backoff_ms > 0 && ms_until(&g->retry_at) > 0)
+			return os_fail(s, 0, "PostgreSQL is unreachable (next reconnection attempt in %lld ms): %s",
+			               (long long)ms_until(&g->retry_at), g->down);
+		attempt_begun(g, 1, budget_ms);
+		if (!PQresetStart(g->conn))
+			g->polling = PGRES_POLLING_FAILED;
+	}
+	return attempt(s, g, "PostgreSQL is unreachable (reconnecting failed)");
 }
 
 /* The recover step (backend.h's cleanup rule); every call starts here: frees
- * a result an abandoned call left behind,
- * reconnects a lost connection (with backoff), re-prepares the statements
- * and rolls back a transaction an abandoned call left open. */
+ * a result an abandoned call left behind, connects a connection that is down
+ * (reconnect: fails at once while it is not up), sets up a new session and
+ * rolls back a transaction an abandoned call left open. */
 int pg_recover(os_store *s, pg *g) {
 	if (g->live) {
 		PQclear(g->live);
 		g->live = NULL;
 	}
 	notice_hangup(g);
-	if (PQstatus(g->conn) != CONNECTION_OK && reconnect(s, g) != OS_OK)
+	if ((g->connecting || PQstatus(g->conn) != CONNECTION_OK) &&
+	    reconnect(s, g, CONNECT_INLINE_MS) != OS_OK)
 		return OS_FAIL;
-	if (!g->prepared && pg_prepare_all(s, g) != OS_OK)
+	if (!g->ready && pg_setup(s, g) != OS_OK)
 		return OS_FAIL;
 	if (PQtransactionStatus(g->conn) != PQTRANS_IDLE)
 		pg_command(g, "ROLLBACK");
 	return OS_OK;
+}
+
+/* The abandon step (backend.h): an emit raised in the middle of a call, which
+ * is left at once. The result it read goes, and its transaction is rolled back
+ * now, so its row locks do not hold other nodes' calls until this store's next
+ * call. */
+void pg_abandon(os_store *s) {
+	pg *g = s->impl;
+	if (g->live) {
+		PQclear(g->live);
+		g->live = NULL;
+	}
+	if (PQstatus(g->conn) == CONNECTION_OK && PQtransactionStatus(g->conn) != PQTRANS_IDLE)
+		pg_command(g, "ROLLBACK");
 }
 
 /* What became of transaction `xid`, asked on a new connection: 'c'ommitted,
@@ -212,7 +328,8 @@ static int resolve(os_store *s, pg *g, int64_t xid, int unknown) {
 	if (xid <= 0)
 		return unknown;
 	g->backoff_ms = 0; /* one attempt now, whatever the backoff said */
-	if (reconnect(s, g) != OS_OK) {
+	g->connecting = 0;
+	if (reconnect(s, g, IN_DOUBT_CONNECT_MS) != OS_OK) {
 		os_fail(s, 0, "%s; whether it committed is unknown", lost);
 		return unknown;
 	}

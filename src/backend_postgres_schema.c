@@ -10,6 +10,8 @@
 
 #define SCHEMA_VERSION 2
 #define SCHEMA_LOCK 1330007123 /* pg_advisory_xact_lock key for schema set-up: "OFLS" */
+#define STATEMENT_TIMEOUT "10s"
+#define LOCK_TIMEOUT "5s"
 
 /* Deletes a locked user's messages chosen by `filter`, then drops or
  * decrements the counter row by what was really deleted; returns that. */
@@ -160,7 +162,7 @@ static const char *const migrations[SCHEMA_VERSION] = {
 };
 
 
-int pg_prepare_all(os_store *s, pg *g) {
+static int prepare_all(os_store *s, pg *g) {
 	int i;
 	for (i = 0; i < ST__COUNT; i++) {
 		char name[32];
@@ -176,7 +178,6 @@ int pg_prepare_all(os_store *s, pg *g) {
 		}
 		PQclear(r);
 	}
-	g->prepared = 1;
 	return OS_OK;
 }
 
@@ -264,6 +265,43 @@ done:
 	return rc;
 }
 
+/* The session's timeouts: a statement or a lock wait that runs this long
+ * fails (and its transaction rolls back) instead of holding the caller. Only
+ * where the operator set none (in offline_postgres's options, or with ALTER
+ * ROLE/DATABASE ... SET): theirs win. */
+static const char session_timeouts[] =
+	"SELECT set_config('statement_timeout', '" STATEMENT_TIMEOUT "', false) "
+	"WHERE current_setting('statement_timeout') = '0';"
+	"SELECT set_config('lock_timeout', '" LOCK_TIMEOUT "', false) "
+	"WHERE current_setting('lock_timeout') = '0'";
+
+/* Sets up a session that has just connected: its timeouts, the schema (checked
+ * once per store, on its first connection), the prepared statements. */
+int pg_setup(os_store *s, pg *g) {
+	PGresult *r = PQexec(g->conn, session_timeouts);
+	if (!result_ok(r)) {
+		pgfail(s, g, r);
+		PQclear(r);
+		return OS_FAIL;
+	}
+	PQclear(r);
+	if (!g->schema_ok) {
+		if (check_schema(s, g) != OS_OK)
+			return OS_FAIL;
+		g->schema_ok = 1;
+	}
+	if (prepare_all(s, g) != OS_OK)
+		return OS_FAIL;
+	g->ready = 1;
+	return OS_OK;
+}
+
+/* Opens without waiting on the network beyond a short bound: the connection
+ * is started (PQconnectStartParams) and driven by pg_first_connect; one the
+ * server has not answered yet goes on at the following calls. Only a conninfo
+ * that cannot be used, a refusal (connection refused, wrong password) or a
+ * schema it must not touch fails the open. libpq resolves a host name here,
+ * and that blocks (getaddrinfo): hence the advice to give an address. */
 int os_postgres_open(os_store *s, const char *conninfo) {
 	/* Keywords later in the list win, so the operator's conninfo (expanded
 	 * from dbname) overrides these defaults. */
@@ -273,23 +311,22 @@ int os_postgres_open(os_store *s, const char *conninfo) {
 	char msg[200];
 	if (!g)
 		return os_fail(s, 0, "out of memory");
-	values[0] = "2"; /* connecting blocks the caller (reconnections too) */
+	values[0] = "2"; /* how long an attempt may take before it counts as failed */
 	values[1] = "prosody-offline-store";
 	values[2] = conninfo;
 	values[3] = NULL;
-	g->conn = PQconnectdbParams(keys, values, 1);
+	g->conn = PQconnectStartParams(keys, values, 1);
 	if (!g->conn) {
 		free(g);
 		return os_fail(s, 0, "out of memory");
 	}
-	if (PQstatus(g->conn) != CONNECTION_OK) {
+	if (PQstatus(g->conn) == CONNECTION_BAD) {
 		pg_tidy(msg, sizeof msg, PQerrorMessage(g->conn));
 		os_fail(s, 0, "cannot connect to PostgreSQL: %s", msg);
 		goto fail;
 	}
 	PQsetNoticeProcessor(g->conn, pg_quiet, NULL);
-	g->pid = PQbackendPID(g->conn);
-	if (check_schema(s, g) != OS_OK || pg_prepare_all(s, g) != OS_OK)
+	if (pg_first_connect(s, g) != OS_OK)
 		goto fail;
 	s->impl = g;
 	s->be = &postgres_backend;

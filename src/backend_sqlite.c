@@ -681,6 +681,11 @@ static int sq_batch_end(os_store *s, int do_commit) {
 	return OS_OK;
 }
 
+/* The abandon step (backend.h): the write lock of the file goes at once. */
+static void sq_abandon(os_store *s) {
+	sq_recover(s->impl);
+}
+
 const os_backend sqlite_backend = {
 	.name = "sqlite",
 	.store = sq_store,
@@ -697,6 +702,7 @@ const os_backend sqlite_backend = {
 	.delete_older_than = sq_delete_older_than,
 	.users = sq_users,
 	.close = sq_close,
+	.abandon = sq_abandon,
 	.batch_begin = sq_batch_begin,
 	.batch_end = sq_batch_end,
 };

@@ -264,7 +264,8 @@ static int run_emitting(lua_State *L) {
 
 /* Runs e->run with the store busy (see check_state), in protected mode, so that
  * busy is cleared on every way out: an emit callback can raise (out of memory),
- * and its error is raised again once the store is usable. Leaves the table of
+ * and its error is raised again once the backend has abandoned the call
+ * (backend.h) and the store is usable. Leaves the table of
  * what was emitted on the stack; returns the backend's result. */
 static int call_emitting(lua_State *L, emitting *e) {
 	int status;
@@ -274,8 +275,11 @@ static int call_emitting(lua_State *L, emitting *e) {
 	lua_pushlightuserdata(L, e);
 	status = lua_pcall(L, 1, 1, 0);
 	e->s->busy = 0;
-	if (status != LUA_OK)
+	if (status != LUA_OK) {
+		if (e->s->be->abandon)
+			e->s->be->abandon(e->s);
 		lua_error(L);
+	}
 	return e->rc;
 }
 

@@ -24,10 +24,11 @@ local M = {}
 local Host = {}
 Host.__index = Host
 
--- A store that could not be opened at load (PostgreSQL away) is tried again
--- when a message or a login needs it, at most once every REOPEN_EVERY seconds:
--- each try blocks for up to the connection timeout (connect_timeout, 2 s
--- unless offline_postgres sets it).
+-- A store that could not be opened at load (PostgreSQL refused the connection
+-- or the login) is tried again when a message or a login needs it, at most once
+-- every REOPEN_EVERY seconds; a try waits at most 200 ms for the server (an open
+-- store connects and reconnects by itself, without waiting: the C core). No timer
+-- drives reconnection: the calls do, and nothing needs the database without one.
 M.REOPEN_EVERY = 5
 M.BATCH_MAX = 256
 -- Every store asks for the recipient's limits (0.12's admin check reads

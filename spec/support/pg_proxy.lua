@@ -13,6 +13,11 @@
 --   hold    drops the client's side only, without forwarding it: the server's session stays
 --           idle in its transaction (as behind a dead network) until it is terminated.
 -- Then it writes the mode to DIR/fired. It exits when DIR/stop exists, or after 300 s.
+-- While DIR/blackhole exists the database is away behind a silent network: the connections
+-- open when the file appeared are dropped, and new ones are accepted but never answered nor
+-- forwarded (what they send is read and discarded) until their client gives up; once the
+-- file is gone, new connections are forwarded again. DIR/state says which of the two
+-- ("blackhole", "forward") is in force, DIR/held how many connections are held.
 
 package.path = (arg[0]:match("^(.*)/support/[^/]*$") or "spec") .. "/?.lua;" .. package.path
 local socket = require "socket"
@@ -64,15 +69,40 @@ local function armed(data)
 	return mode:match("%a+")
 end
 
+local held = {} -- connections accepted while blackholing: read, never answered
+local blackhole, nheld = false, -1
+
+local function count_held()
+	local n = 0
+	for _ in pairs(held) do n = n + 1 end
+	if n ~= nheld then nheld = n; write(dir .. "/held", tostring(n)) end
+end
+
 local deadline = socket.gettime() + 300
 while socket.gettime() < deadline and not read(dir .. "/stop") do
+	local now_blackhole = read(dir .. "/blackhole") ~= nil
+	if now_blackhole and not blackhole then
+		local open = {}
+		for s in pairs(peer) do open[#open + 1] = s end
+		for _, s in ipairs(open) do drop(s) end
+	end
+	if now_blackhole ~= blackhole or nheld < 0 then write(dir .. "/state", now_blackhole and "blackhole" or "forward") end
+	blackhole = now_blackhole
+	count_held()
 	local watch = { server }
 	for s in pairs(peer) do watch[#watch + 1] = s end
+	for s in pairs(held) do watch[#watch + 1] = s end
 	local readable = socket.select(watch, nil, 0.05)
 	for _, s in ipairs(readable) do
-		if s == server then
+		if held[s] then
+			local _, err = s:receive(8192)
+			if err == "closed" then held[s] = nil; s:close() end
+		elseif s == server then
 			local c = server:accept()
-			if c then
+			if c and blackhole then
+				c:settimeout(0)
+				held[c] = true
+			elseif c then
 				local u = socket.tcp()
 				if u:connect("127.0.0.1", target_port) then
 					c:settimeout(0)

@@ -183,6 +183,63 @@ function Server:cleanup()
 	end
 end
 
+-- A spec/support/pg_proxy.lua process in front of this server (see there): its `port`, its
+-- `dir` (arm, fired, blackhole, held), :conninfo(conninfo) (the same through the proxy),
+-- :blackhole(on) and :stop(). Stopped at exit too.
+local Proxy = {}
+Proxy.__index = Proxy
+local proxies = {}
+local HERE = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "spec/support"
+
+function Server:proxy()
+	local dir = support.tmpdir()
+	local p = setmetatable({ dir = dir }, Proxy)
+	proxies[#proxies + 1] = p
+	local lua = getenv("LUA") or "lua5.4"
+	assert(support.exec(format("%s %s %d %s >%s 2>&1 & echo $! >%s", lua, q(HERE .. "/pg_proxy.lua"),
+		self.port, q(dir), q(dir .. "/proxy.log"), q(dir .. "/pid"))))
+	local socket = require "socket"
+	local deadline = socket.gettime() + 10
+	while not support.read(dir .. "/port") do
+		if socket.gettime() > deadline then
+			error("the proxy did not start: " .. (support.read(dir .. "/proxy.log") or ""), 2)
+		end
+		socket.sleep(0.02)
+	end
+	p.port = tonumber(support.read(dir .. "/port"))
+	return p
+end
+
+function Proxy:conninfo(conninfo)
+	return (conninfo:gsub("port=%d+", "port=" .. self.port))
+end
+
+-- On: drops the open connections and holds new ones unanswered; off: forwards again.
+-- Returns once the proxy has done it.
+function Proxy:blackhole(on)
+	if on then support.write(self.dir .. "/blackhole", "") else os.remove(self.dir .. "/blackhole") end
+	local socket = require "socket"
+	local want, deadline = on and "blackhole" or "forward", socket.gettime() + 10
+	while support.read(self.dir .. "/state") ~= want do
+		if socket.gettime() > deadline then error("the proxy did not switch to " .. want, 2) end
+		socket.sleep(0.01)
+	end
+end
+
+-- How many connections the blackhole holds (as the proxy last wrote it).
+function Proxy:held()
+	return tonumber(support.read(self.dir .. "/held") or "0")
+end
+
+function Proxy:stop()
+	if self.stopped then return end
+	self.stopped = true
+	support.write(self.dir .. "/stop", "")
+	local pid = support.read(self.dir .. "/pid")
+	if pid and pid:match("^%d+") then support.exec("kill " .. pid:match("^%d+") .. " 2>/dev/null") end
+	support.rmrf(self.dir)
+end
+
 local live = {}
 
 -- Initialises and starts a new server; returns it, or raises with the reason.
@@ -246,6 +303,7 @@ function M.start(opts)
 end
 
 function M.cleanup_all()
+	for i = #proxies, 1, -1 do pcall(proxies[i].stop, proxies[i]); proxies[i] = nil end
 	for i = #live, 1, -1 do pcall(live[i].cleanup, live[i]); live[i] = nil end
 end
 
