@@ -11,17 +11,7 @@ local messages, ids, collect_offline, error_of = offline.messages, offline.ids, 
 local FULL = { type = "error", etype = "wait", code = "500", condition = "resource-constraint",
 	text = "Your contact offline message queue is full. The message has been discarded." }
 
-local function with_server(opts_fn)
-	local T = {}
-	function T:server()
-		if not T.srv then T.srv = offline.start(opts_fn()) end
-		return T.srv
-	end
-	function T.teardownClass()
-		if T.srv then T.srv:cleanup(); T.srv = nil end
-	end
-	return T
-end
+local with_server = offline.with_server
 
 -- A chat message whose stored form is about 300 bytes (a body of 200).
 local function chat300(to, id)

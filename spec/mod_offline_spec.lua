@@ -15,18 +15,7 @@ local messages, ids, delays, collect_offline = offline.messages, offline.ids, of
 
 local error_of = offline.error_of
 
--- A spec class that owns one server, started on first use.
-local function with_server(opts_fn)
-	local T = {}
-	function T:server()
-		if not T.srv then T.srv = start(opts_fn()) end
-		return T.srv
-	end
-	function T.teardownClass()
-		if T.srv then T.srv:cleanup(); T.srv = nil end
-	end
-	return T
-end
+local with_server = offline.with_server
 
 ---------------------------------------------------------------------------------------------------
 TestOffline = with_server(function() return {} end)

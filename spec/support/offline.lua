@@ -127,4 +127,18 @@ function M.rss_kib(pid)
 	return tonumber(status:match("VmRSS:%s*(%d+)"))
 end
 
+-- A spec class that owns one server, started on first use (M.start(opts_fn())) and
+-- stopped after the class.
+function M.with_server(opts_fn)
+	local T = {}
+	function T:server()
+		if not T.srv then T.srv = M.start(opts_fn()) end
+		return T.srv
+	end
+	function T.teardownClass()
+		if T.srv then T.srv:cleanup(); T.srv = nil end
+	end
+	return T
+end
+
 return M
