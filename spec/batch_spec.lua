@@ -1,22 +1,27 @@
 -- offline_store.batch without a server: group commit over the real core (sqlite,
--- memory), and what the callbacks are told when a batch does not make it.
+-- memory; pipelined stores on a throwaway PostgreSQL), and what the callbacks are told
+-- when a batch does not make it.
 
 local lu = require "luaunit"
 local support = require "support.util"
 local core = require "offline_store.core"
 local batch = require "offline_store.batch"
+local postgres = require "support.postgres"
 
 local H, FROM, T0 = "example.org", "alice@example.org/phone", 1700000000 * 1000000
 
--- A batch whose callbacks record what they were told.
+-- A batch whose callbacks record what they were told (log.seq: in what order).
 local function recorded(db, max)
-	local log = { opened = 0, closed = 0, committed = {}, lost = {} }
+	local log = { opened = 0, closed = 0, committed = {}, lost = {}, seq = {} }
+	local function say(...) log.seq[#log.seq + 1] = table.concat({ ... }, " ") end
 	local b = batch.new(db, {
 		max = max,
 		on_open = function() log.opened = log.opened + 1 end,
 		on_close = function() log.closed = log.closed + 1 end,
-		on_commit = function(n) log.committed[#log.committed + 1] = n end,
+		on_commit = function(n) log.committed[#log.committed + 1] = n; say("commit", n) end,
 		on_lost = function(tokens, err, code) log.lost[#log.lost + 1] = { tokens = tokens, err = err, code = code } end,
+		on_stored = function(token, user, count) say("stored", token, user, count) end,
+		on_refused = function(token, user, count, why, current) say("refused", token, user, tostring(count), why, current) end,
 	})
 	return b, log
 end
@@ -155,4 +160,74 @@ function TestBatch:test_before_write_frees_the_file_for_another_batch()
 	lu.assertStrContains(err, "locked")
 	a:flush()
 	db2:close()
+end
+
+-- Pipelined (PostgreSQL's db:send): stores return true at once, and their outcomes come at the
+-- flush: on_stored for those stored, on_commit, then on_refused for the others.
+TestBatchPipelined = {}
+
+function TestBatchPipelined:setUp()
+	local conninfo, schema = postgres.require_server(lu):fresh_conninfo()
+	self.db, self.schema = assert(core.open_postgres(conninfo)), schema
+end
+
+function TestBatchPipelined:tearDown()
+	self.db:close()
+end
+
+function TestBatchPipelined:test_outcomes_come_at_the_flush()
+	local b, log = recorded(self.db)
+	lu.assertEquals({ b:store("t1", H, "bob", FROM, "m1", T0, nil, 2) }, { true })
+	lu.assertEquals({ b:store("t2", H, "carol", FROM, "c1", T0, nil, 2, nil, nil, "k") }, { true })
+	lu.assertEquals({ b:store("t3", H, "bob", FROM, "m2", T0, nil, 2) }, { true })
+	lu.assertEquals({ b:store("t4", H, "bob", FROM, "m3", T0, nil, 2) }, { true })
+	lu.assertEquals({ b:store("t5", H, "carol", FROM, "c1", T0, nil, 2, nil, nil, "k") }, { true })
+	lu.assertEquals(log.seq, {}, "nothing is decided before the flush")
+	lu.assertTrue(b:flush())
+	lu.assertEquals(log.seq, { "stored t1 bob 1", "stored t2 carol 1", "stored t3 bob 2", "commit 3",
+		"refused t4 bob false limit 2", "refused t5 carol false duplicate 1" })
+	lu.assertEquals(log.closed, 1)
+	lu.assertFalse(b.open)
+	lu.assertEquals(b:idle():count(H, "bob"), 2)
+end
+
+-- An evicting store is made at once (its answer is at hand), between sends.
+function TestBatchPipelined:test_evicting_store_is_made_at_once()
+	local b, log = recorded(self.db)
+	lu.assertTrue(b:store("t1", H, "bob", FROM, "m1", T0, nil, 1))
+	lu.assertEquals({ b:store("t2", H, "bob", FROM, "m2", T0, nil, 1, nil, nil, nil, true) }, { 1, 2, 1 })
+	lu.assertEquals(log.seq, { "stored t2 bob 1" })
+	lu.assertTrue(b:store("t3", H, "bob", FROM, "m3", T0, nil, 1))
+	lu.assertTrue(b:flush())
+	lu.assertEquals(log.seq, { "stored t2 bob 1", "stored t1 bob 1", "commit 2", "refused t3 bob false limit 1" })
+	lu.assertEquals(b:idle():pop(H, "bob", T0)[1].xml, "m2")
+end
+
+-- The batch fails on the server: every token, sent or not, goes to on_lost; no outcome is told.
+function TestBatchPipelined:test_failed_batch_tells_every_token()
+	postgres.require_server(lu):psql(string.format(
+		"ALTER TABLE %s.offline_message ADD CONSTRAINT short CHECK (octet_length(stanza) < 10)", self.schema))
+	local b, log = recorded(self.db)
+	lu.assertTrue(b:store("t1", H, "bob", FROM, "m1", T0))
+	lu.assertTrue(b:store("t2", H, "bob", FROM, "far too long", T0))
+	lu.assertTrue(b:store("t3", H, "bob", FROM, "m3", T0, nil, 1))
+	local ok, err = b:flush()
+	lu.assertNil(ok)
+	lu.assertStrContains(err, "23514")
+	lu.assertEquals(#log.lost, 1)
+	lu.assertEquals(log.lost[1].tokens, { "t1", "t2", "t3" })
+	lu.assertEquals(log.seq, {})
+	lu.assertEquals(b:idle():count(H, "bob"), 0)
+	lu.assertTrue(b:store("t4", H, "bob", FROM, "m4", T0), "the next store opens a new batch")
+	lu.assertTrue(b:flush())
+	lu.assertEquals(log.seq, { "stored t4 bob 1", "commit 1" })
+end
+
+function TestBatchPipelined:test_max_flushes_sends()
+	local b, log = recorded(self.db, 4)
+	for i = 1, 10 do lu.assertTrue(b:store(i, H, "bob", FROM, "m" .. i, T0)) end
+	lu.assertEquals(log.committed, { 4, 4 })
+	lu.assertTrue(b:flush())
+	lu.assertEquals(log.committed, { 4, 4, 2 })
+	lu.assertEquals(b:idle():count(H, "bob"), 10)
 end

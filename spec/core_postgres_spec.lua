@@ -364,70 +364,88 @@ local function xmls(items)
 	return r
 end
 
-local function deadlocks(srv)
-	return tonumber(srv:psql("SELECT pg_stat_force_next_flush(); SELECT sum(deadlocks) FROM pg_stat_database"):match("(%d+)%s*$"))
-end
-
--- Two batches take two users' queue rows in opposite orders: PostgreSQL aborts one of them
--- (40P01); that one stores its batch again with the same ids, and both commit everything.
-function TestPostgresBatch:test_opposite_orders_deadlock_and_both_commit()
-	local db, dir = self.db, self.dir
-	local before = deadlocks(server())
-	assert(db:begin())
-	local c1, id1 = db:store(H, "u1", FROM, "a:1", T0)
-	lu.assertEquals(c1, 1)
-	assert(support.exec(worker("store", self.conninfo, dir, "b", 0,
-		{ n = 2, batch = 2, users = "u2,u1", tag = "b", ready = dir .. "/ready", go = dir .. "/go" }) .. " &"))
+-- Starts a worker "b" that stores (opts) in self.dir, once it stored its first message lets it
+-- go on; returns the deadline for it to finish.
+local function start_worker(self, opts)
+	local dir = self.dir
+	opts.ready, opts.go = dir .. "/ready", dir .. "/go"
+	assert(support.exec(worker("store", self.conninfo, dir, "b", 0, opts) .. " &"))
 	local deadline = socket.gettime() + 20
 	while not support.read(dir .. "/ready") do
 		assert(socket.gettime() < deadline, "the worker did not start")
 		socket.sleep(0.01)
 	end
 	support.write(dir .. "/go", "")
+	return deadline
+end
+
+-- What the worker wrote, once it is done.
+local function worker_output(self, deadline)
+	local out
+	repeat
+		out = support.read(self.dir .. "/b") or ""
+		assert(socket.gettime() < deadline, "the worker did not finish: " .. out)
+		if not out:find("done") then socket.sleep(0.01) end
+	until out:find("done")
+	return out
+end
+
+local function deadlocks(srv)
+	return tonumber(srv:psql("SELECT pg_stat_force_next_flush(); SELECT sum(deadlocks) FROM pg_stat_database"):match("(%d+)%s*$"))
+end
+
+-- After two batches deadlocked (this one's ids, the worker's output): u1 and u2 hold two rows
+-- each, every one with the id its store was told (after storing again too), and PostgreSQL
+-- counted one deadlock more than `before`.
+local function both_committed(self, ids, out, before)
+	for id, xml in out:gmatch("ok (%d+) (%S+)") do ids[tonumber(id)] = xml end
+	for _, u in ipairs({ "u1", "u2" }) do
+		local items = assert_counter(self.db, u)
+		lu.assertEquals(#items, 2, u)
+		for _, it in ipairs(items) do lu.assertEquals(ids[it.id], it.xml, "the ids told are the rows' ids") end
+	end
+	self.db:close() -- (a session's statistics are written at its end at the latest)
+	self.db = assert(core.open_postgres(self.conninfo))
+	local deadline = socket.gettime() + 10
+	while deadlocks(server()) == before and socket.gettime() < deadline do socket.sleep(0.05) end
+	lu.assertEquals(deadlocks(server()), before + 1, "PostgreSQL saw the deadlock")
+end
+
+-- From now on the server refuses a stanza of 10 bytes or more (SQLSTATE 23514).
+local function refuse_long_stanzas(schema)
+	server():psql(format("ALTER TABLE %s.offline_message ADD CONSTRAINT short CHECK (octet_length(stanza) < 10)", schema))
+end
+
+
+-- Two batches take two users' queue rows in opposite orders: PostgreSQL aborts one of them
+-- (40P01); that one stores its batch again with the same ids, and both commit everything.
+function TestPostgresBatch:test_opposite_orders_deadlock_and_both_commit()
+	local db = self.db
+	local before = deadlocks(server())
+	assert(db:begin())
+	local c1, id1 = db:store(H, "u1", FROM, "a:1", T0)
+	lu.assertEquals(c1, 1)
+	local deadline = start_worker(self, { n = 2, batch = 2, users = "u2,u1", tag = "b" })
 	-- blocks on the worker's lock of u2 while the worker waits for ours of u1
 	local c2, id2 = db:store(H, "u2", FROM, "a:2", T0)
 	-- (2 when this batch was the one aborted: stored again after the other's commit)
 	lu.assertTrue(c2 == 1 or c2 == 2, "u2: " .. tostring(c2) .. " " .. tostring(id2))
 	lu.assertTrue(db:commit())
-	local out
-	repeat
-		out = support.read(dir .. "/b") or ""
-		assert(socket.gettime() < deadline, "the worker did not finish: " .. out)
-		if not out:find("done") then socket.sleep(0.01) end
-	until out:find("done")
+	local out = worker_output(self, deadline)
 	lu.assertNotStrContains(out, "fail")
 	lu.assertNotStrContains(out, "lost")
 	local ids = { [id1] = "a:1", [id2] = "a:2" }
-	for id, xml in out:gmatch("ok (%d+) (%S+)") do ids[tonumber(id)] = xml end
-	for _, u in ipairs({ "u1", "u2" }) do
-		local items = assert_counter(db, u)
-		lu.assertEquals(#items, 2, u)
-		for _, it in ipairs(items) do
-			lu.assertEquals(ids[it.id], it.xml, "the ids handed out are the rows' ids (after storing again too)")
-		end
-	end
-	db:close() -- (a session's statistics are written at its end at the latest)
-	self.db = assert(core.open_postgres(self.conninfo))
-	local deadline2 = socket.gettime() + 10
-	while deadlocks(server()) == before and socket.gettime() < deadline2 do socket.sleep(0.05) end
-	lu.assertEquals(deadlocks(server()), before + 1, "PostgreSQL saw the deadlock")
+	both_committed(self, ids, out, before)
 end
 
 -- The batch that waited first is the one PostgreSQL aborts. Stored again, its first message
 -- no longer fits (the other batch filled the queue meanwhile): it cannot keep what it said,
 -- so the whole batch fails (40P01) and nothing of it stays; the other commits.
 function TestPostgresBatch:test_a_batch_that_comes_out_otherwise_fails_whole()
-	local db, dir, srv = self.db, self.dir, server()
+	local db, srv = self.db, server()
 	assert(db:begin())
 	lu.assertEquals(db:store(H, "u1", FROM, "a:1", T0), 1)
-	assert(support.exec(worker("store", self.conninfo, dir, "b", 0,
-		{ n = 2, batch = 2, max = 1, users = "u2,u1", tag = "b", ready = dir .. "/ready", go = dir .. "/go" }) .. " &"))
-	local deadline = socket.gettime() + 20
-	while not support.read(dir .. "/ready") do
-		assert(socket.gettime() < deadline, "the worker did not start")
-		socket.sleep(0.01)
-	end
-	support.write(dir .. "/go", "")
+	local deadline = start_worker(self, { n = 2, batch = 2, max = 1, users = "u2,u1", tag = "b" })
 	-- the worker's store to u1 waits for this batch's lock
 	while tonumber(srv:psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")) == 0 do
 		assert(socket.gettime() < deadline, "the worker never waited")
@@ -435,27 +453,23 @@ function TestPostgresBatch:test_a_batch_that_comes_out_otherwise_fails_whole()
 	end
 	lu.assertEquals(db:store(H, "u2", FROM, "a:2", T0), 1)
 	lu.assertTrue(db:commit())
-	local out
-	repeat
-		out = support.read(dir .. "/b") or ""
-		assert(socket.gettime() < deadline, "the worker did not finish: " .. out)
-		if not out:find("done") then socket.sleep(0.01) end
-	until out:find("done")
+	local out = worker_output(self, deadline)
 	lu.assertStrContains(out, "lost 1", "the worker's batch failed as a whole")
 	lu.assertNotStrContains(out, "ok ")
 	lu.assertEquals(xmls(assert_counter(db, "u1")), { "a:1" })
 	lu.assertEquals(xmls(assert_counter(db, "u2")), { "a:2" })
 end
 
--- Four nodes store in batches of 10 to three users, two in one order and two in the other,
--- with a limit of 40 each: deadlocks are settled, every limit is exact, every id handed
+-- Four nodes store in batches of 10 to three users, two in one order and two in the other
+-- (two of them pipelined, one of each order), with a limit of 40 each: deadlocks are settled, every limit is exact, every id handed
 -- out for a committed batch is a row, and no other row exists.
 function TestPostgresBatch:test_concurrent_batches_keep_limits_exact()
 	local start_at, names, cmds = socket.gettime() + 1.5, {}, {}
 	for i = 1, 4 do
 		names[i] = "batch" .. i
 		cmds[i] = worker("store", self.conninfo, self.dir, names[i], start_at,
-			{ n = 90, max = 40, batch = 10, tag = "p" .. i, users = i % 2 == 0 and "a,b,c" or "c,b,a" }) .. " &"
+			{ n = 90, max = 40, batch = 10, tag = "p" .. i, users = i % 2 == 0 and "a,b,c" or "c,b,a",
+			  send = i <= 2 and 1 or nil }) .. " &"
 	end
 	local res = run_workers(self.dir, names, concat(cmds, " ") .. " wait")
 	local ids, lost = {}, 0
@@ -507,8 +521,7 @@ end
 -- A store that fails inside a batch rolls the whole batch back.
 function TestPostgresBatch:test_failed_store_ends_the_batch()
 	local db = self.db
-	server():psql(format("ALTER TABLE %s.offline_message ADD CONSTRAINT short CHECK (octet_length(stanza) < 10)",
-		self.schema))
+	refuse_long_stanzas(self.schema)
 	assert(db:begin())
 	lu.assertEquals(db:store(H, "bob", FROM, "m1", T0), 1)
 	local c, err = db:store(H, "bob", FROM, "far too long", T0)
@@ -516,6 +529,145 @@ function TestPostgresBatch:test_failed_store_ends_the_batch()
 	lu.assertStrContains(err, "23514")
 	lu.assertTrue(db:commit(), "nothing left to commit")
 	lu.assertEquals({ db:count(H, "bob") }, { 0, 0 }, "the batch's earlier store is gone too")
+end
+
+-- Pipelined stores (db:send): the same decisions as stores made at once, read at the commit.
+local function outcomes(db, n)
+	local r = {}
+	for i = 1, n do r[i] = { db:outcome(i) } end
+	return r
+end
+
+-- One sequence of stores, made at once on one schema and sent on another: the outcomes are
+-- the same (limit by count and by bytes, a duplicate inside the batch and one committed before,
+-- several users), another connection sees none of it before the commit.
+function TestPostgresBatch:test_sends_decide_as_stores_do()
+	local piped, conninfo = fresh()
+	local other = assert(core.open_postgres(conninfo))
+	local seq = {
+		{ "bob", "m1", nil, nil, "k1" }, { "carol", "c1" }, { "bob", "m2", 3 }, { "bob", "m1 again", nil, nil, "k1" },
+		{ "bob", "m3", 3 }, { "bob", "over", 3 }, { "carol", "c2", nil, 6 }, { "carol", "c3 too big", nil, 6 },
+		{ "dave", "old", nil, nil, "k0" }, { "bob", "m4" },
+	}
+	lu.assertEquals(self.db:store(H, "dave", FROM, "d0", T0, nil, nil, nil, nil, "k0"), 1)
+	lu.assertEquals(piped:store(H, "dave", FROM, "d0", T0, nil, nil, nil, nil, "k0"), 1)
+	local at_once = {}
+	assert(self.db:begin())
+	for i, m in ipairs(seq) do at_once[i] = { self.db:store(H, m[1], FROM, m[2], T0 + i, nil, m[3], m[4], nil, m[5]) } end
+	assert(self.db:commit())
+	assert(piped:begin())
+	for i, m in ipairs(seq) do
+		lu.assertEquals({ piped:send(H, m[1], FROM, m[2], T0 + i, nil, m[3], m[4], nil, m[5]) }, { true })
+	end
+	lu.assertErrorMsgContains("no such send", piped.outcome, piped, 1)
+	lu.assertEquals({ other:count(H, "bob") }, { 0, 0 }, "not visible before the commit")
+	assert(piped:commit())
+	local got = outcomes(piped, #seq)
+	lu.assertEquals(#got, #seq)
+	-- (the same ids too: both schemas' sequences drew the same numbers)
+	for i = 1, #seq do lu.assertEquals(got[i], at_once[i], "outcome " .. i) end
+	lu.assertEquals(got[6], { false, "limit", 3 })
+	lu.assertEquals(got[4], { false, "duplicate", 2 })
+	lu.assertEquals(got[9], { false, "duplicate", 1 })
+	lu.assertEquals(xmls(assert_counter(other, "bob")), { "m1", "m2", "m3", "m4" })
+	local ids = {}
+	for _, it in ipairs(assert_counter(other, "bob")) do ids[#ids + 1] = it.id end
+	lu.assertEquals(ids, { got[1][2], got[3][2], got[5][2], got[10][2] }, "the ids told are the rows'")
+	lu.assertErrorMsgContains("no such send", piped.outcome, piped, #seq + 1)
+	assert(piped:begin())
+	lu.assertErrorMsgContains("no such send", piped.outcome, piped, 1) -- (a new batch forgets them)
+	assert(piped:rollback())
+	piped:close()
+	other:close()
+end
+
+-- db:send is for a batch on a backend that pipelines; eviction is not pipelined.
+function TestPostgresBatch:test_send_only_in_a_batch()
+	lu.assertEquals({ self.db:send(H, "bob", FROM, "x", T0) }, { false, "not pipelined" })
+	assert(self.db:begin())
+	lu.assertErrorMsgContains("eviction is not pipelined", self.db.send, self.db, H, "bob", FROM, "x", T0,
+		nil, 1, nil, nil, nil, true)
+	assert(self.db:rollback())
+	local sq = assert(core.open_sqlite(self.dir .. "/s.sqlite"))
+	assert(sq:begin())
+	lu.assertEquals({ sq:send(H, "bob", FROM, "x", T0) }, { false, "not pipelined" })
+	assert(sq:commit())
+	lu.assertEquals({ sq:count(H, "bob") }, { 0, 0 })
+	sq:close()
+	lu.assertEquals({ self.db:count(H, "bob") }, { 0, 0 })
+end
+
+-- A store made at once (eviction) after sends reads their outcomes first: the limit counts
+-- them, and their outcomes are kept for the commit; a rollback discards everything.
+function TestPostgresBatch:test_store_after_sends_and_rollback()
+	local db = self.db
+	assert(db:begin())
+	for i = 1, 3 do lu.assertTrue(db:send(H, "bob", FROM, "s" .. i, T0, nil, 3)) end
+	local c, _, evicted = db:store(H, "bob", FROM, "e", T0, nil, 3, nil, nil, nil, true)
+	lu.assertEquals({ c, evicted }, { 3, 1 })
+	lu.assertTrue(db:send(H, "bob", FROM, "s4", T0, nil, 3))
+	assert(db:commit())
+	local got = outcomes(db, 4)
+	lu.assertEquals({ got[1][1], got[2][1], got[3][1] }, { 1, 2, 3 })
+	lu.assertEquals(got[4], { false, "limit", 3 })
+	lu.assertEquals(xmls(assert_counter(db, "bob")), { "s2", "s3", "e" })
+	assert(db:begin())
+	for i = 1, 3 do lu.assertTrue(db:send(H, "carol", FROM, "r" .. i, T0)) end
+	assert(db:rollback())
+	lu.assertErrorMsgContains("no such send", db.outcome, db, 1)
+	lu.assertEquals({ db:count(H, "carol") }, { 0, 0 })
+	assert(db:begin())
+	lu.assertTrue(db:send(H, "carol", FROM, "after", T0))
+	assert(db:commit())
+	lu.assertEquals((db:outcome(1)), 1)
+end
+
+-- A send that fails on the server fails the commit: nothing of the batch stays, and the next
+-- batch works (the connection left pipeline mode).
+function TestPostgresBatch:test_failed_send_fails_the_commit()
+	local db = self.db
+	refuse_long_stanzas(self.schema)
+	assert(db:begin())
+	lu.assertTrue(db:send(H, "bob", FROM, "m1", T0))
+	lu.assertTrue(db:send(H, "bob", FROM, "far too long", T0), "(its outcome is not known yet)")
+	lu.assertTrue(db:send(H, "bob", FROM, "m3", T0))
+	local ok, err = db:commit()
+	lu.assertNil(ok)
+	lu.assertStrContains(err, "23514")
+	lu.assertErrorMsgContains("no such send", db.outcome, db, 1)
+	lu.assertEquals({ db:count(H, "bob") }, { 0, 0 }, "nothing of the batch stays")
+	assert(db:begin())
+	lu.assertTrue(db:send(H, "bob", FROM, "m4", T0))
+	lu.assertEquals(db:store(H, "bob", FROM, "m5", T0), 2)
+	assert(db:commit())
+	lu.assertEquals(xmls(assert_counter(db, "bob")), { "m4", "m5" })
+end
+
+-- Pipelined batches in opposite orders (this one and a worker's) deadlock; one is stored
+-- again, and both commit everything.
+function TestPostgresBatch:test_pipelined_batches_deadlock_and_both_commit()
+	local db = self.db
+	local before = deadlocks(server())
+	assert(db:begin())
+	lu.assertTrue(db:send(H, "u1", FROM, "a:1", T0))
+	lu.assertEquals(db:store(H, "u0", FROM, "a:0", T0), 1) -- (reads the send: u1 is locked now)
+	local deadline = start_worker(self, { n = 2, batch = 2, send = 1, users = "u2,u1", tag = "b" })
+	local srv = server()
+	-- the worker's batch holds u2 and waits for u1 (its sends run while it waits for go: the
+	-- first at once, the second once go exists)
+	while tonumber(srv:psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")) == 0 do
+		assert(socket.gettime() < deadline, "the worker never waited")
+		socket.sleep(0.01)
+	end
+	lu.assertTrue(db:send(H, "u2", FROM, "a:2", T0))
+	lu.assertTrue(db:commit())
+	local out = worker_output(self, deadline)
+	lu.assertNotStrContains(out, "fail")
+	lu.assertNotStrContains(out, "lost")
+	local _, id1 = db:outcome(1)
+	local _, id2 = db:outcome(2)
+	local ids = { [id1] = "a:1", [id2] = "a:2" }
+	both_committed(self, ids, out, before)
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -547,6 +699,28 @@ end
 
 -- A store blocked on the user's row lock (held by another session) when PostgreSQL restarts:
 -- that call fails with the fail triple, nothing of it is written, the backend reconnects.
+-- The session dies with sends in flight: the commit fails, nothing of the batch stays, and the
+-- next batch works on a new connection (libpq's pipeline mode did not outlive the old one).
+function TestPostgresConnection:test_session_killed_with_sends_in_flight()
+	local srv, db = self.srv, self.db
+	assert(db:begin())
+	for i = 1, 3 do lu.assertTrue(db:send(H, "bob", FROM, "s" .. i, T0)) end
+	srv:psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'prosody-offline-store'")
+	local ok, err = db:commit()
+	lu.assertNil(ok)
+	lu.assertNotNil(err)
+	lu.assertEquals(srv:psql(format("SELECT count(*) FROM %s.offline_message", self.schema)), "0")
+	local deadline = socket.gettime() + 30
+	while not db:begin() do
+		assert(socket.gettime() < deadline, "no new batch after the session died")
+		socket.sleep(0.05)
+	end
+	lu.assertTrue(db:send(H, "bob", FROM, "after", T0))
+	lu.assertTrue(db:commit())
+	lu.assertEquals((db:outcome(1)), 1)
+	lu.assertEquals(xmls(assert_counter(db, "bob")), { "after" })
+end
+
 function TestPostgresConnection:test_restart_under_a_call_in_flight()
 	local srv, db = self.srv, self.db
 	lu.assertEquals(db:store(H, "bob", FROM, "before", T0), 1)
@@ -841,6 +1015,34 @@ function TestPostgresInDoubt:test_batch_committed_but_answer_lost_succeeds()
 	fired()
 	lu.assertTrue(ok, tostring(err))
 	lu.assertEquals(self:stored(), 3)
+end
+
+function TestPostgresInDoubt:test_pipelined_batch_committed_but_answer_lost_succeeds()
+	assert(self.db:begin())
+	for i = 1, 3 do lu.assertTrue(self.db:send(H, "bob", FROM, "b" .. i, T0, nil, 2)) end
+	local fired = self:arm("after")
+	local ok, err = self.db:commit()
+	fired()
+	lu.assertTrue(ok, tostring(err))
+	lu.assertEquals({ (self.db:outcome(1)), (self.db:outcome(2)) }, { 1, 2 })
+	lu.assertEquals({ self.db:outcome(3) }, { false, "limit", 2 })
+	lu.assertEquals(self:stored(), 2)
+end
+
+function TestPostgresInDoubt:test_pipelined_batch_whose_commit_never_arrived_fails()
+	assert(self.db:begin())
+	for i = 1, 3 do lu.assertTrue(self.db:send(H, "bob", FROM, "b" .. i, T0)) end
+	local fired = self:arm("before")
+	local ok, err = self.db:commit()
+	fired()
+	lu.assertNil(ok)
+	lu.assertStrContains(err, "rolled back")
+	lu.assertErrorMsgContains("no such send", self.db.outcome, self.db, 1)
+	lu.assertEquals(self:stored(), 0)
+	assert(self.db:begin())
+	lu.assertTrue(self.db:send(H, "bob", FROM, "again", T0))
+	lu.assertTrue(self.db:commit())
+	lu.assertEquals(self:stored(), 1)
 end
 
 function TestPostgresInDoubt:test_batch_whose_commit_never_arrived_fails()

@@ -221,6 +221,16 @@ typedef struct {
 	 * other operation out while it is set. */
 	int (*batch_begin)(os_store *);
 	int (*batch_end)(os_store *, int commit);
+	/* Pipelined stores, inside a batch; NULL where the backend has none.
+	 * store_send hands a store (no eviction: lim->evict_oldest is 0) to the
+	 * server without waiting for its outcome: OS_OK, or OS_FAIL when the batch
+	 * is over (rolled back, in_batch cleared, as a failed store). batch_end
+	 * reads the outcomes of the stores sent (a store made meanwhile reads them
+	 * first) before it commits; once it committed, outcome(i) is the i-th
+	 * send's (from 0): what store would have returned, with *count the queue's
+	 * count also when refused. Outcomes are kept until the next batch_begin. */
+	int (*store_send)(os_store *, const os_key *, const os_item *, const os_limit *);
+	int (*outcome)(os_store *, size_t i, int64_t *count, int64_t *id);
 } os_backend;
 
 /* The userdata behind every open store. */

@@ -263,39 +263,58 @@ static int dedup_violation(const PGresult *r) {
 	       strcmp(constraint, "offline_message_dedup") == 0;
 }
 
+/* The parameters of ST_STORE (fixed_id 0) or ST_STORE_ID; 0 when a string is too large. */
+int pg_store_params(params *p, const os_key *k, const os_item *m, const os_limit *lim, int64_t fixed_id) {
+	p_key(p, k);
+	p_i64(p, m->ts);
+	if (m->expire == OS_NONE)
+		p_null(p);
+	else
+		p_i64(p, m->expire);
+	p_bytes(p, m->from.p, m->from.n);
+	p_bytes(p, m->xml.p, m->xml.n);
+	if (m->meta.p)
+		p_bytes(p, m->meta.p, m->meta.n);
+	else
+		p_null(p);
+	if (lim->max_count == OS_NONE)
+		p_null(p);
+	else
+		p_i64(p, lim->max_count);
+	if (lim->max_bytes == OS_NONE)
+		p_null(p);
+	else
+		p_i64(p, lim->max_bytes);
+	if (m->dedup.p)
+		p_bytes(p, m->dedup.p, m->dedup.n);
+	else
+		p_null(p);
+	if (fixed_id > 0)
+		p_i64(p, fixed_id);
+	return !p->too_big;
+}
+
+/* The outcome in ST_STORE's row: stored (count and id), refused by the limit
+ * or a duplicate (*count the queue's count). */
+int pg_store_outcome(const PGresult *r, int64_t *count, int64_t *id) {
+	if (PQntuples(r) != 1)
+		return *count = 0, OS_LIMIT;
+	if (!PQgetisnull(r, 0, 1)) {
+		*count = col_i64(r, 0, 0);
+		*id = col_i64(r, 0, 1);
+		return OS_OK;
+	}
+	*count = col_i64(r, 0, 3);
+	return PQgetvalue(r, 0, 2)[0] ? OS_DUP : OS_LIMIT;
+}
+
 int pg_store_once(os_store *s, pg *g, const os_key *k, const os_item *m, const os_limit *lim,
                   int64_t fixed_id, int64_t *count, int64_t *id, int64_t *evicted) {
 	PGresult *r = NULL;
 	params p;
 	int rc, which = fixed_id > 0 ? ST_STORE_ID : ST_STORE;
 	*evicted = 0;
-	p_key(&p, k);
-	p_i64(&p, m->ts);
-	if (m->expire == OS_NONE)
-		p_null(&p);
-	else
-		p_i64(&p, m->expire);
-	p_bytes(&p, m->from.p, m->from.n);
-	p_bytes(&p, m->xml.p, m->xml.n);
-	if (m->meta.p)
-		p_bytes(&p, m->meta.p, m->meta.n);
-	else
-		p_null(&p);
-	if (lim->max_count == OS_NONE)
-		p_null(&p);
-	else
-		p_i64(&p, lim->max_count);
-	if (lim->max_bytes == OS_NONE)
-		p_null(&p);
-	else
-		p_i64(&p, lim->max_bytes);
-	if (m->dedup.p)
-		p_bytes(&p, m->dedup.p, m->dedup.n);
-	else
-		p_null(&p);
-	if (fixed_id > 0)
-		p_i64(&p, fixed_id);
-	if (p.too_big)
+	if (!pg_store_params(&p, k, m, lim, fixed_id))
 		return os_fail(s, 0, "a string is too large to store");
 	r = run(g, which, &p);
 	if (!result_ok(r)) {
@@ -306,15 +325,10 @@ int pg_store_once(os_store *s, pg *g, const os_key *k, const os_item *m, const o
 			goto done;
 		}
 		rc = OS_DUP; /* another writer stored the key first (see 5. above) */
-	} else if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 1)) {
-		*count = col_i64(r, 0, 0);
-		*id = col_i64(r, 0, 1);
-		rc = OS_OK;
-		goto done;
+	} else if ((rc = pg_store_outcome(r, count, id)) != OS_LIMIT || !lim->evict_oldest ||
+	           os_never_fits(lim, m->xml.n)) {
+		goto done; /* (refused: *count is the queue's, from the same row) */
 	} else {
-		rc = PQntuples(r) == 1 && PQgetvalue(r, 0, 2)[0] ? OS_DUP : OS_LIMIT;
-	}
-	if (rc == OS_LIMIT && lim->evict_oldest && !os_never_fits(lim, m->xml.n)) {
 		PQclear(r);
 		r = NULL;
 		rc = store_evicting(s, g, k, which, &p, lim, m->xml.n, count, id, evicted);
@@ -322,7 +336,7 @@ int pg_store_once(os_store *s, pg *g, const os_key *k, const os_item *m, const o
 			goto done;
 		p_key(&p, k); /* (for the count below) */
 	}
-	/* Refused: nothing was written; report the count as it is now. */
+	/* Refused after all: nothing was written; report the count as it is now. */
 	PQclear(r);
 	p.n = 2;
 	r = run(g, ST_QUEUE_GET, &p);
@@ -546,8 +560,10 @@ done:
 
 static void pg_close(os_store *s) {
 	pg *g = s->impl;
-	if (g)
+	if (g) {
 		os_buf_free(&g->log);
+		os_buf_free(&g->out);
+	}
 	pg_free(g);
 	s->impl = NULL;
 }
@@ -570,5 +586,7 @@ const os_backend postgres_backend = {
 	.close = pg_close,
 	.batch_begin = pg_batch_begin,
 	.batch_end = pg_batch_end,
+	.store_send = pg_batch_send,
+	.outcome = pg_batch_outcome,
 	.abandon = pg_abandon,
 };

@@ -36,6 +36,12 @@ typedef struct {
 	char down[160];  /* why the last reconnection failed */
 	int64_t batch_xid; /* the open batch's transaction (backend_postgres_batch.c) */
 	os_buf log;        /* the open batch's stores, to store again after a deadlock */
+	/* The batch's pipelined stores (db:send; backend_postgres_batch.c): */
+	int piping;        /* the connection is in pipeline mode */
+	size_t sent;       /* stores sent in this batch */
+	size_t unread;     /* the last of them, whose outcomes are not read yet */
+	size_t settled;    /* outcomes db:outcome may read (those of a committed batch) */
+	os_buf out;        /* an os_outcome per send */
 	/* A connection attempt under way (backend_postgres_conn.c): */
 	int connecting;  /* PQconnectStart or PQresetStart was called; not connected yet */
 	int resetting;   /* it is a reconnection (PQresetPoll), else the first (PQconnectPoll) */
@@ -130,9 +136,21 @@ OS_HIDDEN int pg_ids_param(os_store *s, pg *g, params *p, const int64_t *ids, si
 OS_HIDDEN int pg_store_once(os_store *s, pg *g, const os_key *k, const os_item *m, const os_limit *lim,
                             int64_t fixed_id, int64_t *count, int64_t *id, int64_t *evicted);
 
+/* The parameters of ST_STORE (fixed_id 0) or ST_STORE_ID; 0 when a string is too large. */
+OS_HIDDEN int pg_store_params(params *p, const os_key *k, const os_item *m, const os_limit *lim,
+                              int64_t fixed_id);
+/* What ST_STORE's result says: OS_OK (*count, *id), OS_LIMIT or OS_DUP (*count). */
+OS_HIDDEN int pg_store_outcome(const PGresult *r, int64_t *count, int64_t *id);
+
 /* backend_postgres_batch.c */
+typedef struct {
+	int rc;
+	int64_t count, id;
+} os_outcome;
 OS_HIDDEN int pg_batch_begin(os_store *s);
 OS_HIDDEN int pg_batch_end(os_store *s, int commit);
+OS_HIDDEN int pg_batch_send(os_store *s, const os_key *k, const os_item *m, const os_limit *lim);
+OS_HIDDEN int pg_batch_outcome(os_store *s, size_t i, int64_t *count, int64_t *id);
 OS_HIDDEN int pg_batch_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
                              int64_t *count, int64_t *id, int64_t *evicted);
 

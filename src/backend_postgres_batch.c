@@ -1,9 +1,17 @@
 /* The postgres backend's group commit: the stores of a batch run in one
  * transaction (each still one statement, one round trip, as in 2. of
  * backend_postgres.c), committed by one COMMIT, so a batch of N stores costs
- * N + 2 round trips and one WAL flush instead of N of each. (Stores are not
- * pipelined: the caller needs each one's answer, the limit's decision, before
- * it handles the next message.)
+ * N + 2 round trips and one WAL flush instead of N of each.
+ *
+ * Pipelined (db:send). A store whose caller can wait for its outcome until the
+ * commit is sent in libpq's pipeline mode without waiting for the answer:
+ * PostgreSQL runs it while the caller goes on with the next message, and the
+ * answers of all of them are read in one go before the COMMIT (a Sync, then
+ * the results in order). A batch of N sends costs 3 round trips. The limit's
+ * decision is the same as a store's made at once: the server runs the
+ * statements in the order they were sent, each under the user's row lock.
+ * Eviction is not pipelined (its walk needs several statements); a store made
+ * at once in a batch with sends pending reads their outcomes first.
  *
  * Deadlocks. A batch holds the queue row of every user it stored to until it
  * commits, and takes them in the order the messages came, so two batches (two
@@ -42,14 +50,16 @@
  * user, from, xml, meta, dedup) back to back. */
 typedef struct {
 	int64_t ts, expire, id, max_count, max_bytes;
+	int64_t slot; /* a send's index (its outcome is read later); -1: a store made at once (id) */
 	size_t host_n, user_n, from_n, xml_n, meta_n, dedup_n;
 	int has_meta, has_dedup, evict;
 } logged;
 
-static int log_store(pg *g, const os_key *k, const os_item *m, const os_limit *lim, int64_t id) {
+static int log_store(pg *g, const os_key *k, const os_item *m, const os_limit *lim, int64_t id,
+                     int64_t slot) {
 	logged e;
 	memset(&e, 0, sizeof e);
-	e.ts = m->ts, e.expire = m->expire, e.id = id;
+	e.ts = m->ts, e.expire = m->expire, e.id = id, e.slot = slot;
 	e.max_count = lim->max_count, e.max_bytes = lim->max_bytes, e.evict = lim->evict_oldest;
 	e.host_n = k->host.n, e.user_n = k->user.n, e.from_n = m->from.n, e.xml_n = m->xml.n;
 	e.has_meta = m->meta.p != NULL, e.meta_n = m->meta.p ? m->meta.n : 0;
@@ -88,13 +98,65 @@ static int begin_xid(os_store *s, pg *g) {
 	return rc;
 }
 
+static os_outcome *outcomes(const pg *g) {
+	return (os_outcome *)(void *)g->out.p;
+}
+
+/* Reads the outcomes of the stores sent since the last call (the last
+ * g->unread of them) and leaves pipeline mode. OS_OK; or OS_FAIL with the
+ * first failure recorded: the transaction is aborted, or the connection lost
+ * (then libpq leaves pipeline mode when it reconnects). */
+static int drain(os_store *s, pg *g) {
+	size_t slot = g->sent - g->unread, nulls = 0;
+	int rc = OS_OK;
+	if (!g->piping)
+		return OS_OK;
+	g->piping = 0, g->unread = 0;
+	if (!PQpipelineSync(g->conn))
+		return pgfail(s, g, NULL);
+	for (;;) {
+		PGresult *r = PQgetResult(g->conn);
+		ExecStatusType st;
+		if (!r) { /* the end of one statement's results; twice in a row: the connection is gone */
+			if (++nulls > 1 || PQstatus(g->conn) != CONNECTION_OK)
+				return rc == OS_OK ? pgfail(s, g, NULL) : rc;
+			continue;
+		}
+		nulls = 0;
+		st = PQresultStatus(r);
+		if (st == PGRES_PIPELINE_SYNC) {
+			PQclear(r);
+			break;
+		}
+		if (st == PGRES_TUPLES_OK && slot < g->sent) {
+			os_outcome *o = &outcomes(g)[slot];
+			o->rc = pg_store_outcome(r, &o->count, &o->id);
+		} else if (st != PGRES_PIPELINE_ABORTED && rc == OS_OK) {
+			rc = pgfail(s, g, r);
+		}
+		slot++;
+		PQclear(r);
+	}
+	if (!PQexitPipelineMode(g->conn) && rc == OS_OK)
+		rc = pgfail(s, g, NULL);
+	return rc;
+}
+
 /* Ends the batch after a failure: rolls back what is left of it. */
 static int give_up(os_store *s, pg *g) {
+	char why[sizeof s->errmsg];
+	int code = s->errcode;
+	memcpy(why, s->errmsg, sizeof why);
+	if (g->piping)
+		drain(s, g); /* (its failure is not the one to report) */
 	if (PQstatus(g->conn) == CONNECTION_OK && PQtransactionStatus(g->conn) != PQTRANS_IDLE)
 		pg_command(g, "ROLLBACK");
 	s->in_batch = 0;
 	g->batch_xid = 0;
+	g->sent = g->settled = 0;
 	os_buf_reset(&g->log, LOG_KEEP);
+	memcpy(s->errmsg, why, sizeof why);
+	s->errcode = code;
 	return OS_FAIL;
 }
 
@@ -104,8 +166,9 @@ static int retryable(const os_store *s, const pg *g) {
 	       (s->errcode == pg_sqlstate_code("40P01") || s->errcode == pg_sqlstate_code("23505"));
 }
 
-/* Rolls back and stores the batch's stores again, each with its id; *changed
- * when one came out otherwise (no use trying again). */
+/* Rolls back and stores the batch's stores again: those made at once each
+ * with its id (*changed when one came out otherwise: no use trying again),
+ * the sends afresh, their outcomes recorded. */
 static int replay(os_store *s, pg *g, int *changed) {
 	size_t at = 0;
 	if (PQtransactionStatus(g->conn) != PQTRANS_IDLE)
@@ -117,17 +180,40 @@ static int replay(os_store *s, pg *g, int *changed) {
 		os_key k;
 		os_item m;
 		os_limit lim;
-		int64_t count, id = 0, evicted;
+		int64_t count = 0, id = 0, evicted;
 		int rc;
 		log_read(g, &at, &e, &k, &m, &lim);
-		rc = pg_store_once(s, g, &k, &m, &lim, e.id, &count, &id, &evicted);
+		rc = pg_store_once(s, g, &k, &m, &lim, e.slot >= 0 ? 0 : e.id, &count, &id, &evicted);
 		if (rc == OS_FAIL)
 			return OS_FAIL;
-		if (rc != OS_OK || id != e.id)
+		if (e.slot >= 0) {
+			os_outcome *o = &outcomes(g)[e.slot];
+			o->rc = rc, o->count = count, o->id = id;
+		} else if (rc != OS_OK || id != e.id) {
 			return *changed = 1, os_fail(s, pg_sqlstate_code("40P01"), "a deadlock rolled back a batch of offline "
 			               "messages, and one of them could not be stored again as it was (SQLSTATE 40P01)");
+		}
 	}
 	return OS_OK;
+}
+
+/* After a failure inside the batch (its transaction is over: every store of
+ * it is undone): stores the batch again when that can settle it, up to
+ * RETRIES times in all (*tries); else gives up. */
+static int retry(os_store *s, pg *g, int *tries) {
+	int changed = 0;
+	do {
+		if (changed || !retryable(s, g) || ++*tries > RETRIES)
+			return give_up(s, g);
+	} while (replay(s, g, &changed) != OS_OK);
+	return OS_OK;
+}
+
+/* Reads the outcomes of the sends still unread. */
+static int settle(os_store *s, pg *g, int *tries) {
+	if (g->unread == 0 || drain(s, g) == OS_OK)
+		return OS_OK;
+	return retry(s, g, tries);
 }
 
 /* db:begin() */
@@ -136,6 +222,8 @@ int pg_batch_begin(os_store *s) {
 	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
 	os_buf_reset(&g->log, LOG_KEEP);
+	os_buf_reset(&g->out, LOG_KEEP);
+	g->sent = g->unread = g->settled = 0;
 	return begin_xid(s, g);
 }
 
@@ -144,31 +232,77 @@ int pg_batch_begin(os_store *s) {
 int pg_batch_store(os_store *s, const os_key *k, const os_item *m, const os_limit *lim,
                    int64_t *count, int64_t *id, int64_t *evicted) {
 	pg *g = s->impl;
-	int rc, tries = 0, changed = 0;
-	while ((rc = pg_store_once(s, g, k, m, lim, 0, count, id, evicted)) == OS_FAIL) {
-		/* (the transaction is over: every earlier store of the batch is undone) */
-		do {
-			if (changed || !retryable(s, g) || ++tries > RETRIES)
-				return give_up(s, g);
-		} while (replay(s, g, &changed) != OS_OK);
-	}
-	if (rc == OS_OK && !log_store(g, k, m, lim, *id)) {
+	int rc, tries = 0;
+	if (settle(s, g, &tries) != OS_OK)
+		return OS_FAIL;
+	while ((rc = pg_store_once(s, g, k, m, lim, 0, count, id, evicted)) == OS_FAIL)
+		if (retry(s, g, &tries) != OS_OK)
+			return OS_FAIL;
+	if (rc == OS_OK && !log_store(g, k, m, lim, *id, -1)) {
 		os_fail(s, 0, "out of memory");
 		return give_up(s, g);
 	}
 	return rc;
 }
 
+/* db:send(): the store goes out now, its outcome is read before the commit. */
+int pg_batch_send(os_store *s, const os_key *k, const os_item *m, const os_limit *lim) {
+	pg *g = s->impl;
+	os_outcome none = { OS_FAIL, 0, 0 };
+	params p;
+	char name[32];
+	if (!pg_store_params(&p, k, m, lim, 0)) {
+		os_fail(s, 0, "a string is too large to store");
+		return give_up(s, g);
+	}
+	if (!log_store(g, k, m, lim, 0, (int64_t)g->sent) || !os_buf_add(&g->out, &none, sizeof none)) {
+		os_fail(s, 0, "out of memory");
+		return give_up(s, g);
+	}
+	if (!g->piping) {
+		if (!PQenterPipelineMode(g->conn)) {
+			pgfail(s, g, NULL);
+			return give_up(s, g);
+		}
+		g->piping = 1;
+	}
+	snprintf(name, sizeof name, "offline_store_%d", ST_STORE);
+	g->sent++, g->unread++;
+	if (!PQsendQueryPrepared(g->conn, name, p.n, p.val, p.len, p.fmt, 1) || PQflush(g->conn) != 0) {
+		pgfail(s, g, NULL);
+		return give_up(s, g);
+	}
+	return OS_OK;
+}
+
 /* db:commit() (commit = 1) and db:rollback(). */
 int pg_batch_end(os_store *s, int commit) {
 	pg *g = s->impl;
-	int rc = OS_OK;
-	if (commit)
+	int rc = OS_OK, tries = 0;
+	if (!commit) {
+		if (g->piping)
+			drain(s, g);
+		if (PQstatus(g->conn) == CONNECTION_OK && PQtransactionStatus(g->conn) != PQTRANS_IDLE)
+			pg_command(g, "ROLLBACK");
+	} else if (settle(s, g, &tries) != OS_OK) {
+		return OS_FAIL; /* (given up: rolled back) */
+	} else {
 		/* In doubt and the server cannot tell: reported as failed. */
 		rc = pg_commit_xid(s, g, g->batch_xid, OS_FAIL);
-	else if (PQstatus(g->conn) == CONNECTION_OK && PQtransactionStatus(g->conn) != PQTRANS_IDLE)
-		pg_command(g, "ROLLBACK");
+	}
+	g->settled = commit && rc == OS_OK ? g->sent : 0;
 	g->batch_xid = 0;
 	os_buf_reset(&g->log, LOG_KEEP);
 	return rc;
+}
+
+/* db:outcome(i) */
+int pg_batch_outcome(os_store *s, size_t i, int64_t *count, int64_t *id) {
+	pg *g = s->impl;
+	os_outcome o;
+	if (i >= g->settled)
+		return OS_FAIL;
+	memcpy(&o, g->out.p + i * sizeof o, sizeof o);
+	*count = o.count, *id = o.id;
+	return o.rc;
 }

@@ -62,8 +62,9 @@
 	" INSERT INTO offline_message (" id_col "host, username, ts, expire, sender, stanza, meta, dedup)" \
 	overriding " SELECT" id_val " $1::bytea, $2::bytea, $3::int8, $4::int8, $5::bytea, $6::bytea, $7::bytea," \
 	" $10::bytea FROM counter RETURNING id) " \
-	"SELECT counter.count, msg.id, dup.found FROM dup LEFT JOIN counter ON true" \
-	" LEFT JOIN msg ON true"
+	"SELECT counter.count, msg.id, dup.found, CASE WHEN msg.id IS NULL THEN" \
+	" (SELECT q.count FROM offline_queue q WHERE q.host = $1::bytea AND q.username = $2::bytea) END" \
+	" FROM dup LEFT JOIN counter ON true LEFT JOIN msg ON true"
 
 #define ITEM_COLUMNS \
 	"SELECT id, ts, expire, sender, stanza, meta, lease_owner, lease_until FROM offline_message "
@@ -82,8 +83,9 @@ static const struct {
 	[ST_QUEUE_LOCK] = {"SELECT count, txid_current() FROM offline_queue "
 	                   "WHERE host = $1::bytea AND username = $2::bytea FOR UPDATE", 2},
 	/* $3 ts, $4 expire, $5 sender, $6 stanza, $7 meta, $8 max count, $9 max bytes,
-	 * $10 dedup key; one row: count and id when stored, else NULLs and whether
-	 * the key was found (see 5. in backend_postgres.c) */
+	 * $10 dedup key; one row: count and id when stored, else NULLs, whether
+	 * the key was found (see 5. in backend_postgres.c) and the queue's count
+	 * (as this statement's snapshot has it: the statement changed nothing) */
 	[ST_STORE] = {STORE("", "", ""), 10},
 	/* the same with $11 the id (a batch stored again after a deadlock keeps its ids) */
 	[ST_STORE_ID] = {STORE("id, ", " OVERRIDING SYSTEM VALUE", " $11::int8,"), 11},

@@ -152,42 +152,43 @@ static int l_open_postgres(lua_State *L) {
  * xml is a string, or a util.stanza tree, stored as core.serialize(xml, true)
  * writes it (without the top element's delays) with no Lua string in between;
  * a tree deeper than the serializer goes gives false, "too deep", storing nothing. */
-static int l_store(lua_State *L) {
-	os_store *s = check_open(L);
-	os_key k = check_key(L);
-	os_item m;
-	os_limit lim;
-	int64_t count = 0, id = 0, evicted = 0;
-	int rc, tree = lua_type(L, 5) == LUA_TTABLE;
-	m.from = check_str(L, 4);
+/* Reads store's arguments (from 2). Returns -1 when they are good, else the
+ * number of values it pushed for the caller to return (too deep, too large). */
+static int check_store_args(lua_State *L, os_store *s, os_key *k, os_item *m, os_limit *lim) {
+	int tree = lua_type(L, 5) == LUA_TTABLE;
+	*k = check_key(L);
+	m->from = check_str(L, 4);
 	if (!tree)
-		m.xml = check_str(L, 5);
-	m.ts = (int64_t)luaL_checkinteger(L, 6);
-	m.expire = opt_int(L, 7, INT64_MIN + 1);
-	lim.max_count = opt_int(L, 8, 0);
-	lim.max_bytes = opt_int(L, 9, 0);
+		m->xml = check_str(L, 5);
+	m->ts = (int64_t)luaL_checkinteger(L, 6);
+	m->expire = opt_int(L, 7, INT64_MIN + 1);
+	lim->max_count = opt_int(L, 8, 0);
+	lim->max_bytes = opt_int(L, 9, 0);
 	if (lua_isnoneornil(L, 10))
-		m.meta.p = NULL, m.meta.n = 0;
+		m->meta.p = NULL, m->meta.n = 0;
 	else
-		m.meta = check_str(L, 10);
+		m->meta = check_str(L, 10);
 	if (lua_isnoneornil(L, 11))
-		m.dedup.p = NULL, m.dedup.n = 0;
+		m->dedup.p = NULL, m->dedup.n = 0;
 	else
-		m.dedup = check_str(L, 11);
-	lim.evict_oldest = lua_toboolean(L, 12);
-	m.lease_owner.p = NULL, m.lease_owner.n = 0, m.lease_until = 0;
-	if (tree && os_xml_write(L, 5, 1, &m.xml.p, &m.xml.n) != 0) {
+		m->dedup = check_str(L, 11);
+	lim->evict_oldest = lua_toboolean(L, 12);
+	m->lease_owner.p = NULL, m->lease_owner.n = 0, m->lease_until = 0;
+	if (tree && os_xml_write(L, 5, 1, &m->xml.p, &m->xml.n) != 0) {
 		lua_pushboolean(L, 0);
 		lua_pushliteral(L, "too deep");
 		return 2;
 	}
-	if (m.from.n > OS_MAX_LEN || m.xml.n > OS_MAX_LEN || m.meta.n > OS_MAX_LEN ||
-	    m.dedup.n > OS_MAX_LEN) {
+	if (m->from.n > OS_MAX_LEN || m->xml.n > OS_MAX_LEN || m->meta.n > OS_MAX_LEN ||
+	    m->dedup.n > OS_MAX_LEN) {
 		os_fail(s, 0, "message too large to store: more than %d bytes in one field", OS_MAX_LEN);
 		return push_fail(L, s);
 	}
-	check_state(L, s, 0);
-	rc = s->be->store(s, &k, &m, &lim, &count, &id, &evicted);
+	return -1;
+}
+
+/* Pushes what store returns for backend result rc. */
+static int push_stored(lua_State *L, const os_store *s, int rc, int64_t count, int64_t id) {
 	if (rc == OS_FAIL)
 		return push_fail(L, s);
 	if (rc == OS_LIMIT || rc == OS_DUP) {
@@ -198,10 +199,69 @@ static int l_store(lua_State *L) {
 	}
 	lua_pushinteger(L, count);
 	lua_pushinteger(L, id);
-	if (!lim.evict_oldest)
-		return 2;
+	return 2;
+}
+
+static int l_store(lua_State *L) {
+	os_store *s = check_open(L);
+	os_key k;
+	os_item m;
+	os_limit lim;
+	int64_t count = 0, id = 0, evicted = 0;
+	int rc, n = check_store_args(L, s, &k, &m, &lim);
+	if (n >= 0)
+		return n;
+	check_state(L, s, 0);
+	rc = s->be->store(s, &k, &m, &lim, &count, &id, &evicted);
+	n = push_stored(L, s, rc, count, id);
+	if (rc != OS_OK || !lim.evict_oldest)
+		return n;
 	lua_pushinteger(L, evicted);
 	return 3;
+}
+
+/* db:send(host, user, from, xml, ts [, expire [, max_count [, max_bytes [, meta [, dedup]]]]])
+ *   -> true | false, "too deep" | false, "not pipelined" | fail, msg, code
+ * Inside a batch, on a backend that pipelines (postgres): hands the store to the
+ * server without waiting for its outcome, which db:outcome(i) gives once db:commit()
+ * succeeded (i counts this batch's sends from 1). Fails as a store in the batch
+ * fails: the whole batch is over. "not pipelined": the backend has no such thing
+ * (or no batch is open), nothing was done; use db:store. */
+static int l_send(lua_State *L) {
+	os_store *s = check_open(L);
+	os_key k;
+	os_item m;
+	os_limit lim;
+	int n;
+	if (!s->be->store_send || !s->in_batch) {
+		lua_pushboolean(L, 0);
+		lua_pushliteral(L, "not pipelined");
+		return 2;
+	}
+	if ((n = check_store_args(L, s, &k, &m, &lim)) >= 0)
+		return n;
+	luaL_argcheck(L, !lim.evict_oldest, 12, "eviction is not pipelined: use db:store");
+	check_state(L, s, 0);
+	if (!s->in_batch)
+		return luaL_error(L, "the batch on this offline store ended while the message was read");
+	if (s->be->store_send(s, &k, &m, &lim) != OS_OK)
+		return push_fail(L, s);
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+/* db:outcome(i) -> what db:store would have returned for the batch's i-th send (from 1):
+ * count, id | false, "limit", count | false, "duplicate", count. Valid once db:commit()
+ * succeeded, until the next db:begin(); raises for an i that was not sent. */
+static int l_outcome(lua_State *L) {
+	os_store *s = check_open(L);
+	lua_Integer i = luaL_checkinteger(L, 2);
+	int64_t count = 0, id = 0;
+	int rc;
+	luaL_argcheck(L, i >= 1 && s->be->outcome, 2, "no such send");
+	rc = s->be->outcome(s, (size_t)(i - 1), &count, &id);
+	luaL_argcheck(L, rc != OS_FAIL, 2, "no such send in the last committed batch");
+	return push_stored(L, s, rc, count, id);
 }
 
 typedef struct {
@@ -577,6 +637,8 @@ static int l_tostring(lua_State *L) {
 
 static const luaL_Reg methods[] = {
 	{"store", l_store},
+	{"send", l_send},
+	{"outcome", l_outcome},
 	{"pop", l_pop},
 	{"lease", l_lease},
 	{"confirm", l_remove}, /* an acked row: deleted (same as remove) */

@@ -7,14 +7,23 @@
 --
 --   local b = batch.new(db, { max = 256, on_open = f(), on_close = f(),
 --                             on_commit = f(n), on_lost = f(tokens, err, code),
---                             before_write = f(), on_stored = f(token, user, count, id) })
+--                             before_write = f(), on_stored = f(token, user, count, id),
+--                             on_refused = f(token, user, false, why, count) })
 --
 -- before_write runs before this batch takes the database for anything (begin,
 -- or any call through idle/guarded): the caller commits other batches there that
 -- may hold the same file's write lock (several hosts on one sqlite file).
 -- on_stored runs for each store that joined the open batch, before a flush it
 -- may cause (so a caller can tell its on_commit what each store was).
---   b:store(token, <db:store arguments>)  -> what db:store returns (up to evict)
+--   b:store(token, <db:store arguments>)  -> what db:store returns (up to evict),
+--                                            or true: decided at the flush
+--
+-- Pipelined (a backend with db:send, PostgreSQL): a store without eviction is
+-- sent without waiting for its outcome and returns true. Its outcome is read at
+-- the flush: once the batch committed, on_stored runs for each of them that was
+-- stored (then on_commit), and on_refused afterwards for each refused by the
+-- limit or found a duplicate (what db:store would have returned, after the
+-- token and user); when it did not commit, every token goes to on_lost.
 --   b:flush()                              -> true | nil, err, code
 --   b:idle()                               -> the db, after a flush (for every other call)
 --
@@ -45,18 +54,31 @@ function M.new(db, opts)
 		on_commit = opts.on_commit or noop,
 		on_lost = opts.on_lost or noop,
 		on_stored = opts.on_stored or noop,
+		on_refused = opts.on_refused or noop,
 		open = false,      -- a batch is open on db
 		unbatched = false, -- db has no group commit: every store commits itself
+		unpiped = false,   -- db has no db:send
 		tokens = {},
 		n = 0,
+		sends = {},        -- [i] = the n of the i-th send's token
+		users = {},        -- [i] = its user
+		sent = 0,
 	}, mt)
 end
 
 local function take(self)
-	local tokens, n = self.tokens, self.n
+	local tokens, n, sends, users, sent = self.tokens, self.n, self.sends, self.users, self.sent
 	self.open, self.tokens, self.n = false, {}, 0
+	if sent > 0 then self.sends, self.users, self.sent = {}, {}, 0 end
 	self.on_close()
-	return tokens, n
+	return tokens, n, sends, users, sent
+end
+
+-- A token joins the open batch; returns how many it holds.
+local function join(self, token)
+	local n = self.n + 1
+	self.n, self.tokens[n] = n, token
+	return n
 end
 
 -- (The arguments are spelled out rather than passed as `...`: this runs for
@@ -74,31 +96,70 @@ function methods:store(token, h, user, from, xml, ts, expire, max_count, max_byt
 			self.unbatched = true
 		end
 	end
+	if self.open and not evict and not self.unpiped then
+		local ok, why, code = db:send(h, user, from, xml, ts, expire, max_count, max_bytes, meta, dedup)
+		if ok then
+			local n, i = join(self, token), self.sent + 1
+			self.sent, self.sends[i], self.users[i] = i, n, user
+			if n >= self.max then self:flush() end
+			return true
+		elseif why == "not pipelined" then
+			self.unpiped = true
+		elseif ok == false then
+			return false, why -- too deep: nothing was done
+		else
+			return self:lost(why, code)
+		end
+	end
 	local count, why, current = db:store(h, user, from, xml, ts, expire, max_count, max_bytes, meta, dedup, evict)
 	if not self.open then return count, why, current end
 	if count then
-		local n = self.n + 1
-		self.n, self.tokens[n] = n, token
+		local n = join(self, token)
 		self.on_stored(token, user, count, why)
 		if n >= self.max then self:flush() end
 	elseif count == nil then
-		-- the failed store rolled back the whole batch
-		local tokens, n = take(self)
-		if n > 0 then self.on_lost(tokens, why, current) end
+		return self:lost(why, current)
 	end
 	return count, why, current
 end
 
+-- A store or send failed: that rolled back the whole batch.
+function methods:lost(err, code)
+	local tokens, n = take(self)
+	if n > 0 then self.on_lost(tokens, err, code) end
+	return nil, err, code
+end
+
 function methods:flush()
 	if not self.open then return true end
-	local tokens, n = take(self)
-	local ok, err, code = self.db:commit()
-	if ok then
+	local tokens, n, sends, users, sent = take(self)
+	local db = self.db
+	local ok, err, code = db:commit()
+	if not ok then
+		if n > 0 then self.on_lost(tokens, err, code) end
+		return nil, err, code
+	end
+	if sent == 0 then
 		self.on_commit(n)
 		return true
 	end
-	if n > 0 then self.on_lost(tokens, err, code) end
-	return nil, err, code
+	local stored = n
+	for i = 1, sent do
+		local count, why = db:outcome(i)
+		if count then
+			self.on_stored(tokens[sends[i]], users[i], count, why)
+		else
+			stored = stored - 1
+		end
+	end
+	self.on_commit(stored)
+	if stored < n then
+		for i = 1, sent do
+			local count, why, current = db:outcome(i)
+			if not count then self.on_refused(tokens[sends[i]], users[i], count, why, current) end
+		end
+	end
+	return true
 end
 
 -- The db with no batch open, for any call other than store.

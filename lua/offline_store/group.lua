@@ -45,7 +45,7 @@ end
 -- A batch over `db` that is in group.open while it is open, flushed at the latest on
 -- the next loop turn (later(fn) runs fn then), and that commits the other hosts'
 -- batches before it writes (they may share the file and hold its write lock).
--- opts: max, later, on_commit, on_lost, on_stored (as for offline_store.batch).
+-- opts: max, later, on_commit, on_lost, on_stored, on_refused (as for offline_store.batch).
 function M.batch(group, db, opts)
 	local this
 	this = batch.new(db, {
@@ -66,6 +66,7 @@ function M.batch(group, db, opts)
 		on_commit = opts.on_commit,
 		on_lost = opts.on_lost,
 		on_stored = opts.on_stored,
+		on_refused = opts.on_refused,
 	})
 	return this
 end

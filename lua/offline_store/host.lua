@@ -76,6 +76,7 @@ function Host:attach(new_db)
 		max = M.BATCH_MAX,
 		later = function(fn) self.later(0, fn) end,
 		on_stored = function(stanza, username, count, id) self.ev:pending(stanza, username, id, count) end,
+		on_refused = function(stanza, username, ...) self:stored(stanza, username, false, ...) end,
 		on_commit = function(n)
 			self.ev:commit()
 			m.stored:add(n)
@@ -247,6 +248,14 @@ function Host:store_message(origin, stanza, username)
 			limit_bytes, dedup)
 	end
 	if started then m.write:sample(self.now() - started) end
+	if count == true then return true end -- (sent: its outcome comes when the batch commits)
+	return self:stored(stanza, username, requeued, count, why, current)
+end
+
+-- What a store's outcome (as db:store returns it) means for the message and its
+-- sender; returns the handler's result.
+function Host:stored(stanza, username, requeued, count, why, current)
+	local host, m = self.host, self.metrics
 	if count == false and why == "duplicate" then
 		m.dropped:with_labels("duplicate"):add(1)
 		self.log("debug", "Not storing a message for %s@%s again (same origin-id from the same sender)", username, host)

@@ -7,7 +7,8 @@
 --           is given; evict=1: over the limit, drop the oldest to make room (a line "evicted N"
 --           after each "ok" that evicted); lines "ok ID XML", "limit COUNT", "dup COUNT";
 --           batch=N: N stores per batch (db:begin .. db:commit), their "ok" lines written once it
---           committed, else "lost N"; ready=FILE go=FILE: after the first store, creates FILE
+--           committed, else "lost N"; send=1 (with batch): db:send, the outcomes read from
+--           db:outcome once the batch committed; ready=FILE go=FILE: after the first store, creates FILE
 --           `ready` and waits for `go` to exist
 --   lease   as owner <tag>: lease up to 7 rows, confirm them, again, until the queue is empty;
 --           one line "leased ID,ID,..." per lease that returned rows
@@ -58,11 +59,19 @@ if mode == "store" then
 	local users = {}
 	for u in (opt.users or user):gmatch("[^,]+") do users[#users + 1] = u end
 	local every, per = num("expire_every", 0), num("batch", 0)
-	local held, open = {}, false
+	local held, open, sends = {}, false, 0
 	local DEADLOCK = tonumber("40P01", 36) -- (a batch stored again came out otherwise: lost, not a failure)
 	local function settle(ok, e, c)
 		if ok then
-			for _, line in ipairs(held) do say(table.unpack(line)) end
+			for _, line in ipairs(held) do
+				if line[1] == "send" then
+					local n, id, cur = db:outcome(line[2])
+					if n then say("ok", id, line[3], line[4])
+					else say(id == "duplicate" and "dup" or "limit", cur) end
+				else
+					say(table.unpack(line))
+				end
+			end
 		else
 			if e and c ~= DEADLOCK then fail(e, c) end
 			say("lost", #held)
@@ -74,10 +83,19 @@ if mode == "store" then
 		local ts = T0 + i
 		local expire = every > 0 and i % every == 0 and ts + 1 or nil
 		local xml = (opt.tag or "w") .. ":" .. i
-		if per > 0 and not open then open = assert(db:begin()) end
-		local c, id, cur = db:store(host, u, "sender@example.org", xml, ts, expire, num("max"), num("max_bytes"),
-			nil, opt.dedup and (opt.dedup .. ":" .. i), opt.evict == "1")
-		if c then
+		if per > 0 and not open then open, sends = assert(db:begin()), 0 end
+		local c, id, cur
+		if open and opt.send == "1" then
+			c, id, cur = db:send(host, u, "sender@example.org", xml, ts, expire, num("max"), num("max_bytes"),
+				nil, opt.dedup and (opt.dedup .. ":" .. i))
+			if c then sends = sends + 1; c, id = false, "sent" end
+		else
+			c, id, cur = db:store(host, u, "sender@example.org", xml, ts, expire, num("max"), num("max_bytes"),
+				nil, opt.dedup and (opt.dedup .. ":" .. i), opt.evict == "1")
+		end
+		if id == "sent" then
+			held[#held + 1] = { "send", sends, xml, u }
+		elseif c then
 			local line = { "ok", id, xml, u }
 			if open then held[#held + 1] = line else say(table.unpack(line)) end
 			if cur and cur > 0 then say("evicted", cur) end
