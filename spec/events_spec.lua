@@ -1,10 +1,12 @@
 -- The module's events for other modules and site plugins (doc/manual.md, "Events for other
 -- modules"), through a real Prosody: the manual's example plugin, taken from the manual's
--- text, vetoes and rewrites; a probe plugin logs every payload it is given.
+-- text, vetoes and rewrites; a probe plugin logs every payload it is given. On sqlite, memory
+-- and PostgreSQL.
 
 local lu = require "luaunit"
 local offline = require "support.offline"
 local support = require "support.util"
+local postgres = require "support.postgres"
 
 local online, login, chat, messages = offline.online, offline.login, offline.chat, offline.messages
 
@@ -46,7 +48,9 @@ local function start(backend)
 		modules_enabled = { "smacks", "offline_filter", "offline_probe" },
 		host = 'spam_words = { "buy now" }\n'
 			.. 'access = { max_user_offline_messages = { { acl = "all", value = 2 } } }\n'
-			.. ("offline_backend = %q"):format(backend),
+			.. ("offline_backend = %q\n"):format(backend)
+			.. (backend == "postgres" and ("offline_postgres = %q"):format(postgres.require_server(lu):fresh_conninfo())
+				or ""),
 	}
 	srv.plugin_dir = dir
 	return srv
@@ -134,3 +138,5 @@ end
 
 TestEventsSqlite = with_backend("sqlite")
 TestEventsMemory = with_backend("memory")
+-- (pipelined stores: a refusal is decided, and told, when the batch commits)
+TestEventsPostgres = with_backend("postgres")
