@@ -19,7 +19,9 @@ local function recorded(db, max)
 		on_open = function() log.opened = log.opened + 1 end,
 		on_close = function() log.closed = log.closed + 1 end,
 		on_commit = function(n) log.committed[#log.committed + 1] = n; say("commit", n) end,
-		on_lost = function(tokens, err, code) log.lost[#log.lost + 1] = { tokens = tokens, err = err, code = code } end,
+		on_lost = function(tokens, err, code, users)
+			log.lost[#log.lost + 1] = { tokens = tokens, err = err, code = code, users = users and next(users) and users }
+		end,
 		on_stored = function(token, user, count) say("stored", token, user, count) end,
 		on_refused = function(token, user, count, why, current) say("refused", token, user, tostring(count), why, current) end,
 	})
@@ -216,6 +218,7 @@ function TestBatchPipelined:test_failed_batch_tells_every_token()
 	lu.assertStrContains(err, "23514")
 	lu.assertEquals(#log.lost, 1)
 	lu.assertEquals(log.lost[1].tokens, { "t1", "t2", "t3" })
+	lu.assertEquals(log.lost[1].users, { "bob", "bob", "bob" }, "sent: nobody heard of them before")
 	lu.assertEquals(log.seq, {})
 	lu.assertEquals(b:idle():count(H, "bob"), 0)
 	lu.assertTrue(b:store("t4", H, "bob", FROM, "m4", T0), "the next store opens a new batch")
@@ -230,4 +233,30 @@ function TestBatchPipelined:test_max_flushes_sends()
 	lu.assertTrue(b:flush())
 	lu.assertEquals(log.committed, { 4, 4, 2 })
 	lu.assertEquals(b:idle():count(H, "bob"), 10)
+end
+
+-- A callback that stores (a handler of offline-store/stored queueing a notice) opens the next
+-- batch in the middle of the flush: every outcome of the flushed batch is still told.
+function TestBatchPipelined:test_a_callback_that_stores_misses_no_outcome()
+	local seq, b, noticed = {}, nil, false
+	b = batch.new(self.db, {
+		on_stored = function(token) seq[#seq + 1] = "stored " .. token end,
+		on_commit = function()
+			seq[#seq + 1] = "commit"
+			if not noticed then
+				noticed = true
+				b:store("notice", H, "admin", FROM, "n", T0)
+			end
+		end,
+		on_refused = function(token, _, _, why) seq[#seq + 1] = "refused " .. token .. " " .. why end,
+	})
+	lu.assertTrue(b:store("t1", H, "bob", FROM, "m1", T0, nil, 1))
+	lu.assertTrue(b:store("t2", H, "bob", FROM, "m2", T0, nil, 1))
+	lu.assertTrue(b:store("t3", H, "bob", FROM, "m3", T0, nil, 1))
+	lu.assertTrue(b:flush())
+	lu.assertEquals(seq, { "stored t1", "commit", "refused t2 limit", "refused t3 limit" })
+	lu.assertTrue(b.open, "the notice's batch")
+	lu.assertTrue(b:flush())
+	lu.assertEquals(seq[#seq - 1], "stored notice")
+	lu.assertEquals(b:idle():count(H, "admin"), 1)
 end

@@ -583,7 +583,7 @@ end
 
 -- db:send is for a batch on a backend that pipelines; eviction is not pipelined.
 function TestPostgresBatch:test_send_only_in_a_batch()
-	lu.assertEquals({ self.db:send(H, "bob", FROM, "x", T0) }, { false, "not pipelined" })
+	lu.assertEquals({ self.db:send(H, "bob", FROM, "x", T0) }, { false, "no batch" })
 	assert(self.db:begin())
 	lu.assertErrorMsgContains("eviction is not pipelined", self.db.send, self.db, H, "bob", FROM, "x", T0,
 		nil, 1, nil, nil, nil, true)
@@ -620,6 +620,37 @@ function TestPostgresBatch:test_store_after_sends_and_rollback()
 	lu.assertTrue(db:send(H, "carol", FROM, "after", T0))
 	assert(db:commit())
 	lu.assertEquals((db:outcome(1)), 1)
+end
+
+-- A send meets another writer's copy of its dedup key (the other's transaction was open when
+-- it ran): the commit stores the batch again, inside the batch (its evicting store included:
+-- nothing is committed half-way), and the send comes out a duplicate.
+function TestPostgresBatch:test_send_meeting_a_key_being_written_is_a_duplicate()
+	local db = self.db
+	local other = assert(core.open_postgres(self.conninfo))
+	lu.assertEquals(db:store(H, "ev", FROM, "ev-old", T0), 1)
+	assert(other:begin())
+	lu.assertEquals(other:store(H, "bob", FROM, "theirs", T0, nil, nil, nil, nil, "k"), 1)
+	assert(db:begin())
+	local c, _, evicted = db:store(H, "ev", FROM, "ev-new", T0, nil, 1, nil, nil, nil, true)
+	lu.assertEquals({ c, evicted }, { 1, 1 })
+	lu.assertTrue(db:send(H, "bob", FROM, "ours", T0, nil, nil, nil, nil, "k")) -- (waits for bob's row)
+	lu.assertTrue(db:send(H, "carol", FROM, "c1", T0))
+	local deadline = socket.gettime() + 10
+	while tonumber(server():psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")) == 0 do
+		assert(socket.gettime() < deadline, "the send never waited for bob's row")
+		socket.sleep(0.01)
+	end
+	assert(other:commit())
+	lu.assertTrue(db:commit())
+	lu.assertEquals({ db:outcome(1) }, { false, "duplicate", 1 })
+	lu.assertEquals((db:outcome(2)), 1)
+	lu.assertEquals(xmls(assert_counter(db, "bob")), { "theirs" })
+	lu.assertEquals(xmls(assert_counter(db, "ev")), { "ev-new" })
+	lu.assertEquals(xmls(assert_counter(db, "carol")), { "c1" })
+	lu.assertEquals(server():psql(format("SELECT count(DISTINCT xmin::text) FROM %s.offline_message "
+		.. "WHERE username <> convert_to('bob', 'UTF8')", self.schema)), "1", "ev-new and c1 in one transaction")
+	other:close()
 end
 
 -- A send that fails on the server fails the commit: nothing of the batch stays, and the next

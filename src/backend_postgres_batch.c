@@ -284,9 +284,14 @@ int pg_batch_end(os_store *s, int commit) {
 			drain(s, g);
 		if (PQstatus(g->conn) == CONNECTION_OK && PQtransactionStatus(g->conn) != PQTRANS_IDLE)
 			pg_command(g, "ROLLBACK");
-	} else if (settle(s, g, &tries) != OS_OK) {
-		return OS_FAIL; /* (given up: rolled back) */
 	} else {
+		/* core.c ended the batch before this call; reading the sends and storing
+		 * them again (a deadlock) still happen inside it */
+		s->in_batch = 1;
+		rc = settle(s, g, &tries);
+		s->in_batch = 0;
+		if (rc != OS_OK)
+			return OS_FAIL; /* (given up: rolled back) */
 		/* In doubt and the server cannot tell: reported as failed. */
 		rc = pg_commit_xid(s, g, g->batch_xid, OS_FAIL);
 	}

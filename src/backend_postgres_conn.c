@@ -265,7 +265,11 @@ int pg_recover(os_store *s, pg *g) {
 		g->live = NULL;
 	}
 	notice_hangup(g);
-	if ((g->connecting || PQstatus(g->conn) != CONNECTION_OK) &&
+	/* A pipeline left unfinished on a live connection (a batch's drain cut short,
+	 * backend_postgres_batch.c) keeps libpq in pipeline mode, where no plain call
+	 * works: a new connection. */
+	if ((g->connecting || PQstatus(g->conn) != CONNECTION_OK ||
+	     PQpipelineStatus(g->conn) != PQ_PIPELINE_OFF) &&
 	    reconnect(s, g, CONNECT_INLINE_MS) != OS_OK)
 		return OS_FAIL;
 	if (!g->ready && pg_setup(s, g) != OS_OK)

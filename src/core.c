@@ -181,6 +181,10 @@ static int check_store_args(lua_State *L, os_store *s, os_key *k, os_item *m, os
 	}
 	if (m->from.n > OS_MAX_LEN || m->xml.n > OS_MAX_LEN || m->meta.n > OS_MAX_LEN ||
 	    m->dedup.n > OS_MAX_LEN) {
+		if (s->in_batch && !s->busy && s->be) { /* a store that fails in a batch ends it */
+			s->in_batch = 0;
+			s->be->batch_end(s, 0);
+		}
 		os_fail(s, 0, "message too large to store: more than %d bytes in one field", OS_MAX_LEN);
 		return push_fail(L, s);
 	}
@@ -221,12 +225,12 @@ static int l_store(lua_State *L) {
 }
 
 /* db:send(host, user, from, xml, ts [, expire [, max_count [, max_bytes [, meta [, dedup]]]]])
- *   -> true | false, "too deep" | false, "not pipelined" | fail, msg, code
+ *   -> true | false, "too deep" | false, "not pipelined" | false, "no batch" | fail, msg, code
  * Inside a batch, on a backend that pipelines (postgres): hands the store to the
  * server without waiting for its outcome, which db:outcome(i) gives once db:commit()
  * succeeded (i counts this batch's sends from 1). Fails as a store in the batch
- * fails: the whole batch is over. "not pipelined": the backend has no such thing
- * (or no batch is open), nothing was done; use db:store. */
+ * fails: the whole batch is over. "not pipelined": the backend has no such thing,
+ * "no batch": no batch is open; nothing was done, use db:store. */
 static int l_send(lua_State *L) {
 	os_store *s = check_open(L);
 	os_key k;
@@ -235,7 +239,10 @@ static int l_send(lua_State *L) {
 	int n;
 	if (!s->be->store_send || !s->in_batch) {
 		lua_pushboolean(L, 0);
-		lua_pushliteral(L, "not pipelined");
+		if (s->be->store_send)
+			lua_pushliteral(L, "no batch");
+		else
+			lua_pushliteral(L, "not pipelined");
 		return 2;
 	}
 	if ((n = check_store_args(L, s, &k, &m, &lim)) >= 0)

@@ -6,7 +6,7 @@
 -- (filters, timers, error stanzas) is the caller's, through three callbacks.
 --
 --   local b = batch.new(db, { max = 256, on_open = f(), on_close = f(),
---                             on_commit = f(n), on_lost = f(tokens, err, code),
+--                             on_commit = f(n), on_lost = f(tokens, err, code, users),
 --                             before_write = f(), on_stored = f(token, user, count, id),
 --                             on_refused = f(token, user, false, why, count) })
 --
@@ -23,7 +23,9 @@
 -- the flush: once the batch committed, on_stored runs for each of them that was
 -- stored (then on_commit), and on_refused afterwards for each refused by the
 -- limit or found a duplicate (what db:store would have returned, after the
--- token and user); when it did not commit, every token goes to on_lost.
+-- token and user); when it did not commit, every token goes to on_lost, whose
+-- users[i] is the user of tokens[i] when that was a send (nobody heard of it
+-- through on_stored).
 --   b:flush()                              -> true | nil, err, code
 --   b:idle()                               -> the db, after a flush (for every other call)
 --
@@ -61,7 +63,7 @@ function M.new(db, opts)
 		tokens = {},
 		n = 0,
 		sends = {},        -- [i] = the n of the i-th send's token
-		users = {},        -- [i] = its user
+		users = {},        -- [n] = the user of token n when it was sent
 		sent = 0,
 	}, mt)
 end
@@ -100,13 +102,13 @@ function methods:store(token, h, user, from, xml, ts, expire, max_count, max_byt
 		local ok, why, code = db:send(h, user, from, xml, ts, expire, max_count, max_bytes, meta, dedup)
 		if ok then
 			local n, i = join(self, token), self.sent + 1
-			self.sent, self.sends[i], self.users[i] = i, n, user
+			self.sent, self.sends[i], self.users[n] = i, n, user
 			if n >= self.max then self:flush() end
 			return true
 		elseif why == "not pipelined" then
 			self.unpiped = true
-		elseif ok == false then
-			return false, why -- too deep: nothing was done
+		elseif ok == false and why == "too deep" then
+			return false, why -- nothing was done
 		else
 			return self:lost(why, code)
 		end
@@ -125,8 +127,8 @@ end
 
 -- A store or send failed: that rolled back the whole batch.
 function methods:lost(err, code)
-	local tokens, n = take(self)
-	if n > 0 then self.on_lost(tokens, err, code) end
+	local tokens, n, _, users = take(self)
+	if n > 0 then self.on_lost(tokens, err, code, users) end
 	return nil, err, code
 end
 
@@ -136,27 +138,32 @@ function methods:flush()
 	local db = self.db
 	local ok, err, code = db:commit()
 	if not ok then
-		if n > 0 then self.on_lost(tokens, err, code) end
+		if n > 0 then self.on_lost(tokens, err, code, users) end
 		return nil, err, code
 	end
 	if sent == 0 then
 		self.on_commit(n)
 		return true
 	end
-	local stored = n
+	-- The outcomes, all read before any callback runs (a callback may store, and a
+	-- new batch forgets them).
+	local out, stored = {}, n
 	for i = 1, sent do
-		local count, why = db:outcome(i)
-		if count then
-			self.on_stored(tokens[sends[i]], users[i], count, why)
-		else
-			stored = stored - 1
-		end
+		local count, why, current = db:outcome(i)
+		out[3 * i - 2], out[3 * i - 1], out[3 * i] = count, why, current
+		if not count then stored = stored - 1 end
+	end
+	for i = 1, sent do
+		local t = sends[i]
+		if out[3 * i - 2] then self.on_stored(tokens[t], users[t], out[3 * i - 2], out[3 * i - 1]) end
 	end
 	self.on_commit(stored)
 	if stored < n then
 		for i = 1, sent do
-			local count, why, current = db:outcome(i)
-			if not count then self.on_refused(tokens[sends[i]], users[i], count, why, current) end
+			local t = sends[i]
+			if not out[3 * i - 2] then
+				self.on_refused(tokens[t], users[t], out[3 * i - 2], out[3 * i - 1], out[3 * i])
+			end
 		end
 	end
 	return true

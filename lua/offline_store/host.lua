@@ -82,11 +82,15 @@ function Host:attach(new_db)
 			m.stored:add(n)
 			self.log("debug", "Committed %d offline messages", n)
 		end,
-		on_lost = function(lost, err, code)
+		on_lost = function(lost, err, code, sent_to)
 			m.failed:with_labels("write"):add(#lost)
 			self.notice:line("failed", "error", "Committing %d offline messages failed: %s (code %s); their senders are told",
 				#lost, err, tostring(code))
-			for _, stanza in ipairs(lost) do self:tell_sender(stanza, policy.failure_error(stanza)) end
+			for i, stanza in ipairs(lost) do
+				self:tell_sender(stanza, policy.failure_error(stanza))
+				-- (a store made at once is told as failed by ev:lost(); a send, here)
+				if sent_to[i] then self.ev:rejected(stanza, sent_to[i], "failure") end
+			end
 			self.ev:lost()
 		end,
 	})
