@@ -37,9 +37,15 @@ typedef struct {
 	int64_t batch_xid; /* the open batch's transaction (backend_postgres_batch.c) */
 	os_buf log;        /* the open batch's stores, to store again after a deadlock */
 	/* The batch's pipelined stores (db:send; backend_postgres_batch.c): */
-	int piping;        /* the connection is in pipeline mode */
-	size_t sent;       /* stores sent in this batch */
-	size_t unread;     /* the last of them, whose outcomes are not read yet */
+	size_t sent;       /* stores sent (db:send) in this batch */
+	size_t inflight;   /* the last of them, whose outcomes are not read yet */
+	int piping;        /* the connection is in pipeline mode, with those in it */
+	int pre;           /* 2: the batch's BEGIN went out with them, unanswered */
+	int short_waits;   /* the batch's transaction waits GIVE_WAY_AFTER for a row at most */
+	int holding;       /* this batch holds its sends back until their outcomes are needed */
+	size_t held;       /* how many it holds */
+	size_t held_at;    /* where the log holds the first of those */
+	int ordered;       /* how many batches from now on hold theirs (after one gave way) */
 	size_t settled;    /* outcomes db:outcome may read (those of a committed batch) */
 	os_buf out;        /* an os_outcome per send */
 	/* A connection attempt under way (backend_postgres_conn.c): */

@@ -1,38 +1,52 @@
 /* The postgres backend's group commit: the stores of a batch run in one
- * transaction (each still one statement, one round trip, as in 2. of
- * backend_postgres.c), committed by one COMMIT, so a batch of N stores costs
- * N + 2 round trips and one WAL flush instead of N of each.
+ * transaction, committed by one COMMIT, so a batch costs one WAL flush
+ * instead of one per message.
  *
  * Pipelined (db:send). A store whose caller can wait for its outcome until the
- * commit is sent in libpq's pipeline mode without waiting for the answer:
- * PostgreSQL runs it while the caller goes on with the next message, and the
- * answers of all of them are read in one go before the COMMIT (a Sync, then
- * the results in order). A batch of N sends costs 3 round trips. The limit's
- * decision is the same as a store's made at once: the server runs the
- * statements in the order they were sent, each under the user's row lock.
- * Eviction is not pipelined (its walk needs several statements); a store made
- * at once in a batch with sends pending reads their outcomes first.
+ * commit is sent in libpq's pipeline mode without waiting for the answer (the
+ * batch's first one with its BEGIN): PostgreSQL runs it while the caller goes
+ * on with the next message, and the answers of all of them are read in one go
+ * before the COMMIT (a Sync, then the results in order). A batch of sends
+ * costs 2 round trips. The limit's decision is the same as a store's made at
+ * once: the server runs the statements in the order they were sent, each
+ * under the user's row lock. Eviction is not pipelined (its walk needs several
+ * statements); a store made at once (db:store) reads the outcomes of the sends
+ * in flight first.
  *
- * Deadlocks. A batch holds the queue row of every user it stored to until it
- * commits, and takes them in the order the messages came, so two batches (two
- * nodes, or a batch and a bulk delete) can wait for each other. PostgreSQL
- * then aborts one of the transactions (SQLSTATE 40P01, after deadlock_timeout,
- * 1 s by default). The batch that lost keeps a copy of every store it made
- * (the log below), so it rolls back, begins again and stores them again with
- * the ids they had (ST_STORE_ID): nobody has been told about them (the plugin
- * says nothing before the commit), and the ids the caller was given stay
- * true. Then it runs the store that met the deadlock again. (Such an id is
- * older than those the other batch drew and committed meanwhile for the same
- * user: the exception to "id order is commit order" in 3. of
+ * Lock order. A batch holds the queue row of every user it stored to until it
+ * commits. Sends go out in the order the messages came, so two batches (two
+ * nodes) could each wait for a row the other holds; instead, a batch that
+ * begins with a send waits GIVE_WAY_AFTER for a row at most (lock_timeout for
+ * its transaction only): a send kept waiting longer fails (55P03), and its
+ * batch gives way: rolls back, begins again and stores its sends again sorted
+ * by user (lock_order), now waiting as long as it takes. Batches that take
+ * rows in one order cannot deadlock each other, and a waiting batch holds
+ * nothing a batch that gave way wants. The next ORDERED batches of a
+ * connection that gave way hold their sends back and send them in lock order
+ * when their outcomes are needed (no overlap with the caller then, but no
+ * second try either): nodes that meet each other's rows take turns instead of
+ * timing out again.
+ *
+ * Storing again. The batch keeps a copy of every store it made (the log
+ * below), so after giving way, or after a deadlock (SQLSTATE 40P01, after
+ * deadlock_timeout, 1 s by default: stores made at once still take rows in the
+ * order they come, as do sends of a batch that began with one), it stores them
+ * again: those made at once with the ids they had (ST_STORE_ID), first, in
+ * their order; nobody has been told about them (the plugin says nothing
+ * before the commit), and the ids the caller was given stay true. (Such an id
+ * is older than those the other batch drew and committed meanwhile for the
+ * same user: the exception to "id order is commit order" in 3. of
  * backend_postgres.c. Nothing deletes by id range without reading under the
- * user's lock first, so a pop in between misses it only until the next one.) A store that comes
- * out differently the second time (the other node filled the queue meanwhile)
- * cannot be stored again as promised: the batch fails as a whole, as any
- * failed store of a batch does. The same goes for a store that met another
- * writer's copy of its dedup key in the unique index (an error that ends the
- * transaction): stored again, it finds the key and is a duplicate.
+ * user's lock first, so a pop in between misses it only until the next one.)
+ * A store that comes out differently the second time (the other node filled
+ * the queue meanwhile) cannot be stored again as promised: the batch fails as
+ * a whole, as any failed store of a batch does. Sends are decided afresh. A
+ * store that met another writer's copy of its dedup key in the unique index
+ * (an error that ends the transaction) is stored again the same way: it finds
+ * the key and is a duplicate.
  *
- * In doubt: the batch's transaction id is read at its BEGIN, so a COMMIT
+ * In doubt: the batch's transaction id comes with its BEGIN's answer, read
+ * before the COMMIT goes, so a COMMIT
  * whose answer is lost with the connection is resolved as pop's is
  * (pg_commit_xid); when the server cannot tell, the batch is reported failed:
  * its messages may be stored although their senders are told otherwise. */
@@ -43,7 +57,7 @@
 
 #include "backend_postgres.h"
 
-#define RETRIES 3              /* times a batch is stored again after deadlocks */
+#define RETRIES 3              /* times a batch is stored again (gave way, deadlock, dedup key) */
 #define LOG_KEEP (1024 * 1024) /* log memory kept between batches */
 
 /* One store of the batch, as the log holds it: this, then its strings (host,
@@ -102,16 +116,56 @@ static os_outcome *outcomes(const pg *g) {
 	return (os_outcome *)(void *)g->out.p;
 }
 
-/* Reads the outcomes of the stores sent since the last call (the last
- * g->unread of them) and leaves pipeline mode. OS_OK; or OS_FAIL with the
- * first failure recorded: the transaction is aborted, or the connection lost
- * (then libpq leaves pipeline mode when it reconnects). */
-static int drain(os_store *s, pg *g) {
-	size_t slot = g->sent - g->unread, nulls = 0;
+/* How long a store sent at once may wait for a user's queue row that another
+ * transaction holds before its batch gives way (see "Lock order" above). */
+#define GIVE_WAY_AFTER "10ms"
+/* How many batches after one that gave way hold their sends back, to send
+ * them in lock order at the commit. */
+#define ORDERED 64
+
+/* A send, as the outcomes are read: its user (for the lock order) and slot,
+ * and where the log holds it. */
+typedef struct {
+	os_str host, user;
+	int64_t slot;
+	size_t at;
+} unsent;
+
+static int str_cmp(os_str a, os_str b) {
+	int c = memcmp(a.p, b.p, a.n < b.n ? a.n : b.n);
+	return c ? c : (a.n > b.n) - (a.n < b.n);
+}
+
+/* The order in which a batch that gave way takes the users' queue rows: by
+ * host and user, and a user's sends in the order they came. */
+static int lock_order(const void *a, const void *b) {
+	const unsent *x = a, *y = b;
+	int c = str_cmp(x->host, y->host);
+	if (!c)
+		c = str_cmp(x->user, y->user);
+	return c ? c : (x->slot > y->slot) - (x->slot < y->slot);
+}
+
+/* Sends BEGIN and reads nothing: its answer and the transaction's id come
+ * with the statements' (read_results); `give_way` bounds the batch's lock
+ * waits to GIVE_WAY_AFTER. */
+static int send_begin(pg *g, int give_way) {
+	return PQsendQueryParams(g->conn, "BEGIN", 0, NULL, NULL, NULL, NULL, 0) &&
+	       PQsendQueryParams(g->conn, give_way ? "SELECT txid_current(), set_config('lock_timeout', '"
+	                                             GIVE_WAY_AFTER "', true)"
+	                                           : "SELECT txid_current()",
+	                         0, NULL, NULL, NULL, NULL, 0);
+}
+
+/* Syncs the pipeline and reads what it answers: `pre` answers of send_begin
+ * (0 or 2), then n stores' (the outcomes of the sends in slots q[0..n-1],
+ * or, with q NULL, of slots first..first+n-1), and leaves pipeline mode.
+ * OS_OK; or OS_FAIL with the first failure recorded: the transaction is
+ * aborted, or the connection lost (libpq leaves pipeline mode when it
+ * reconnects; pg_recover reconnects one left in it). */
+static int read_results(os_store *s, pg *g, size_t pre, size_t n, const unsent *q, size_t first) {
+	size_t k = 0, nulls = 0;
 	int rc = OS_OK;
-	if (!g->piping)
-		return OS_OK;
-	g->piping = 0, g->unread = 0;
 	if (!PQpipelineSync(g->conn))
 		return pgfail(s, g, NULL);
 	for (;;) {
@@ -128,17 +182,76 @@ static int drain(os_store *s, pg *g) {
 			PQclear(r);
 			break;
 		}
-		if (st == PGRES_TUPLES_OK && slot < g->sent) {
-			os_outcome *o = &outcomes(g)[slot];
+		if (k < pre && st == (k == 0 ? PGRES_COMMAND_OK : PGRES_TUPLES_OK)) {
+			if (k == 1)
+				g->batch_xid = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+		} else if (k >= pre && k < pre + n && st == PGRES_TUPLES_OK) {
+			os_outcome *o = &outcomes(g)[q ? (size_t)q[k - pre].slot : first + k - pre];
 			o->rc = pg_store_outcome(r, &o->count, &o->id);
 		} else if (st != PGRES_PIPELINE_ABORTED && rc == OS_OK) {
 			rc = pgfail(s, g, r);
 		}
-		slot++;
+		k++;
 		PQclear(r);
 	}
 	if (!PQexitPipelineMode(g->conn) && rc == OS_OK)
 		rc = pgfail(s, g, NULL);
+	return rc;
+}
+
+/* Reads the outcomes of the sends in flight. */
+static int drain(os_store *s, pg *g) {
+	size_t pre = g->pre, n = g->inflight;
+	if (!g->piping)
+		return OS_OK;
+	g->piping = 0, g->pre = 0, g->inflight = 0;
+	return read_results(s, g, pre, n, NULL, g->sent - n);
+}
+
+/* Stores the batch's sends held back (those from the log's offset `at` on,
+ * `count` of them) in lock order, in one pipeline, beginning the transaction
+ * first when it is not. */
+static int send_sorted(os_store *s, pg *g, size_t at, size_t count) {
+	size_t n = 0, i, pre = g->batch_xid ? 0 : 2;
+	unsent *q;
+	char name[32];
+	int rc = OS_OK;
+	g->held = 0;
+	if (count == 0)
+		return OS_OK;
+	if (!(q = malloc(count * sizeof *q)))
+		return os_fail(s, 0, "out of memory");
+	while (at < g->log.n) {
+		logged e;
+		os_key key;
+		os_item m;
+		os_limit lim;
+		size_t this = at;
+		log_read(g, &at, &e, &key, &m, &lim);
+		if (e.slot >= 0 && n < count) {
+			q[n].at = this, q[n].host = key.host, q[n].user = key.user, q[n].slot = e.slot;
+			n++;
+		}
+	}
+	qsort(q, n, sizeof *q, lock_order);
+	if (!PQenterPipelineMode(g->conn) || (pre && !send_begin(g, 0)))
+		rc = pgfail(s, g, NULL);
+	snprintf(name, sizeof name, "offline_store_%d", ST_STORE);
+	for (i = 0; i < n && rc == OS_OK; i++) {
+		logged e;
+		os_key key;
+		os_item m;
+		os_limit lim;
+		params p;
+		at = q[i].at;
+		log_read(g, &at, &e, &key, &m, &lim);
+		pg_store_params(&p, &key, &m, &lim, 0); /* (checked by pg_batch_send) */
+		if (!PQsendQueryPrepared(g->conn, name, p.n, p.val, p.len, p.fmt, 1))
+			rc = pgfail(s, g, NULL);
+	}
+	if (rc == OS_OK)
+		rc = read_results(s, g, pre, n, q, 0);
+	free(q);
 	return rc;
 }
 
@@ -149,32 +262,42 @@ static int give_up(os_store *s, pg *g) {
 	memcpy(why, s->errmsg, sizeof why);
 	if (g->piping)
 		drain(s, g); /* (its failure is not the one to report) */
+	g->held = 0;
 	if (PQstatus(g->conn) == CONNECTION_OK && PQtransactionStatus(g->conn) != PQTRANS_IDLE)
 		pg_command(g, "ROLLBACK");
 	s->in_batch = 0;
 	g->batch_xid = 0;
 	g->sent = g->settled = 0;
+	g->short_waits = 0;
 	os_buf_reset(&g->log, LOG_KEEP);
 	memcpy(s->errmsg, why, sizeof why);
 	s->errcode = code;
 	return OS_FAIL;
 }
 
+/* Whether the failure just recorded is a statement of a batch with short
+ * lock waits that waited too long (SQLSTATE 55P03): the batch gives way. */
+static int gave_way(const os_store *s, const pg *g) {
+	return g->short_waits && s->errcode == pg_sqlstate_code("55P03");
+}
+
 /* Whether the failure just recorded is one that storing the batch again settles. */
 static int retryable(const os_store *s, const pg *g) {
 	return PQstatus(g->conn) == CONNECTION_OK &&
-	       (s->errcode == pg_sqlstate_code("40P01") || s->errcode == pg_sqlstate_code("23505"));
+	       (s->errcode == pg_sqlstate_code("40P01") || s->errcode == pg_sqlstate_code("23505") ||
+	        gave_way(s, g));
 }
 
 /* Rolls back and stores the batch's stores again: those made at once each
- * with its id (*changed when one came out otherwise: no use trying again),
- * the sends afresh, their outcomes recorded. */
+ * with its id, in the order they came (*changed when one came out otherwise:
+ * no use trying again), then the sends afresh, in lock order, their outcomes
+ * recorded. */
 static int replay(os_store *s, pg *g, int *changed) {
 	size_t at = 0;
+	g->short_waits = 0;
 	if (PQtransactionStatus(g->conn) != PQTRANS_IDLE)
 		pg_command(g, "ROLLBACK");
-	if (begin_xid(s, g) != OS_OK)
-		return OS_FAIL;
+	g->batch_xid = 0;
 	while (at < g->log.n) {
 		logged e;
 		os_key k;
@@ -183,18 +306,19 @@ static int replay(os_store *s, pg *g, int *changed) {
 		int64_t count = 0, id = 0, evicted;
 		int rc;
 		log_read(g, &at, &e, &k, &m, &lim);
-		rc = pg_store_once(s, g, &k, &m, &lim, e.slot >= 0 ? 0 : e.id, &count, &id, &evicted);
+		if (e.slot >= 0)
+			continue;
+		if (!g->batch_xid && begin_xid(s, g) != OS_OK)
+			return OS_FAIL;
+		rc = pg_store_once(s, g, &k, &m, &lim, e.id, &count, &id, &evicted);
 		if (rc == OS_FAIL)
 			return OS_FAIL;
-		if (e.slot >= 0) {
-			os_outcome *o = &outcomes(g)[e.slot];
-			o->rc = rc, o->count = count, o->id = id;
-		} else if (rc != OS_OK || id != e.id) {
-			return *changed = 1, os_fail(s, pg_sqlstate_code("40P01"), "a deadlock rolled back a batch of offline "
-			               "messages, and one of them could not be stored again as it was (SQLSTATE 40P01)");
-		}
+		if (rc != OS_OK || id != e.id)
+			return *changed = 1, os_fail(s, pg_sqlstate_code("40P01"), "a batch of offline messages was rolled back "
+			               "to be stored again (a deadlock, or a wait for a row), and one of them could not "
+			               "be stored again as it was (SQLSTATE 40P01)");
 	}
-	return OS_OK;
+	return send_sorted(s, g, 0, g->sent);
 }
 
 /* After a failure inside the batch (its transaction is over: every store of
@@ -202,6 +326,8 @@ static int replay(os_store *s, pg *g, int *changed) {
  * RETRIES times in all (*tries); else gives up. */
 static int retry(os_store *s, pg *g, int *tries) {
 	int changed = 0;
+	if (gave_way(s, g))
+		g->ordered = ORDERED;
 	do {
 		if (changed || !retryable(s, g) || ++*tries > RETRIES)
 			return give_up(s, g);
@@ -209,22 +335,28 @@ static int retry(os_store *s, pg *g, int *tries) {
 	return OS_OK;
 }
 
-/* Reads the outcomes of the sends still unread. */
+/* Reads the outcomes of the sends in flight, or sends those held back and
+ * reads theirs. A batch that gave way holds its sends back in the batches
+ * after it (ORDERED). */
 static int settle(os_store *s, pg *g, int *tries) {
-	if (g->unread == 0 || drain(s, g) == OS_OK)
-		return OS_OK;
-	return retry(s, g, tries);
+	int rc = g->piping ? drain(s, g) : g->held ? send_sorted(s, g, g->held_at, g->held) : OS_OK;
+	return rc == OS_OK ? OS_OK : retry(s, g, tries);
 }
 
-/* db:begin() */
+/* db:begin(): no round trip; BEGIN goes with the batch's first statement. */
 int pg_batch_begin(os_store *s) {
 	pg *g = s->impl;
 	if (pg_recover(s, g) != OS_OK)
 		return OS_FAIL;
 	os_buf_reset(&g->log, LOG_KEEP);
 	os_buf_reset(&g->out, LOG_KEEP);
-	g->sent = g->unread = g->settled = 0;
-	return begin_xid(s, g);
+	g->sent = g->inflight = g->settled = g->held = 0;
+	g->piping = g->pre = g->short_waits = 0;
+	g->batch_xid = 0;
+	g->holding = g->ordered > 0;
+	if (g->holding)
+		g->ordered--;
+	return OS_OK;
 }
 
 /* db:store() inside a batch: joins its transaction (no recover step: that
@@ -235,6 +367,8 @@ int pg_batch_store(os_store *s, const os_key *k, const os_item *m, const os_limi
 	int rc, tries = 0;
 	if (settle(s, g, &tries) != OS_OK)
 		return OS_FAIL;
+	if (!g->batch_xid && begin_xid(s, g) != OS_OK)
+		return give_up(s, g);
 	while ((rc = pg_store_once(s, g, k, m, lim, 0, count, id, evicted)) == OS_FAIL)
 		if (retry(s, g, &tries) != OS_OK)
 			return OS_FAIL;
@@ -245,12 +379,15 @@ int pg_batch_store(os_store *s, const os_key *k, const os_item *m, const os_limi
 	return rc;
 }
 
-/* db:send(): the store goes out now, its outcome is read before the commit. */
+/* db:send(): the store goes out now (the batch's first with its BEGIN), its
+ * outcome is read before the commit; or, in a batch that holds its sends
+ * back, it waits in the log until then. */
 int pg_batch_send(os_store *s, const os_key *k, const os_item *m, const os_limit *lim) {
 	pg *g = s->impl;
 	os_outcome none = { OS_FAIL, 0, 0 };
 	params p;
 	char name[32];
+	size_t at = g->log.n;
 	if (!pg_store_params(&p, k, m, lim, 0)) {
 		os_fail(s, 0, "a string is too large to store");
 		return give_up(s, g);
@@ -259,15 +396,28 @@ int pg_batch_send(os_store *s, const os_key *k, const os_item *m, const os_limit
 		os_fail(s, 0, "out of memory");
 		return give_up(s, g);
 	}
+	g->sent++;
+	if (g->holding) {
+		if (g->held++ == 0)
+			g->held_at = at;
+		return OS_OK;
+	}
 	if (!g->piping) {
 		if (!PQenterPipelineMode(g->conn)) {
 			pgfail(s, g, NULL);
 			return give_up(s, g);
 		}
 		g->piping = 1;
+		if (!g->batch_xid) {
+			g->pre = 2, g->short_waits = 1;
+			if (!send_begin(g, 1)) {
+				pgfail(s, g, NULL);
+				return give_up(s, g);
+			}
+		}
 	}
 	snprintf(name, sizeof name, "offline_store_%d", ST_STORE);
-	g->sent++, g->unread++;
+	g->inflight++;
 	if (!PQsendQueryPrepared(g->conn, name, p.n, p.val, p.len, p.fmt, 1) || PQflush(g->conn) != 0) {
 		pgfail(s, g, NULL);
 		return give_up(s, g);
@@ -282,6 +432,7 @@ int pg_batch_end(os_store *s, int commit) {
 	if (!commit) {
 		if (g->piping)
 			drain(s, g);
+		g->held = 0;
 		if (PQstatus(g->conn) == CONNECTION_OK && PQtransactionStatus(g->conn) != PQTRANS_IDLE)
 			pg_command(g, "ROLLBACK");
 	} else {
@@ -292,8 +443,10 @@ int pg_batch_end(os_store *s, int commit) {
 		s->in_batch = 0;
 		if (rc != OS_OK)
 			return OS_FAIL; /* (given up: rolled back) */
-		/* In doubt and the server cannot tell: reported as failed. */
-		rc = pg_commit_xid(s, g, g->batch_xid, OS_FAIL);
+		/* In doubt and the server cannot tell: reported as failed. Nothing
+		 * begun (an empty batch): nothing to commit. */
+		if (g->batch_xid)
+			rc = pg_commit_xid(s, g, g->batch_xid, OS_FAIL);
 	}
 	g->settled = commit && rc == OS_OK ? g->sent : 0;
 	g->batch_xid = 0;

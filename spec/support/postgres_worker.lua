@@ -9,7 +9,7 @@
 --           batch=N: N stores per batch (db:begin .. db:commit), their "ok" lines written once it
 --           committed, else "lost N"; send=1 (with batch): db:send, the outcomes read from
 --           db:outcome once the batch committed; ready=FILE go=FILE: after the first store, creates FILE
---           `ready` and waits for `go` to exist
+--           `ready` and waits for `go` to exist, then hold=S seconds (default 0)
 --   lease   as owner <tag>: lease up to 7 rows, confirm them, again, until the queue is empty;
 --           one line "leased ID,ID,..." per lease that returned rows
 --   pop     pops host/user until the file `stop` exists, then once more; "pop ID XML", "expired N"
@@ -110,6 +110,7 @@ if mode == "store" then
 				local f = io.open(opt.go or "/nonexistent")
 				if f then f:close() else socket.sleep(0.002) end
 			until f
+			socket.sleep(num("hold", 0))
 		end
 		if open and (#held >= per or i == num("n", 100)) then settle(db:commit()) end
 	end
