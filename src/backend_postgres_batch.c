@@ -318,6 +318,8 @@ static int replay(os_store *s, pg *g, int *changed) {
 			               "to be stored again (a deadlock, or a wait for a row), and one of them could not "
 			               "be stored again as it was (SQLSTATE 40P01)");
 	}
+	if (!g->batch_xid && !g->sent && begin_xid(s, g) != OS_OK)
+		return OS_FAIL; /* (nothing logged yet: the store that failed runs again inside the batch) */
 	return send_sorted(s, g, 0, g->sent);
 }
 
