@@ -564,7 +564,7 @@ function TestPostgresBatch:test_sends_decide_as_stores_do()
 	assert(piped:commit())
 	local got = outcomes(piped, #seq)
 	lu.assertEquals(#got, #seq)
-	-- (the ids differ: the sends went out by user; they are checked against the rows below)
+	-- (ids may differ: a batch that gives way sends again by user; the rows below check them)
 	for i = 1, #seq do
 		lu.assertEquals(got[i][1], at_once[i][1], "outcome " .. i)
 		if got[i][1] == false then lu.assertEquals(got[i], at_once[i], "outcome " .. i) end
@@ -678,7 +678,7 @@ function TestPostgresBatch:test_pipelined_batches_take_rows_in_one_order()
 	local before = deadlocks(server())
 	assert(db:begin())
 	lu.assertTrue(db:send(H, "u1", FROM, "a:1", T0))
-	lu.assertEquals(db:store(H, "u0", FROM, "a:0", T0), 1) -- (sends the send: u1 is locked now)
+	lu.assertEquals(db:store(H, "u0", FROM, "a:0", T0), 1) -- (reads the send: u1 is locked now)
 	local deadline = start_worker(self, { n = 2, batch = 2, send = 1, users = "u2,u1", tag = "b" })
 	local srv = server()
 	-- the worker's sends (u2, then u1) go out at once; u1 waits, gives way after 10 ms, and

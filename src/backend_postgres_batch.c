@@ -19,7 +19,8 @@
  * begins with a send waits GIVE_WAY_AFTER for a row at most (lock_timeout for
  * its transaction only): a send kept waiting longer fails (55P03), and its
  * batch gives way: rolls back, begins again and stores its sends again sorted
- * by user (lock_order), now waiting as long as it takes. Batches that take
+ * by user (lock_order), now waiting as any statement does (up to the
+ * session's lock_timeout). Batches that take
  * rows in one order cannot deadlock each other, and a waiting batch holds
  * nothing a batch that gave way wants. The next ORDERED batches of a
  * connection that gave way hold their sends back and send them in lock order
@@ -208,9 +209,9 @@ static int drain(os_store *s, pg *g) {
 	return read_results(s, g, pre, n, NULL, g->sent - n);
 }
 
-/* Stores the batch's sends held back (those from the log's offset `at` on,
- * `count` of them) in lock order, in one pipeline, beginning the transaction
- * first when it is not. */
+/* Stores `count` sends of the batch, those from the log's offset `at` on (the
+ * ones held back, or all of them again), in lock order, in one pipeline,
+ * beginning the transaction first when it is not. */
 static int send_sorted(os_store *s, pg *g, size_t at, size_t count) {
 	size_t n = 0, i, pre = g->batch_xid ? 0 : 2;
 	unsent *q;
@@ -297,7 +298,8 @@ static int replay(os_store *s, pg *g, int *changed) {
 	g->short_waits = 0;
 	if (PQtransactionStatus(g->conn) != PQTRANS_IDLE)
 		pg_command(g, "ROLLBACK");
-	g->batch_xid = 0;
+	if (begin_xid(s, g) != OS_OK)
+		return OS_FAIL;
 	while (at < g->log.n) {
 		logged e;
 		os_key k;
@@ -308,8 +310,6 @@ static int replay(os_store *s, pg *g, int *changed) {
 		log_read(g, &at, &e, &k, &m, &lim);
 		if (e.slot >= 0)
 			continue;
-		if (!g->batch_xid && begin_xid(s, g) != OS_OK)
-			return OS_FAIL;
 		rc = pg_store_once(s, g, &k, &m, &lim, e.id, &count, &id, &evicted);
 		if (rc == OS_FAIL)
 			return OS_FAIL;
@@ -318,8 +318,6 @@ static int replay(os_store *s, pg *g, int *changed) {
 			               "to be stored again (a deadlock, or a wait for a row), and one of them could not "
 			               "be stored again as it was (SQLSTATE 40P01)");
 	}
-	if (!g->batch_xid && !g->sent && begin_xid(s, g) != OS_OK)
-		return OS_FAIL; /* (nothing logged yet: the store that failed runs again inside the batch) */
 	return send_sorted(s, g, 0, g->sent);
 }
 
